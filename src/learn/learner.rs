@@ -1,0 +1,367 @@
+//! The learner: buffers, the student step, the EMA teacher and their counters.
+//!
+//! `observe` files each sample (already embedded for its prediction) into a buffer; `step`
+//! draws a batch, embeds two augmentations of the unlabeled part in one backbone pass, takes
+//! one optimizer step on the student and refreshes the teacher by EMA every k steps. A step
+//! whose loss or gradient is not finite is skipped and counted, so nothing non-finite ever
+//! reaches the weights.
+
+use ndarray::{Array2, ArrayView1, Zip};
+
+use super::augment::{AugmentConfig, Augmenter};
+use super::buffer::{LabeledBuffer, SampleRing};
+use super::head::LinearHead;
+use super::loss::{
+    loss_and_grad, Batch, ConsistencyMode, Gradients, LossParts, LossWeights, Scratch,
+};
+use super::optim::{ema_update, rampup, warmed_up_decay, Optimizer, OptimizerKind};
+use super::pseudo::{Balance, PseudoLabeler};
+use super::rng::Rng;
+use crate::model::{Backbone, ModelError};
+
+/// `[learn]`: the method's knobs. Defaults are the ones the README's numbers were made with.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnConfig {
+    /// λ, weight of the pseudo-label loss.
+    pub lambda_pseudo: f32,
+    /// α, weight of the consistency loss.
+    pub alpha_consistency: f32,
+    /// Teacher confidence needed to accept a pseudo-label.
+    pub confidence_threshold: f32,
+    pub consistency: ConsistencyMode,
+    /// Steps over which λ and α ramp up from 0.
+    pub rampup_steps: u64,
+    pub optimizer: OptimizerKind,
+    pub learning_rate: f32,
+    /// SGD momentum (ignored by Adam).
+    pub momentum: f32,
+    /// L2 pull of the student toward the pretrained head (0 = off).
+    pub anchor: f32,
+    /// Gradients with a larger global norm are scaled down to it (0 = no clipping).
+    pub max_grad_norm: f32,
+    /// EMA decay m.
+    pub ema_decay: f32,
+    /// Refresh the teacher every k student steps.
+    pub ema_every: u64,
+    /// Mean Teacher's warm-up of m over the first updates.
+    pub ema_warmup: bool,
+    /// One student step per this many new samples.
+    pub train_every: usize,
+    pub batch_labeled: usize,
+    pub batch_unlabeled: usize,
+    pub labeled_per_class: usize,
+    pub unlabeled_capacity: usize,
+    pub balance: Balance,
+    /// Momentum of the running class distribution used by distribution alignment.
+    pub alignment_momentum: f32,
+}
+
+impl Default for LearnConfig {
+    fn default() -> Self {
+        LearnConfig {
+            lambda_pseudo: 1.0,
+            alpha_consistency: 1.0,
+            confidence_threshold: 0.9,
+            consistency: ConsistencyMode::Student,
+            rampup_steps: 50,
+            optimizer: OptimizerKind::Adam,
+            learning_rate: 0.003,
+            momentum: 0.9,
+            anchor: 0.0,
+            max_grad_norm: 5.0,
+            ema_decay: 0.99,
+            ema_every: 1,
+            ema_warmup: true,
+            train_every: 4,
+            batch_labeled: 16,
+            batch_unlabeled: 32,
+            labeled_per_class: 32,
+            unlabeled_capacity: 512,
+            balance: Balance::DistributionAlignment,
+            alignment_momentum: 0.99,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepReport {
+    pub losses: LossParts,
+    pub offered: usize,
+    pub accepted: usize,
+    /// Accepted pseudo-labels whose sample had a known truth, and how many of them matched.
+    pub accepted_with_truth: usize,
+    pub accepted_correct: usize,
+    /// True when the teacher was refreshed by this step.
+    pub ema_updated: bool,
+}
+
+/// Counters that describe the learner's progress (and go into checkpoints and metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    pub train_steps: u64,
+    pub ema_updates: u64,
+    pub teacher_version: u64,
+    pub skipped_nonfinite: u64,
+    pub samples_seen: u64,
+}
+
+pub struct Learner {
+    cfg: LearnConfig,
+    pub student: LinearHead,
+    pub teacher: LinearHead,
+    /// The pretrained head, kept for comparison and for the anchor.
+    pub source: LinearHead,
+    pub optimizer: Optimizer,
+    pub labeled: LabeledBuffer,
+    pub unlabeled: SampleRing,
+    pub pseudo: PseudoLabeler,
+    pub counters: Counters,
+    augmenter: Augmenter,
+    rng: Rng,
+    since_step: usize,
+    sample_len: usize,
+    // Reused per-step buffers.
+    picks: Vec<(usize, usize)>,
+    order: Vec<usize>,
+    labels: Vec<usize>,
+    emb_l: Array2<f32>,
+    emb_u: Array2<f32>,
+    aug_inputs: Vec<f32>,
+    aug_emb: Array2<f32>,
+    teacher_probs: Array2<f32>,
+    pseudo_labels: Vec<Option<usize>>,
+    grad: Gradients,
+    scratch: Scratch,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    #[error("embedding augmented samples failed: {0}")]
+    Backbone(#[from] ModelError),
+}
+
+impl Learner {
+    pub fn new(
+        pretrained: LinearHead,
+        sample_shape: &[usize],
+        cfg: LearnConfig,
+        augment: AugmentConfig,
+        seed: u64,
+    ) -> Self {
+        let classes = pretrained.classes();
+        let dim = pretrained.embedding_dim();
+        let sample_len = sample_shape.iter().product();
+        Learner {
+            optimizer: Optimizer::new(cfg.optimizer, cfg.momentum, &pretrained),
+            labeled: LabeledBuffer::new(classes, cfg.labeled_per_class, sample_len, dim),
+            unlabeled: SampleRing::new(cfg.unlabeled_capacity, sample_len, dim),
+            pseudo: PseudoLabeler::new(
+                classes,
+                cfg.confidence_threshold,
+                cfg.balance,
+                cfg.alignment_momentum,
+            ),
+            augmenter: Augmenter::new(augment, sample_shape),
+            rng: Rng::new(seed),
+            grad: Gradients::zeros_like(&pretrained),
+            student: pretrained.clone(),
+            teacher: pretrained.clone(),
+            source: pretrained,
+            counters: Counters::default(),
+            since_step: 0,
+            sample_len,
+            picks: Vec::new(),
+            order: Vec::new(),
+            labels: Vec::new(),
+            emb_l: Array2::zeros((0, dim)),
+            emb_u: Array2::zeros((0, dim)),
+            aug_inputs: Vec::new(),
+            aug_emb: Array2::zeros((0, dim)),
+            teacher_probs: Array2::zeros((0, classes)),
+            pseudo_labels: Vec::new(),
+            scratch: Scratch::default(),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &LearnConfig {
+        &self.cfg
+    }
+
+    /// Files one sample. `truth` is kept only to score pseudo-labels, never to learn.
+    pub fn observe(
+        &mut self,
+        input: &[f32],
+        embedding: ArrayView1<f32>,
+        label: Option<usize>,
+        truth: Option<usize>,
+    ) {
+        self.counters.samples_seen += 1;
+        self.since_step += 1;
+        match label {
+            Some(y) => self.labeled.push(input, embedding, y),
+            None => {
+                self.unlabeled.push(input, embedding, truth);
+            }
+        }
+    }
+
+    /// True when enough new samples arrived for the next step and there is data to learn from.
+    pub fn due(&self) -> bool {
+        self.since_step >= self.cfg.train_every.max(1)
+            && (!self.labeled.is_empty() || !self.unlabeled.is_empty())
+    }
+
+    /// One student step (and EMA refresh when due). Returns `None` if it was skipped because
+    /// the loss or gradient was not finite.
+    pub fn step(&mut self, backbone: &mut Backbone) -> Result<Option<StepReport>, LearnError> {
+        self.since_step = 0;
+        let dim = self.student.embedding_dim();
+
+        // Labeled batch, class-balanced.
+        self.labeled
+            .sample(self.cfg.batch_labeled, &mut self.rng, &mut self.picks);
+        resize_rows(&mut self.emb_l, self.picks.len(), dim);
+        self.labels.clear();
+        for (row, &(class, slot)) in self.picks.iter().enumerate() {
+            self.labeled
+                .ring(class)
+                .copy_embedding(slot, self.emb_l.row_mut(row));
+            self.labels.push(class);
+        }
+
+        // Unlabeled batch, drawn without replacement from the ring.
+        let n_u = self.cfg.batch_unlabeled.min(self.unlabeled.len());
+        self.order.clear();
+        self.order.extend(0..self.unlabeled.len());
+        for i in 0..n_u {
+            let j = i + self.rng.below(self.order.len() - i);
+            self.order.swap(i, j);
+        }
+        resize_rows(&mut self.emb_u, n_u, dim);
+        for (row, &slot) in self.order[..n_u].iter().enumerate() {
+            self.unlabeled.copy_embedding(slot, self.emb_u.row_mut(row));
+        }
+
+        // Pseudo-labels from the teacher on the clean samples.
+        self.teacher
+            .probs_into(self.emb_u.view(), &mut self.teacher_probs);
+        self.pseudo
+            .label(&mut self.teacher_probs, &mut self.pseudo_labels);
+
+        let ramp = rampup(self.counters.train_steps, self.cfg.rampup_steps);
+        let weights = LossWeights {
+            lambda: self.cfg.lambda_pseudo * ramp,
+            alpha: self.cfg.alpha_consistency * ramp,
+            consistency: self.cfg.consistency,
+        };
+
+        // Two augmentations of each unlabeled sample, embedded in one backbone pass.
+        let n_aug = if weights.alpha > 0.0 { n_u } else { 0 };
+        self.aug_inputs.resize(2 * n_aug * self.sample_len, 0.0);
+        for (k, &slot) in self.order[..n_aug].iter().enumerate() {
+            let x = self.unlabeled.input(slot);
+            let (a, b) = (k * self.sample_len, (n_aug + k) * self.sample_len);
+            self.augmenter.apply(
+                x,
+                &mut self.aug_inputs[a..a + self.sample_len],
+                &mut self.rng,
+            );
+            self.augmenter.apply(
+                x,
+                &mut self.aug_inputs[b..b + self.sample_len],
+                &mut self.rng,
+            );
+        }
+        backbone.embed_into(&self.aug_inputs, 2 * n_aug, &mut self.aug_emb)?;
+        let (aug_a, aug_b) = self.aug_emb.view().split_at(ndarray::Axis(0), n_aug);
+
+        let batch = Batch {
+            labeled: self.emb_l.view(),
+            labels: &self.labels,
+            unlabeled: self.emb_u.view(),
+            pseudo: &self.pseudo_labels,
+            aug_a,
+            aug_b,
+        };
+        let mut losses = loss_and_grad(
+            &self.student,
+            &self.teacher,
+            &batch,
+            &weights,
+            &mut self.scratch,
+            &mut self.grad,
+        );
+        if self.cfg.anchor > 0.0 {
+            let a = self.cfg.anchor;
+            let mut pull = 0.0;
+            Zip::from(&mut self.grad.weight)
+                .and(&self.student.weight)
+                .and(&self.source.weight)
+                .for_each(|g, s, p| {
+                    *g += a * (s - p);
+                    pull += (s - p) * (s - p);
+                });
+            Zip::from(&mut self.grad.bias)
+                .and(&self.student.bias)
+                .and(&self.source.bias)
+                .for_each(|g, s, p| {
+                    *g += a * (s - p);
+                    pull += (s - p) * (s - p);
+                });
+            losses.total += 0.5 * a * pull;
+        }
+
+        let mut report = StepReport {
+            losses,
+            offered: n_u,
+            ..Default::default()
+        };
+        for (k, pseudo) in self.pseudo_labels.iter().enumerate() {
+            if let Some(class) = pseudo {
+                report.accepted += 1;
+                if let Some(truth) = self.unlabeled.truth(self.order[k]) {
+                    report.accepted_with_truth += 1;
+                    report.accepted_correct += (truth == *class) as usize;
+                }
+            }
+        }
+
+        if !losses.total.is_finite() || !self.grad.is_finite() {
+            self.counters.skipped_nonfinite += 1;
+            return Ok(None);
+        }
+        let norm = self.grad.norm();
+        if self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm {
+            self.grad.scale(self.cfg.max_grad_norm / norm);
+        }
+        self.optimizer
+            .step(&mut self.student, &self.grad, self.cfg.learning_rate);
+        self.counters.train_steps += 1;
+        if self.counters.train_steps % self.cfg.ema_every.max(1) == 0 {
+            let m = if self.cfg.ema_warmup {
+                warmed_up_decay(self.cfg.ema_decay, self.counters.ema_updates)
+            } else {
+                self.cfg.ema_decay
+            };
+            ema_update(&mut self.teacher, &self.student, m);
+            self.counters.ema_updates += 1;
+            self.counters.teacher_version += 1;
+            report.ema_updated = true;
+        }
+        Ok(Some(report))
+    }
+
+    /// Class probabilities of the deployed teacher for a batch of embeddings.
+    pub fn teacher_probs_into(&self, embeddings: ndarray::ArrayView2<f32>, out: &mut Array2<f32>) {
+        self.teacher.probs_into(embeddings, out);
+    }
+}
+
+fn resize_rows(a: &mut Array2<f32>, rows: usize, cols: usize) {
+    if a.dim() != (rows, cols) {
+        *a = Array2::zeros((rows, cols));
+    }
+}

@@ -1,0 +1,231 @@
+//! The `edgemt` command line: parses arguments, sets up logging, loads the config and hands
+//! off to the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgemt::config::Config;
+use edgemt::model::{Classifier, HeadSelection};
+use edgemt::replay::{replay, ReplayOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "edgemt",
+    version,
+    about = "Keeps an ONNX classifier accurate on an edge device from its own sensor stream"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay a recording prequentially: predict each sample, then learn from it.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        /// JSON Lines recording to replay.
+        recording: PathBuf,
+        /// Labeled holdout to score the final teacher, student and pretrained model on.
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Seed for sampling and augmentation (overrides [replay] seed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Show a model's inputs, outputs, detected head and embedding.
+    Inspect {
+        model: PathBuf,
+        /// Classifier output to use (default: the first float output).
+        #[arg(long)]
+        output: Option<String>,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Replay {
+            config,
+            recording,
+            eval,
+            report,
+            seed,
+        } => {
+            let cfg = Config::load(&config)?;
+            let mut classifier = load_classifier(&cfg)?;
+            let bar = progress_bar();
+            let (summary, _learner) = replay(
+                &mut classifier,
+                &cfg,
+                &recording,
+                eval.as_deref(),
+                &ReplayOptions { seed },
+                |done, total| {
+                    if let Some(bar) = &bar {
+                        bar.set_length(total as u64);
+                        bar.set_position(done as u64);
+                    }
+                },
+            )?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            print_summary(&summary);
+            if let Some(path) = report {
+                let json = serde_json::to_string_pretty(&summary)?;
+                std::fs::write(&path, json)
+                    .with_context(|| format!("writing report {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Command::Inspect { model, output } => {
+            let c = Classifier::load(
+                &model,
+                &HeadSelection {
+                    output,
+                    embedding: None,
+                },
+            )?;
+            println!("model        {}", c.path.display());
+            println!(
+                "input        '{}' [N, {}]",
+                c.input_name,
+                join(&c.input_shape)
+            );
+            println!("output       '{}' ({:?})", c.head.output, c.head.kind);
+            println!(
+                "embedding    '{}' [N, {}]",
+                c.head.embedding, c.embedding_dim
+            );
+            println!("head         {}", c.head.path.join(" -> "));
+            println!(
+                "head weights '{}' {:?}{}",
+                c.head.weight_name,
+                c.head.weight_layout,
+                c.head
+                    .bias_name
+                    .as_ref()
+                    .map(|b| format!(", bias '{b}'"))
+                    .unwrap_or_default()
+            );
+            println!(
+                "classes      {} ({})",
+                c.classes(),
+                c.class_names.join(", ")
+            );
+            println!(
+                "parameters   {} in the graph, {} in the head",
+                c.parameters,
+                c.head.weight.len() + c.head.bias.len()
+            );
+            println!("fingerprint  {:016x}", c.fingerprint);
+            Ok(())
+        }
+    }
+}
+
+fn load_classifier(cfg: &Config) -> anyhow::Result<Classifier> {
+    let selection = HeadSelection {
+        output: cfg.model.output.clone(),
+        embedding: cfg.model.embedding.clone(),
+    };
+    let mut c = Classifier::load(&cfg.model.path, &selection)
+        .with_context(|| format!("loading model {}", cfg.model.path.display()))?;
+    if let Some(names) = &cfg.model.class_names {
+        anyhow::ensure!(
+            names.len() == c.classes(),
+            "config key model.class_names: {} names for a model with {} classes",
+            names.len(),
+            c.classes()
+        );
+        c.class_names = names.clone();
+    }
+    tracing::info!(
+        "model {}: input [N, {}], head {} on '{}' ({} features, {} classes)",
+        cfg.model.path.display(),
+        join(&c.input_shape),
+        c.head.path.join(" -> "),
+        c.head.embedding,
+        c.embedding_dim,
+        c.classes()
+    );
+    Ok(c)
+}
+
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples {per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(bar)
+}
+
+fn print_summary(r: &edgemt::replay::Report) {
+    println!(
+        "samples {} (labeled {}, scored {}, rejected {})",
+        r.samples, r.labeled, r.scored, r.rejected
+    );
+    println!(
+        "prequential accuracy: teacher {:.4}, pretrained {:.4}",
+        r.prequential_accuracy.teacher, r.prequential_accuracy.source
+    );
+    if let Some(e) = &r.eval {
+        println!(
+            "holdout ({} samples): teacher {:.4}, student {:.4}, pretrained {:.4} ({:+.1} points)",
+            e.samples,
+            e.teacher_accuracy,
+            e.student_accuracy,
+            e.source_accuracy,
+            100.0 * (e.teacher_accuracy - e.source_accuracy)
+        );
+    }
+    let p = &r.pseudo_labels;
+    println!(
+        "pseudo-labels: {} offered, {} accepted ({:.1}%), {} of those correct",
+        p.offered,
+        p.accepted,
+        if p.offered > 0 {
+            100.0 * p.accepted as f64 / p.offered as f64
+        } else {
+            0.0
+        },
+        p.accepted_correct
+    );
+    println!(
+        "{} train steps, {} EMA updates, {:.0} samples/s, peak RSS {:.1} MiB",
+        r.train_steps,
+        r.ema_updates,
+        r.throughput_samples_per_s,
+        r.peak_rss_bytes as f64 / (1024.0 * 1024.0)
+    );
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
