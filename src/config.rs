@@ -12,7 +12,7 @@ use crate::learn::{AugmentConfig, LearnConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
+    #[error("cannot read config {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -38,6 +38,9 @@ enum Command {
         /// Seed for sampling and augmentation (overrides [replay] seed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Write the teacher's prediction for every sample as JSON Lines here.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
     },
     /// Show a model's inputs, outputs, detected head and embedding.
     Inspect {
@@ -69,11 +72,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eval,
             report,
             seed,
+            predictions,
         } => {
             let cfg = Config::load(&config)?;
             let mut classifier = load_classifier(&cfg)?;
             let bar = progress_bar();
-            let (summary, _learner) = replay(
+            let outcome = replay(
                 &mut classifier,
                 &cfg,
                 &recording,
@@ -89,9 +93,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
-            print_summary(&summary);
+            print_summary(&outcome.report);
+            if let Some(path) = predictions {
+                let mut out = String::new();
+                for (i, p) in outcome.predictions.iter().enumerate() {
+                    out.push_str(&serde_json::json!({"sample": i, "class": p.class, "confidence": p.confidence}).to_string());
+                    out.push('\n');
+                }
+                std::fs::write(&path, out)
+                    .with_context(|| format!("writing predictions {}", path.display()))?;
+            }
             if let Some(path) = report {
-                let json = serde_json::to_string_pretty(&summary)?;
+                let json = serde_json::to_string_pretty(&outcome.report)?;
                 std::fs::write(&path, json)
                     .with_context(|| format!("writing report {}", path.display()))?;
             }

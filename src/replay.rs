@@ -121,6 +121,20 @@ impl Window {
     }
 }
 
+/// The deployed teacher's prediction for one replayed sample, made before it learned from it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Prediction {
+    pub class: usize,
+    pub confidence: f32,
+}
+
+/// What a replay leaves behind: the report, the final learner, and every prediction in order.
+pub struct Outcome {
+    pub report: Report,
+    pub learner: Learner,
+    pub predictions: Vec<Prediction>,
+}
+
 /// Options that do not belong in the config file.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayOptions {
@@ -136,7 +150,7 @@ pub fn replay(
     holdout: Option<&Path>,
     opts: &ReplayOptions,
     mut on_progress: impl FnMut(usize, usize),
-) -> Result<(Report, Learner), ReplayError> {
+) -> Result<Outcome, ReplayError> {
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
     let rec = Recording::read(recording, &decoder)?;
     for r in rec.rejected.iter().take(20) {
@@ -167,6 +181,7 @@ pub fn replay(
     let mut emb = Array2::zeros((0, classifier.embedding_dim));
     let mut source_logits = Array2::zeros((0, classifier.classes()));
     let mut one = Array2::zeros((1, classifier.classes()));
+    let mut predictions = Vec::with_capacity(n);
 
     let (mut scored, mut teacher_correct, mut source_correct) = (0usize, 0usize, 0usize);
     let mut pseudo = PseudoLabels::default();
@@ -182,8 +197,12 @@ pub fn replay(
         for (i, sample) in chunk.iter().enumerate() {
             let done = chunk_index * cfg.replay.batch + i + 1;
             let row = emb.slice(s![i..i + 1, ..]);
-            learner.teacher.logits_into(row, &mut one);
-            let teacher_class = argmax(one.row(0)).0;
+            learner.teacher.probs_into(row, &mut one);
+            let (teacher_class, confidence) = argmax(one.row(0));
+            predictions.push(Prediction {
+                class: teacher_class,
+                confidence,
+            });
             let source_class = argmax(source_logits.row(i)).0;
             if let Some(truth) = sample.truth {
                 scored += 1;
@@ -245,7 +264,11 @@ pub fn replay(
         seed,
         timeline,
     };
-    Ok((report, learner))
+    Ok(Outcome {
+        report,
+        learner,
+        predictions,
+    })
 }
 
 /// Accuracy of the final teacher, student and pretrained heads on a labeled holdout.

@@ -19,7 +19,7 @@ pub use head::{HeadSpec, OutputKind, WeightLayout};
 /// Why a model could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("cannot read model {path}: {source}")]
+    #[error("cannot read model {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

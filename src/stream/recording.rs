@@ -9,7 +9,7 @@ use super::sample::{DecodeError, Sample, SampleDecoder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordingError {
-    #[error("cannot read recording {path}: {source}")]
+    #[error("cannot read recording {path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -1,0 +1,74 @@
+//! Config loading: defaults, unknown keys and out-of-range values.
+
+use edgemt::config::{Config, ConfigError};
+
+#[test]
+fn a_config_with_only_the_model_path_gets_every_default() {
+    let cfg = Config::from_toml("[model]\npath = \"m.onnx\"\n").unwrap();
+    assert_eq!(cfg.learn.ema_decay, 0.99);
+    assert_eq!(cfg.replay.batch, 32);
+}
+
+#[test]
+fn the_shipped_commented_config_parses_and_matches_the_defaults() {
+    let cfg = Config::load(&crate::util::path("config/edgemt.toml")).unwrap();
+    let defaults = Config::from_toml("[model]\npath = \"x\"\n").unwrap();
+    // The commented config documents the defaults: every section but [model] is equal.
+    assert_eq!(
+        toml::to_string(&cfg.learn).unwrap(),
+        toml::to_string(&defaults.learn).unwrap()
+    );
+    assert_eq!(
+        toml::to_string(&cfg.augment).unwrap(),
+        toml::to_string(&defaults.augment).unwrap()
+    );
+    assert_eq!(
+        toml::to_string(&cfg.replay).unwrap(),
+        toml::to_string(&defaults.replay).unwrap()
+    );
+    assert!(cfg.model.path.ends_with("models/hapt_mlp.onnx") && cfg.model.path.exists());
+}
+
+#[test]
+fn an_unknown_key_is_an_error_naming_it() {
+    let err =
+        Config::from_toml("[model]\npath = \"m.onnx\"\n[learn]\nlamda_pseudo = 2.0\n").unwrap_err();
+    assert!(matches!(err, ConfigError::Parse { .. }));
+    assert!(err.to_string().contains("lamda_pseudo"), "{err}");
+    let err = Config::from_toml("[model]\npath = \"m.onnx\"\n[modle]\n").unwrap_err();
+    assert!(err.to_string().contains("modle"), "{err}");
+}
+
+#[test]
+fn out_of_range_values_are_errors_naming_the_key() {
+    for (text, key) in [
+        ("[learn]\nema_decay = 1.5", "learn.ema_decay"),
+        (
+            "[learn]\nconfidence_threshold = -0.1",
+            "learn.confidence_threshold",
+        ),
+        ("[learn]\nlearning_rate = 0.0", "learn.learning_rate"),
+        ("[learn]\ntrain_every = 0", "learn.train_every"),
+        (
+            "[learn]\nbatch_unlabeled = 64\nunlabeled_capacity = 10",
+            "learn.unlabeled_capacity",
+        ),
+        ("[augment]\ntime_axis = 2", "augment.time_axis"),
+        ("[replay]\nbatch = 0", "replay.batch"),
+    ] {
+        let err = Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).unwrap_err();
+        assert!(err.to_string().contains(key), "{text}: {err}");
+    }
+}
+
+#[test]
+fn a_wrongly_typed_value_is_an_error_naming_the_key() {
+    let err = Config::from_toml("[model]\npath = \"m.onnx\"\n[learn]\nema_decay = \"high\"\n")
+        .unwrap_err();
+    assert!(err.to_string().contains("ema_decay"), "{err}");
+    let err = Config::from_toml("[learn]\nema_decay = 0.9\n").unwrap_err();
+    assert!(
+        err.to_string().contains("model"),
+        "missing [model] is named: {err}"
+    );
+}

@@ -1,0 +1,182 @@
+//! `edgemt replay` end to end on the shipped model and recordings.
+
+use serde_json::Value;
+
+use crate::util::{self, edgemt, run_ok};
+
+fn replay(stream: &str, holdout: &str, extra_args: &[&str]) -> Value {
+    let dir = util::tempdir();
+    let report = dir.path().join("r.json");
+    run_ok(
+        edgemt()
+            .args(["replay", "--config"])
+            .arg(util::path("config/edgemt.toml"))
+            .arg(util::path(stream))
+            .arg("--eval")
+            .arg(util::path(holdout))
+            .arg("--report")
+            .arg(&report)
+            .args(extra_args),
+    );
+    serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+}
+
+fn f(v: &Value, path: &str) -> f64 {
+    v.pointer(path)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("report has no number at {path}"))
+}
+
+#[test]
+fn adaptation_on_the_shifted_target_beats_the_pretrained_model_by_five_points() {
+    let r = replay("data/target_stream.jsonl", "data/target_holdout.jsonl", &[]);
+    let (teacher, source) = (
+        f(&r, "/eval/teacher_accuracy"),
+        f(&r, "/eval/source_accuracy"),
+    );
+    assert!(
+        teacher >= source + 0.05,
+        "teacher {teacher} vs pretrained {source}"
+    );
+    assert!(f(&r, "/labeled") <= 0.05 * f(&r, "/samples"));
+    assert!(f(&r, "/prequential_accuracy/teacher") > f(&r, "/prequential_accuracy/source"));
+}
+
+#[test]
+fn adaptation_on_the_no_shift_control_costs_at_most_one_point() {
+    let r = replay(
+        "data/control_stream.jsonl",
+        "data/control_holdout.jsonl",
+        &[],
+    );
+    let (teacher, source) = (
+        f(&r, "/eval/teacher_accuracy"),
+        f(&r, "/eval/source_accuracy"),
+    );
+    assert!(
+        teacher >= source - 0.01,
+        "teacher {teacher} vs pretrained {source}"
+    );
+}
+
+#[test]
+fn the_report_has_every_documented_field_with_sane_values() {
+    let r = replay(
+        "data/control_stream.jsonl",
+        "data/control_holdout.jsonl",
+        &["--seed", "3"],
+    );
+    for key in [
+        "/samples",
+        "/labeled",
+        "/scored",
+        "/rejected",
+        "/prequential_accuracy/teacher",
+        "/prequential_accuracy/source",
+        "/eval/samples",
+        "/eval/teacher_accuracy",
+        "/eval/student_accuracy",
+        "/eval/source_accuracy",
+        "/pseudo_labels/offered",
+        "/pseudo_labels/accepted",
+        "/pseudo_labels/accepted_correct",
+        "/train_steps",
+        "/ema_updates",
+        "/throughput_samples_per_s",
+        "/peak_rss_bytes",
+    ] {
+        f(&r, key);
+    }
+    for acc in [
+        "/prequential_accuracy/teacher",
+        "/eval/teacher_accuracy",
+        "/eval/source_accuracy",
+    ] {
+        assert!((0.0..=1.0).contains(&f(&r, acc)), "{acc}");
+    }
+    assert_eq!(f(&r, "/samples"), f(&r, "/scored"));
+    assert!(f(&r, "/pseudo_labels/accepted") <= f(&r, "/pseudo_labels/offered"));
+    assert!(f(&r, "/pseudo_labels/accepted_correct") <= f(&r, "/pseudo_labels/accepted"));
+    assert!(f(&r, "/train_steps") > 0.0 && f(&r, "/ema_updates") > 0.0);
+    assert!(f(&r, "/peak_rss_bytes") > 1e6);
+    let timeline = r["timeline"].as_array().expect("timeline");
+    assert!(timeline.len() >= 5);
+    for key in [
+        "/sample",
+        "/teacher_accuracy",
+        "/source_accuracy",
+        "/loss_sup",
+        "/loss_pseudo",
+        "/loss_consistency",
+        "/acceptance",
+    ] {
+        f(&timeline[0], key);
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_report_and_another_seed_a_different_run() {
+    let a = replay(
+        "data/target_stream.jsonl",
+        "data/target_holdout.jsonl",
+        &["--seed", "5"],
+    );
+    let b = replay(
+        "data/target_stream.jsonl",
+        "data/target_holdout.jsonl",
+        &["--seed", "5"],
+    );
+    let c = replay(
+        "data/target_stream.jsonl",
+        "data/target_holdout.jsonl",
+        &["--seed", "6"],
+    );
+    assert_eq!(a["timeline"], b["timeline"]);
+    assert_eq!(a["eval"], b["eval"]);
+    assert_ne!(a["timeline"], c["timeline"]);
+}
+
+#[test]
+fn bad_lines_in_a_recording_are_counted_and_the_rest_replayed() {
+    let dir = util::tempdir();
+    let good = std::fs::read_to_string(util::path("data/control_stream.jsonl")).unwrap();
+    let mut lines: Vec<&str> = good.lines().take(60).collect();
+    lines.insert(10, "{not json");
+    lines.insert(20, r#"{"x": [1, 2, 3]}"#);
+    lines.insert(30, "");
+    let rec = dir.path().join("damaged.jsonl");
+    std::fs::write(&rec, lines.join("\n")).unwrap();
+    let report = dir.path().join("r.json");
+    let out = run_ok(
+        edgemt()
+            .args(["replay", "--config"])
+            .arg(util::config_with(dir.path(), ""))
+            .arg(&rec)
+            .arg("--report")
+            .arg(&report),
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(f(&r, "/samples"), 60.0);
+    assert_eq!(f(&r, "/rejected"), 2.0);
+    assert!(r.get("eval").is_none(), "no --eval, no eval section");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("damaged.jsonl:11") && stderr.contains("damaged.jsonl:21"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_config_fails_with_the_key_in_the_message() {
+    let dir = util::tempdir();
+    let cfg = util::config_with(dir.path(), "[learn]\nema_decay = 2.0\n");
+    let out = edgemt()
+        .args(["replay", "--config"])
+        .arg(cfg)
+        .arg(util::path("data/control_stream.jsonl"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("learn.ema_decay"), "{stderr}");
+}

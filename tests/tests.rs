@@ -1,0 +1,11 @@
+//! All integration tests, compiled into one binary (one link of tract instead of many).
+//! Helpers live in `util`; fixtures in tests/data, the shipped model in models/ and the
+//! shipped recordings in data/.
+
+mod util;
+
+mod config_file;
+mod learning;
+mod model_loading;
+mod recordings;
+mod replay_cli;
