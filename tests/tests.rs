@@ -7,5 +7,6 @@ mod util;
 mod config_file;
 mod learning;
 mod model_loading;
+mod packaging;
 mod recordings;
 mod replay_cli;
