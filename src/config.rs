@@ -33,6 +33,129 @@ pub struct Config {
     pub augment: AugmentConfig,
     #[serde(default)]
     pub replay: ReplayConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub input: InputConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[mqtt]`: the broker connection and topic layout of `edgemt run`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Default: `edgemt-<hostname>`.
+    pub client_id: Option<String>,
+    /// Topic prefix. Default: `edgemt/<hostname>`.
+    pub prefix: Option<String>,
+    pub keep_alive_s: u64,
+    pub username: Option<String>,
+    /// Inline password (prefer `password_file` or `password_env`).
+    pub password: Option<String>,
+    /// File holding the password (e.g. a systemd credential); trailing newline ignored.
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    pub password_env: Option<String>,
+    /// QoS for subscriptions and publishes: 0 or 1.
+    pub qos: u8,
+    /// Connect with TLS (rustls, ring provider).
+    pub tls: bool,
+    /// PEM CA bundle that signs the broker's certificate (required with `tls`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for brokers that require client authentication.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Home Assistant MQTT discovery prefix; empty disables discovery.
+    pub discovery_prefix: String,
+    /// Payloads larger than this are rejected (and counted).
+    pub max_payload_bytes: usize,
+    /// First and largest wait between reconnection attempts.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Capacity of the client's request queue; publishes beyond it are dropped and counted.
+    pub request_queue: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: "localhost".into(),
+            port: 1883,
+            client_id: None,
+            prefix: None,
+            keep_alive_s: 30,
+            username: None,
+            password: None,
+            password_file: None,
+            password_env: None,
+            qos: 0,
+            tls: false,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            discovery_prefix: "homeassistant".into(),
+            max_payload_bytes: 262_144,
+            reconnect_min_ms: 250,
+            reconnect_max_ms: 30_000,
+            request_queue: 4096,
+        }
+    }
+}
+
+/// How samples arrive on `{prefix}/samples`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputFormat {
+    /// `{"x": [...], "id": "...", "label": k}`
+    Json,
+    /// Raw little-endian f32, one model input per message.
+    F32le,
+}
+
+/// `[input]`: sample decoding, window assembly and queueing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    pub format: InputFormat,
+    /// Rows per window on `{prefix}/rows` (default: the model's time steps).
+    pub window: Option<usize>,
+    /// Rows between window starts (default: half the window).
+    pub hop: Option<usize>,
+    /// Samples waiting for inference; beyond it the oldest unlabeled one is dropped.
+    pub queue_capacity: usize,
+    /// Largest batch per backbone pass in the daemon.
+    pub max_batch: usize,
+    /// Recent samples kept so that label feedback can find them by id.
+    pub feedback_capacity: usize,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        InputConfig {
+            format: InputFormat::Json,
+            window: None,
+            hop: None,
+            queue_capacity: 1024,
+            max_batch: 32,
+            feedback_capacity: 2048,
+        }
+    }
+}
+
+/// `[metrics]`: the periodic metrics message.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub interval_s: f64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { interval_s: 10.0 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -86,9 +209,20 @@ impl Config {
             },
             other => other,
         })?;
-        if cfg.model.path.is_relative() {
-            if let Some(dir) = path.parent() {
-                cfg.model.path = dir.join(&cfg.model.path);
+        if let Some(dir) = path.parent() {
+            for p in [
+                Some(&mut cfg.model.path),
+                cfg.mqtt.password_file.as_mut(),
+                cfg.mqtt.ca_file.as_mut(),
+                cfg.mqtt.client_cert.as_mut(),
+                cfg.mqtt.client_key.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
             }
         }
         Ok(cfg)
@@ -150,6 +284,77 @@ impl Config {
         }
         positive("replay.batch", self.replay.batch)?;
         positive("replay.timeline_every", self.replay.timeline_every)?;
+        let m = &self.mqtt;
+        if m.host.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.host",
+                message: "must not be empty".into(),
+            });
+        }
+        if m.qos > 1 {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.qos",
+                message: format!("must be 0 or 1, got {}", m.qos),
+            });
+        }
+        if m.keep_alive_s < 5 {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.keep_alive_s",
+                message: format!("must be at least 5, got {}", m.keep_alive_s),
+            });
+        }
+        if m.tls && m.ca_file.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.ca_file",
+                message: "is required when mqtt.tls = true".into(),
+            });
+        }
+        if m.client_cert.is_some() != m.client_key.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.client_key",
+                message: "client_cert and client_key go together".into(),
+            });
+        }
+        if let Some(prefix) = &m.prefix {
+            if prefix.is_empty() || prefix.contains(['#', '+']) || prefix.ends_with('/') {
+                return Err(ConfigError::Invalid {
+                    key: "mqtt.prefix",
+                    message: format!(
+                        "must be a topic without wildcards or a trailing '/', got {prefix:?}"
+                    ),
+                });
+            }
+        }
+        positive("mqtt.max_payload_bytes", m.max_payload_bytes)?;
+        positive("mqtt.request_queue", m.request_queue)?;
+        positive("mqtt.reconnect_min_ms", m.reconnect_min_ms as usize)?;
+        if m.reconnect_max_ms < m.reconnect_min_ms {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.reconnect_max_ms",
+                message: "must be at least mqtt.reconnect_min_ms".into(),
+            });
+        }
+        positive("input.queue_capacity", self.input.queue_capacity)?;
+        positive("input.max_batch", self.input.max_batch)?;
+        positive("input.feedback_capacity", self.input.feedback_capacity)?;
+        if self.input.window == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "input.window",
+                message: "must be at least 1, got 0".into(),
+            });
+        }
+        if self.input.hop == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "input.hop",
+                message: "must be at least 1, got 0".into(),
+            });
+        }
+        if !(self.metrics.interval_s.is_finite() && self.metrics.interval_s >= 0.1) {
+            return Err(ConfigError::Invalid {
+                key: "metrics.interval_s",
+                message: format!("must be at least 0.1, got {}", self.metrics.interval_s),
+            });
+        }
         if self.model.path.as_os_str().is_empty() {
             return Err(ConfigError::Invalid {
                 key: "model.path",

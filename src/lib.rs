@@ -8,6 +8,7 @@
 //! prequentially; [`config`] holds the knobs; [`metrics`] measures the process.
 
 pub mod config;
+pub mod daemon;
 pub mod learn;
 pub mod metrics;
 pub mod model;

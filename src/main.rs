@@ -42,6 +42,11 @@ enum Command {
         #[arg(long)]
         predictions: Option<PathBuf>,
     },
+    /// Run the daemon: MQTT in, predictions and metrics out, learning on the side.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show a model's inputs, outputs, detected head and embedding.
     Inspect {
         model: PathBuf,
@@ -57,6 +62,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e:#}");
@@ -108,6 +114,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::write(&path, json)
                     .with_context(|| format!("writing report {}", path.display()))?;
             }
+            Ok(())
+        }
+        Command::Run { config } => {
+            let cfg = Config::load(&config)?;
+            let classifier = load_classifier(&cfg)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(edgemt::daemon::run(cfg, classifier, shutdown_signal()))?;
             Ok(())
         }
         Command::Inspect { model, output } => {
@@ -241,4 +258,21 @@ fn join(v: &[usize]) -> String {
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM (systemd's stop).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM ({e}); stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -5,6 +5,8 @@
 
 pub mod recording;
 pub mod sample;
+pub mod window;
 
 pub use recording::{Recording, RecordingError};
 pub use sample::{DecodeError, Sample, SampleDecoder};
+pub use window::WindowAssembler;

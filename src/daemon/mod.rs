@@ -1,0 +1,209 @@
+//! `edgemt run`: the long-running service around the learner.
+//!
+//! Data path: the MQTT task ([`mqtt`]) routes messages through [`ingest`] into a bounded
+//! queue -> the inference thread embeds a batch, predicts with the current teacher and
+//! publishes -> the training thread learns and swaps in each EMA-refreshed teacher. A metrics
+//! task publishes [`state::MetricsMessage`] every interval; systemd is told READY, WATCHDOG
+//! and STOPPING ([`notify`]). `run` takes the shutdown signal as a future, so signal handling
+//! stays in `main`.
+
+pub mod ingest;
+pub mod mqtt;
+pub mod notify;
+pub mod queue;
+pub mod state;
+pub mod workers;
+
+use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, QoS};
+
+use crate::config::Config;
+use crate::learn::augment::Layout;
+use crate::learn::LinearHead;
+use crate::model::Classifier;
+use crate::stream::{SampleDecoder, WindowAssembler};
+use ingest::{Ingest, Topics};
+use queue::BoundedQueue;
+use state::Shared;
+use workers::{InferenceWorker, TrainerWorker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("setting up the daemon: {0}")]
+    Setup(String),
+}
+
+/// Runs the daemon until `shutdown` completes, then stops within a few seconds.
+pub async fn run(
+    cfg: Config,
+    classifier: Classifier,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let host = mqtt::hostname();
+    let prefix = cfg
+        .mqtt
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("edgemt/{host}"));
+    let client_id = cfg
+        .mqtt
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("edgemt-{host}"));
+    let topics = Topics::new(&prefix);
+    let opts = mqtt::options(&cfg.mqtt, &client_id, &topics)?;
+    let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_queue);
+    let qos = mqtt::qos(cfg.mqtt.qos);
+
+    let pretrained = LinearHead::new(classifier.head.weight.clone(), classifier.head.bias.clone());
+    let shared = Arc::new(Shared::new(pretrained.clone()));
+    let input = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
+    let train = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
+
+    let layout = Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis);
+    let window = cfg.input.window.unwrap_or(layout.steps);
+    if window != layout.steps {
+        return Err(DaemonError::Setup(format!(
+            "input.window = {window} but the model takes {} time steps per sample",
+            layout.steps
+        )));
+    }
+    let hop = cfg.input.hop.unwrap_or((window / 2).max(1));
+    let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
+    let ingest = Ingest::new(
+        topics.clone(),
+        shared.clone(),
+        input.clone(),
+        decoder,
+        cfg.input.format,
+        WindowAssembler::new(layout, hop),
+        cfg.mqtt.max_payload_bytes,
+    );
+
+    let inference = InferenceWorker {
+        shared: shared.clone(),
+        backbone: classifier.backbone.clone(),
+        input: input.clone(),
+        train: train.clone(),
+        client: client.clone(),
+        predictions_topic: topics.predictions.clone(),
+        class_names: classifier.class_names.clone(),
+        qos,
+        max_batch: cfg.input.max_batch,
+        feedback_capacity: cfg.input.feedback_capacity,
+    };
+    let trainer = TrainerWorker {
+        shared: shared.clone(),
+        backbone: classifier.backbone.clone(),
+        queue: train.clone(),
+        pretrained,
+        sample_shape: classifier.input_shape.clone(),
+        learn: cfg.learn.clone(),
+        augment: cfg.augment.clone(),
+        seed: cfg.replay.seed,
+    };
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(|e| DaemonError::Setup(format!("spawning {name}: {e}")))
+    };
+    let inference_thread = spawn("inference", Box::new(move || inference.run()))?;
+    let trainer_thread = spawn("training", Box::new(move || trainer.run()))?;
+
+    let poll = tokio::spawn(
+        mqtt::PollTask {
+            eventloop,
+            client: client.clone(),
+            cfg: cfg.mqtt.clone(),
+            client_id: client_id.clone(),
+            shared: shared.clone(),
+            ingest,
+        }
+        .run(),
+    );
+    let metrics_task = tokio::spawn(publish_metrics(
+        client.clone(),
+        topics.metrics.clone(),
+        shared.clone(),
+        Duration::from_secs_f64(cfg.metrics.interval_s),
+    ));
+    let watchdog_task =
+        notify::watchdog_interval().map(|period| tokio::spawn(watchdog(shared.clone(), period)));
+    tracing::info!(
+        "edgemt running: topics under {prefix}/, broker {}:{}",
+        cfg.mqtt.host,
+        cfg.mqtt.port
+    );
+    notify::notify("READY=1");
+
+    shutdown.await;
+    tracing::info!("stopping: no new input, finishing the current step");
+    notify::notify("STOPPING=1");
+    shared.stopping.store(true, Relaxed);
+    metrics_task.abort();
+    if let Some(w) = watchdog_task {
+        w.abort();
+    }
+    input.close();
+    let joined = tokio::task::spawn_blocking(move || {
+        let _ = inference_thread.join();
+        train.close();
+        let _ = trainer_thread.join();
+    });
+    if tokio::time::timeout(Duration::from_secs(3), joined)
+        .await
+        .is_err()
+    {
+        tracing::warn!("workers did not stop within 3 s; exiting anyway");
+    }
+    let final_metrics = serde_json::to_vec(&shared.metrics()).unwrap_or_default();
+    let _ = client.try_publish(&topics.metrics, QoS::AtLeastOnce, false, final_metrics);
+    let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, "offline");
+    let _ = client.try_disconnect();
+    if tokio::time::timeout(Duration::from_millis(1500), poll)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the broker did not take the final messages in time");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn publish_metrics(client: AsyncClient, topic: String, shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let payload = serde_json::to_vec(&shared.metrics()).unwrap_or_default();
+        if client
+            .try_publish(&topic, QoS::AtMostOnce, false, payload)
+            .is_err()
+        {
+            shared.counters.publish_dropped_total.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// WATCHDOG=1 at half systemd's period, but only while both workers keep turning.
+async fn watchdog(shared: Arc<Shared>, period: Duration) {
+    let mut tick = tokio::time::interval(period / 2);
+    loop {
+        tick.tick().await;
+        let now = shared.now_ms();
+        let fresh = |beat: &std::sync::atomic::AtomicU64| {
+            now.saturating_sub(beat.load(Relaxed)) < period.as_millis() as u64
+        };
+        if fresh(&shared.inference_beat) && fresh(&shared.trainer_beat) {
+            notify::notify("WATCHDOG=1");
+        } else {
+            tracing::error!("a worker thread stopped turning; withholding the watchdog ping");
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! A bounded hand-off queue between threads whose overload policy is explicit: when full,
+//! the oldest *droppable* item (an unlabeled sample) is dropped and counted; a label is
+//! never dropped. Consumers take whole batches so the backbone runs batched.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+/// Whether an item may be dropped under overload.
+pub trait Droppable {
+    fn droppable(&self) -> bool;
+}
+
+pub struct BoundedQueue<T> {
+    inner: Mutex<State<T>>,
+    ready: Condvar,
+    capacity: usize,
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    closed: bool,
+}
+
+impl<T: Droppable> BoundedQueue<T> {
+    pub fn new(capacity: usize) -> Self {
+        BoundedQueue {
+            inner: Mutex::new(State {
+                items: VecDeque::with_capacity(capacity),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            capacity,
+        }
+    }
+
+    /// Adds an item; returns how many items were dropped to make room (0 or 1).
+    pub fn push(&self, item: T) -> usize {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dropped = 0;
+        if state.items.len() >= self.capacity {
+            if let Some(i) = state.items.iter().position(Droppable::droppable) {
+                state.items.remove(i);
+                dropped = 1;
+            } else if item.droppable() {
+                // Full of labels: the newcomer is the one that may go.
+                return 1;
+            }
+        }
+        state.items.push_back(item);
+        drop(state);
+        self.ready.notify_one();
+        dropped
+    }
+
+    /// Waits up to `wait` for at least one item, then moves up to `max` into `out`.
+    /// Returns false once the queue is closed and empty.
+    pub fn pop_batch(&self, max: usize, wait: Duration, out: &mut Vec<T>) -> bool {
+        out.clear();
+        let state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut state, _) = self
+            .ready
+            .wait_timeout_while(state, wait, |s| s.items.is_empty() && !s.closed)
+            .unwrap_or_else(|e| e.into_inner());
+        let n = max.min(state.items.len());
+        out.extend(state.items.drain(..n));
+        !(state.closed && out.is_empty())
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .items
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Wakes consumers; after the remaining items are taken, `pop_batch` returns false.
+    pub fn close(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.ready.notify_all();
+    }
+}

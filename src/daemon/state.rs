@@ -1,0 +1,255 @@
+//! State shared by the daemon's tasks and threads: counters, the deployed teacher, and the
+//! metrics message built from them.
+//!
+//! The teacher is published as an `Arc` behind a lock that is only ever held to clone or swap
+//! the pointer, so the inference thread never waits for a training step.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::learn::LinearHead;
+use crate::metrics::LatencyWindow;
+
+/// The teacher head in service and its version.
+#[derive(Debug, Clone)]
+pub struct TeacherSnapshot {
+    pub head: LinearHead,
+    pub version: u64,
+}
+
+/// Monotonic counters (atomics, so any thread bumps them without a lock).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub samples_total: AtomicU64,
+    pub predictions_total: AtomicU64,
+    pub dropped_total: AtomicU64,
+    pub rejected_total: AtomicU64,
+    pub labels_total: AtomicU64,
+    pub feedback_total: AtomicU64,
+    pub feedback_correct: AtomicU64,
+    pub late_labels_total: AtomicU64,
+    pub publish_dropped_total: AtomicU64,
+    pub commands_total: AtomicU64,
+    pub mqtt_reconnects_total: AtomicU64,
+    pub mqtt_disconnected_ms_total: AtomicU64,
+}
+
+/// What the trainer thread last reported.
+#[derive(Debug, Clone, Default)]
+pub struct TrainStats {
+    pub train_steps: u64,
+    pub ema_updates: u64,
+    pub skipped_nonfinite: u64,
+    pub labeled_buffer: usize,
+    pub unlabeled_buffer: usize,
+    pub teacher_finite: bool,
+    /// Sums since the last metrics message.
+    pub steps_since: u64,
+    pub loss_sup: f64,
+    pub loss_pseudo: f64,
+    pub loss_consistency: f64,
+    pub offered: u64,
+    pub accepted: u64,
+    pub resets: u64,
+}
+
+pub struct Shared {
+    pub started: Instant,
+    pub counters: Counters,
+    pub latency: Mutex<LatencyWindow>,
+    pub train: Mutex<TrainStats>,
+    teacher: RwLock<Arc<TeacherSnapshot>>,
+    pub paused: AtomicBool,
+    pub reset_requested: AtomicBool,
+    /// Set on shutdown: stop taking input.
+    pub stopping: AtomicBool,
+    pub connected: AtomicBool,
+    /// Milliseconds since `started` of each worker's last loop turn (for the watchdog).
+    pub inference_beat: AtomicU64,
+    pub trainer_beat: AtomicU64,
+    last_report: Mutex<(Instant, u64)>,
+}
+
+impl Shared {
+    pub fn new(teacher: LinearHead) -> Self {
+        let now = Instant::now();
+        Shared {
+            started: now,
+            counters: Counters::default(),
+            latency: Mutex::new(LatencyWindow::new(65_536)),
+            train: Mutex::new(TrainStats {
+                teacher_finite: true,
+                ..Default::default()
+            }),
+            teacher: RwLock::new(Arc::new(TeacherSnapshot {
+                head: teacher,
+                version: 0,
+            })),
+            paused: AtomicBool::new(false),
+            reset_requested: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            inference_beat: AtomicU64::new(0),
+            trainer_beat: AtomicU64::new(0),
+            last_report: Mutex::new((now, 0)),
+        }
+    }
+
+    pub fn teacher(&self) -> Arc<TeacherSnapshot> {
+        self.teacher
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn publish_teacher(&self, snapshot: TeacherSnapshot) {
+        *self.teacher.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub fn beat(&self, which: &AtomicU64) {
+        which.store(self.now_ms(), Relaxed);
+    }
+
+    /// Builds the flat metrics message and starts a new reporting window.
+    pub fn metrics(&self) -> MetricsMessage {
+        let c = &self.counters;
+        let samples_total = c.samples_total.load(Relaxed);
+        let now = Instant::now();
+        let samples_per_s = {
+            let mut last = self.last_report.lock().unwrap_or_else(|e| e.into_inner());
+            let dt = now.duration_since(last.0).as_secs_f64();
+            let rate = if dt > 0.0 {
+                (samples_total - last.1) as f64 / dt
+            } else {
+                0.0
+            };
+            *last = (now, samples_total);
+            rate
+        };
+        let (p50, p99) = self
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take_percentiles()
+            .unwrap_or((0, 0));
+        let mut t = self.train.lock().unwrap_or_else(|e| e.into_inner());
+        let mean = |v: f64| {
+            if t.steps_since > 0 {
+                v / t.steps_since as f64
+            } else {
+                0.0
+            }
+        };
+        let feedback = c.feedback_total.load(Relaxed);
+        let msg = MetricsMessage {
+            samples_total,
+            samples_per_s,
+            predictions_total: c.predictions_total.load(Relaxed),
+            latency_p50_us: p50 as u64,
+            latency_p99_us: p99 as u64,
+            loss_sup: mean(t.loss_sup),
+            loss_pseudo: mean(t.loss_pseudo),
+            loss_consistency: mean(t.loss_consistency),
+            pseudo_acceptance: if t.offered > 0 {
+                t.accepted as f64 / t.offered as f64
+            } else {
+                0.0
+            },
+            teacher_version: self.teacher().version,
+            ema_updates: t.ema_updates,
+            train_steps: t.train_steps,
+            skipped_nonfinite: t.skipped_nonfinite,
+            labeled_buffer: t.labeled_buffer as u64,
+            unlabeled_buffer: t.unlabeled_buffer as u64,
+            dropped_total: c.dropped_total.load(Relaxed),
+            rejected_total: c.rejected_total.load(Relaxed),
+            labels_total: c.labels_total.load(Relaxed),
+            feedback_total: feedback,
+            feedback_accuracy: if feedback > 0 {
+                c.feedback_correct.load(Relaxed) as f64 / feedback as f64
+            } else {
+                0.0
+            },
+            late_labels_total: c.late_labels_total.load(Relaxed),
+            publish_dropped_total: c.publish_dropped_total.load(Relaxed),
+            commands_total: c.commands_total.load(Relaxed),
+            resets_total: t.resets,
+            paused: self.paused.load(Relaxed) as u8,
+            teacher_finite: t.teacher_finite as u8,
+            mqtt_connected: self.connected.load(Relaxed) as u8,
+            mqtt_reconnects_total: c.mqtt_reconnects_total.load(Relaxed),
+            mqtt_disconnected_s_total: c.mqtt_disconnected_ms_total.load(Relaxed) as f64 / 1000.0,
+            rss_bytes: crate::metrics::rss_bytes(),
+            peak_rss_bytes: crate::metrics::peak_rss_bytes(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+        };
+        t.steps_since = 0;
+        t.loss_sup = 0.0;
+        t.loss_pseudo = 0.0;
+        t.loss_consistency = 0.0;
+        t.offered = 0;
+        t.accepted = 0;
+        msg
+    }
+}
+
+/// `{prefix}/metrics`: flat JSON of numbers, as Telegraf's JSON parser and Grafana read it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsMessage {
+    pub samples_total: u64,
+    pub samples_per_s: f64,
+    pub predictions_total: u64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    pub loss_sup: f64,
+    pub loss_pseudo: f64,
+    pub loss_consistency: f64,
+    pub pseudo_acceptance: f64,
+    pub teacher_version: u64,
+    pub ema_updates: u64,
+    pub train_steps: u64,
+    pub skipped_nonfinite: u64,
+    pub labeled_buffer: u64,
+    pub unlabeled_buffer: u64,
+    pub dropped_total: u64,
+    pub rejected_total: u64,
+    pub labels_total: u64,
+    pub feedback_total: u64,
+    pub feedback_accuracy: f64,
+    pub late_labels_total: u64,
+    pub publish_dropped_total: u64,
+    pub commands_total: u64,
+    pub resets_total: u64,
+    pub paused: u8,
+    pub teacher_finite: u8,
+    pub mqtt_connected: u8,
+    pub mqtt_reconnects_total: u64,
+    pub mqtt_disconnected_s_total: f64,
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+    pub uptime_s: f64,
+}
+
+/// Metrics that get a Home Assistant sensor: (key, unit).
+pub const DISCOVERED: &[(&str, &str)] = &[
+    ("samples_per_s", "samples/s"),
+    ("latency_p50_us", "µs"),
+    ("latency_p99_us", "µs"),
+    ("pseudo_acceptance", ""),
+    ("feedback_accuracy", ""),
+    ("teacher_version", ""),
+    ("loss_sup", ""),
+    ("loss_pseudo", ""),
+    ("loss_consistency", ""),
+    ("dropped_total", ""),
+    ("rejected_total", ""),
+    ("mqtt_reconnects_total", ""),
+    ("rss_bytes", "B"),
+];
