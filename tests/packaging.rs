@@ -45,7 +45,11 @@ fn service_settings() -> Vec<(String, String)> {
 
 /// The effective value of a `[Service]` key: its last assignment.
 fn service_value(key: &str) -> Option<String> {
-    service_settings().into_iter().rev().find(|(k, _)| k == key).map(|(_, v)| v)
+    service_settings()
+        .into_iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
 }
 
 fn assert_service_value(key: &str, expected: &str) {
@@ -82,9 +86,15 @@ fn service_unit_runs_edgemt_with_a_config_file() {
 fn service_unit_runs_as_an_unprivileged_user_with_a_state_directory() {
     let dynamic = service_value("DynamicUser").is_some_and(|v| v == "yes");
     let user = service_value("User").filter(|u| !u.is_empty() && u != "root" && u != "0");
-    assert!(dynamic || user.is_some(), "expected DynamicUser=yes or a non-root User=");
+    assert!(
+        dynamic || user.is_some(),
+        "expected DynamicUser=yes or a non-root User="
+    );
     let state = service_value("StateDirectory").unwrap_or_default();
-    assert!(!state.is_empty(), "expected StateDirectory= (checkpoints go to $STATE_DIRECTORY)");
+    assert!(
+        !state.is_empty(),
+        "expected StateDirectory= (checkpoints go to $STATE_DIRECTORY)"
+    );
 }
 
 #[test]
@@ -96,9 +106,16 @@ fn service_unit_makes_the_system_read_only_and_forbids_privilege_gain() {
 #[test]
 fn cross_toml_names_both_arm_targets() {
     let text = repo_file("cross.toml");
-    let headers: Vec<&str> = text.lines().map(str::trim).filter(|l| l.starts_with('[')).collect();
+    let headers: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with('['))
+        .collect();
     for target in ["aarch64-unknown-linux-gnu", "armv7-unknown-linux-gnueabihf"] {
         let header = format!("[target.{target}]");
-        assert!(headers.contains(&header.as_str()), "cross.toml has no {header} section");
+        assert!(
+            headers.contains(&header.as_str()),
+            "cross.toml has no {header} section"
+        );
     }
 }

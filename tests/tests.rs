@@ -5,6 +5,7 @@
 mod util;
 
 mod config_file;
+mod daemon;
 mod learning;
 mod model_loading;
 mod packaging;

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+pub mod broker;
+
 use std::process::{Command, Output};
 
 pub fn repo() -> &'static Path {

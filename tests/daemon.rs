@@ -1,0 +1,465 @@
+//! `edgemt run` end to end against a real mosquitto broker: the tests act as a sensor and a
+//! dashboard would.
+
+use std::collections::HashSet;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::broker::{
+    daemon_config, last_metrics, mosquitto_pub, mosquitto_sub_one, on, Broker, Daemon, MqttPeer,
+};
+use crate::util::{self, tempdir};
+
+/// The first `n` lines of the shipped target stream, as parsed JSON.
+fn stream(n: usize) -> Vec<Value> {
+    std::fs::read_to_string(util::path("data/target_stream.jsonl"))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v.get(key)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("metrics lack {key}: {v}"))
+}
+
+const METRIC_KEYS: &[&str] = &[
+    "samples_total",
+    "samples_per_s",
+    "latency_p50_us",
+    "latency_p99_us",
+    "loss_sup",
+    "loss_pseudo",
+    "loss_consistency",
+    "pseudo_acceptance",
+    "teacher_version",
+    "ema_updates",
+    "train_steps",
+    "labeled_buffer",
+    "unlabeled_buffer",
+    "dropped_total",
+    "rejected_total",
+    "feedback_accuracy",
+    "rss_bytes",
+    "uptime_s",
+];
+
+#[test]
+fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offline_on_sigterm() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/e2e";
+    let cfg = daemon_config(dir.path(), &broker, prefix, "");
+
+    // systemd's side of Type=notify: a datagram socket the daemon reports to.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut daemon = Daemon::start(
+        &cfg,
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+    );
+    let mut buf = [0u8; 256];
+    let mut notes = Vec::new();
+    while !notes.iter().any(|n: &String| n.contains("READY=1"))
+        || !notes.iter().any(|n| n.contains("WATCHDOG=1"))
+    {
+        let n = notify.recv(&mut buf).expect("sd_notify messages arrive");
+        notes.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+
+    let dashboard = MqttPeer::connect(
+        broker.port,
+        "dashboard",
+        &[
+            &format!("{prefix}/predictions"),
+            &format!("{prefix}/metrics"),
+            &format!("{prefix}/status"),
+            "homeassistant/#",
+        ],
+    );
+    let sensor = MqttPeer::connect(broker.port, "sensor", &[]);
+
+    // 200 windows as samples (some carry a label), then label feedback for ten of them.
+    let samples = stream(200);
+    for (i, s) in samples.iter().enumerate() {
+        let mut s = s.clone();
+        s["id"] = Value::from(format!("s{i}"));
+        s.as_object_mut().unwrap().remove("truth");
+        sensor.publish(&format!("{prefix}/samples"), s.to_string());
+    }
+    // Raw rows: three windows' worth (192 rows of 6 channels) in messages of 16 rows. With
+    // window 64 and hop 32 that makes windows at rows 64, 96, 128, 160 and 192.
+    let rows: Vec<Vec<f32>> = samples[..3]
+        .iter()
+        .flat_map(|s| {
+            let x: Vec<f32> = s["x"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            x.chunks(6).map(<[f32]>::to_vec).collect::<Vec<_>>()
+        })
+        .collect();
+    for chunk in rows.chunks(16) {
+        sensor.publish(
+            &format!("{prefix}/rows"),
+            serde_json::to_string(chunk).unwrap(),
+        );
+    }
+    let pred_topic = format!("{prefix}/predictions");
+    let metrics_topic = format!("{prefix}/metrics");
+    let got = dashboard.collect_until(Duration::from_secs(30), |m| {
+        on(m, &pred_topic).count() >= 205
+    });
+    // Feedback after the predictions, as an operator confirming them would; one for an id
+    // that was never seen counts as late.
+    for (i, s) in samples.iter().enumerate().take(10) {
+        mosquitto_pub(
+            broker.port,
+            &format!("{prefix}/labels"),
+            &format!("{{\"id\": \"s{i}\", \"label\": {}}}", s["truth"]),
+        );
+    }
+    mosquitto_pub(
+        broker.port,
+        &format!("{prefix}/labels"),
+        r#"{"id": "never-seen", "label": 1}"#,
+    );
+    let later = dashboard.collect_until(Duration::from_secs(15), |m| {
+        last_metrics(m, &metrics_topic)
+            .is_some_and(|v| num(&v, "feedback_total") >= 10.0 && num(&v, "train_steps") > 0.0)
+    });
+    let all: Vec<_> = got.iter().chain(later.iter()).cloned().collect();
+
+    let predictions: Vec<Value> = on(&all, &pred_topic)
+        .map(|p| serde_json::from_str(&p).unwrap())
+        .collect();
+    let ids: HashSet<String> = predictions
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    for i in 0..200 {
+        assert!(ids.contains(&format!("s{i}")), "no prediction for s{i}");
+    }
+    assert_eq!(
+        predictions.len(),
+        205,
+        "200 samples + 5 windows assembled from rows"
+    );
+    for p in &predictions {
+        assert!(p["class"].as_u64().unwrap() < 6);
+        assert!(!p["name"].as_str().unwrap().is_empty());
+        let c = p["confidence"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&c));
+        assert!(p["teacher_version"].is_u64());
+    }
+
+    let m = last_metrics(&all, &metrics_topic).expect("metrics arrive");
+    for key in METRIC_KEYS {
+        num(&m, key);
+    }
+    assert!(
+        m.as_object().unwrap().values().all(Value::is_number),
+        "metrics are flat numbers: {m}"
+    );
+    assert_eq!(num(&m, "samples_total"), 205.0);
+    assert_eq!(num(&m, "feedback_total"), 10.0);
+    assert_eq!(num(&m, "late_labels_total"), 1.0);
+    assert!(num(&m, "train_steps") > 0.0 && num(&m, "teacher_version") > 0.0);
+    assert!((0.0..=1.0).contains(&num(&m, "feedback_accuracy")));
+    assert_eq!(num(&m, "teacher_finite"), 1.0);
+
+    let discovery: Vec<&(String, Vec<u8>)> = all
+        .iter()
+        .filter(|(t, _)| t.starts_with("homeassistant/sensor/"))
+        .collect();
+    assert!(
+        discovery.len() >= 10,
+        "discovery configs for the main metrics"
+    );
+    let d: Value = serde_json::from_slice(&discovery[0].1).unwrap();
+    assert_eq!(d["availability_topic"], format!("{prefix}/status"));
+    assert_eq!(d["state_topic"], metrics_topic);
+
+    assert_eq!(
+        mosquitto_sub_one(broker.port, &format!("{prefix}/status")),
+        "online",
+        "retained online"
+    );
+    let (status, took) = daemon.terminate();
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        daemon.log_text()
+    );
+    assert!(took < Duration::from_secs(5), "stopped in {took:?}");
+    assert_eq!(
+        mosquitto_sub_one(broker.port, &format!("{prefix}/status")),
+        "offline",
+        "retained offline"
+    );
+    let mut rest = Vec::new();
+    while let Ok(n) = notify.recv(&mut buf) {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if rest.last().unwrap().contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(rest.iter().any(|n| n.contains("STOPPING=1")), "{rest:?}");
+}
+
+#[test]
+fn daemon_recovers_by_itself_when_the_broker_restarts_mid_stream() {
+    let dir = tempdir();
+    let mut broker = Broker::start();
+    let prefix = "edgemt-test/outage";
+    let mut daemon = Daemon::start(&daemon_config(dir.path(), &broker, prefix, ""), &[]);
+    let status_topic = format!("{prefix}/status");
+    let peer = MqttPeer::connect(
+        broker.port,
+        "peer1",
+        &[&format!("{prefix}/predictions"), &status_topic],
+    );
+    peer.collect_until(Duration::from_secs(10), |m| {
+        on(m, &status_topic).any(|s| s == "online")
+    });
+    let samples = stream(40);
+    let send = |peer: &MqttPeer, range: std::ops::Range<usize>| {
+        for i in range {
+            let mut s = samples[i].clone();
+            s["id"] = Value::from(format!("o{i}"));
+            peer.publish(&format!("{prefix}/samples"), s.to_string());
+        }
+    };
+    send(&peer, 0..20);
+    let pred = format!("{prefix}/predictions");
+    let before = peer.collect_until(Duration::from_secs(15), |m| on(m, &pred).count() >= 20);
+    assert_eq!(on(&before, &pred).count(), 20);
+    drop(peer);
+
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(daemon.is_running(), "the daemon survives losing the broker");
+    broker.restart();
+
+    let metrics = format!("{prefix}/metrics");
+    let peer = MqttPeer::connect(broker.port, "peer2", &[&pred, &metrics, &status_topic]);
+    let back = peer.collect_until(Duration::from_secs(20), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| {
+            num(&v, "mqtt_connected") == 1.0 && num(&v, "mqtt_reconnects_total") >= 1.0
+        })
+    });
+    let m = last_metrics(&back, &metrics).expect("metrics after the outage");
+    assert!(num(&m, "mqtt_reconnects_total") >= 1.0, "{m}");
+    assert!(
+        num(&m, "mqtt_disconnected_s_total") >= 1.5,
+        "the outage shows: {m}"
+    );
+    assert_eq!(
+        mosquitto_sub_one(broker.port, &status_topic),
+        "online",
+        "status renewed after reconnect"
+    );
+
+    send(&peer, 20..40);
+    let after = peer.collect_until(Duration::from_secs(15), |m| on(m, &pred).count() >= 20);
+    let ids: HashSet<String> = on(&after, &pred)
+        .map(|p| {
+            serde_json::from_str::<Value>(&p).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for i in 20..40 {
+        assert!(
+            ids.contains(&format!("o{i}")),
+            "no prediction for o{i} after the outage"
+        );
+    }
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn garbage_of_every_kind_is_counted_and_never_reaches_the_weights() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/garbage";
+    let mut daemon = Daemon::start(
+        &daemon_config(dir.path(), &broker, prefix, "[learn]\ntrain_every = 1\n"),
+        &[],
+    );
+    let metrics = format!("{prefix}/metrics");
+    let pred = format!("{prefix}/predictions");
+    let peer = MqttPeer::connect(broker.port, "fuzzer", &[&metrics, &pred]);
+    peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
+
+    let valid: Vec<f32> = vec![0.1; 384];
+    let huge: Vec<f64> = vec![1e39; 384];
+    let t = |s: &str| format!("{prefix}/{s}");
+    let garbage: Vec<(String, Vec<u8>)> = vec![
+        (t("samples"), b"not json".to_vec()),
+        (t("samples"), br#"{"x": [1, 2, 3]}"#.to_vec()),
+        (
+            t("samples"),
+            serde_json::json!({ "x": huge }).to_string().into_bytes(),
+        ),
+        (
+            t("samples"),
+            serde_json::json!({ "x": valid, "label": 7 })
+                .to_string()
+                .into_bytes(),
+        ),
+        (
+            t("samples"),
+            serde_json::json!({ "y": 1 }).to_string().into_bytes(),
+        ),
+        (t("samples"), vec![0xff, 0xfe, 0x00, 0x80]),
+        (t("samples"), vec![b' '; 300_000]),
+        (t("rows"), b"[[1, 2]]".to_vec()),
+        (t("rows"), b"[[1, 2, 3, 4, 5, \"six\"]]".to_vec()),
+        (t("labels"), br#"{"id": 5}"#.to_vec()),
+        (t("labels"), br#"{"id": "x", "label": 99}"#.to_vec()),
+        (t("labels"), b"zzz".to_vec()),
+        (t("cmd"), br#"{"cmd": "explode"}"#.to_vec()),
+        (t("cmd"), b"x".to_vec()),
+    ];
+    for (topic, payload) in &garbage {
+        peer.publish(topic, payload.clone());
+    }
+    // Then a stretch of valid data, with labels, so training runs after the garbage.
+    for (i, s) in stream(40).iter().enumerate() {
+        let mut s = s.clone();
+        s["id"] = Value::from(format!("g{i}"));
+        peer.publish(&t("samples"), s.to_string());
+    }
+    let got = peer.collect_until(Duration::from_secs(20), |m| {
+        last_metrics(m, &metrics)
+            .is_some_and(|v| num(&v, "samples_total") >= 40.0 && num(&v, "train_steps") >= 30.0)
+    });
+    let m = last_metrics(&got, &metrics).unwrap();
+    assert_eq!(
+        num(&m, "rejected_total"),
+        garbage.len() as f64,
+        "every bad message counted once: {m}"
+    );
+    assert_eq!(
+        num(&m, "samples_total"),
+        40.0,
+        "nothing malformed became a sample"
+    );
+    assert_eq!(num(&m, "teacher_finite"), 1.0);
+    assert_eq!(num(&m, "skipped_nonfinite"), 0.0);
+    assert!(on(&got, &pred).count() >= 40);
+    assert!(daemon.is_running());
+    let log = daemon.log_text();
+    let logged = log.matches("rejected a message").count();
+    assert!(
+        (1..=5).contains(&logged),
+        "rejections are logged at a limited rate ({logged} lines):\n{log}"
+    );
+    let (status, _) = daemon.terminate();
+    assert!(status.success());
+}
+
+#[test]
+fn raw_f32_samples_are_checked_for_length_and_finiteness() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/f32";
+    let mut daemon = Daemon::start(
+        &daemon_config(dir.path(), &broker, prefix, "[input]\nformat = \"f32le\"\n"),
+        &[],
+    );
+    let metrics = format!("{prefix}/metrics");
+    let pred = format!("{prefix}/predictions");
+    let peer = MqttPeer::connect(broker.port, "f32", &[&metrics, &pred]);
+    peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
+    let bytes = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
+    let mut nan = vec![0.2f32; 384];
+    nan[100] = f32::NAN;
+    peer.publish(&format!("{prefix}/samples"), bytes(&nan));
+    peer.publish(&format!("{prefix}/samples"), bytes(&[0.2; 383]));
+    peer.publish(&format!("{prefix}/samples"), vec![1u8, 2, 3]);
+    peer.publish(&format!("{prefix}/samples"), bytes(&[0.2; 384]));
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
+        on(m, &pred).count() >= 1
+            && last_metrics(m, &metrics).is_some_and(|v| num(&v, "rejected_total") >= 3.0)
+    });
+    assert_eq!(on(&got, &pred).count(), 1);
+    assert_eq!(
+        num(&last_metrics(&got, &metrics).unwrap(), "rejected_total"),
+        3.0
+    );
+    assert!(daemon.terminate().0.success());
+}
+
+#[test]
+fn commands_pause_and_resume_training_and_reset_the_teacher() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/cmd";
+    let mut daemon = Daemon::start(
+        &daemon_config(dir.path(), &broker, prefix, "[learn]\ntrain_every = 1\n"),
+        &[],
+    );
+    let metrics = format!("{prefix}/metrics");
+    let peer = MqttPeer::connect(broker.port, "operator", &[&metrics]);
+    peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
+    let samples = stream(60);
+    let send = |r: std::ops::Range<usize>| {
+        for s in &samples[r] {
+            peer.publish(&format!("{prefix}/samples"), s.to_string());
+        }
+    };
+    peer.publish(&format!("{prefix}/cmd"), r#"{"cmd": "pause"}"#);
+    send(0..20);
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| {
+            num(&v, "samples_total") >= 20.0 && num(&v, "unlabeled_buffer") >= 19.0
+        })
+    });
+    let m = last_metrics(&got, &metrics).unwrap();
+    assert_eq!(num(&m, "paused"), 1.0);
+    assert_eq!(
+        num(&m, "train_steps"),
+        0.0,
+        "paused: samples are buffered, not trained on"
+    );
+
+    peer.publish(&format!("{prefix}/cmd"), r#"{"cmd": "resume"}"#);
+    send(20..40);
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| num(&v, "train_steps") > 0.0)
+    });
+    let m = last_metrics(&got, &metrics).unwrap();
+    assert_eq!(num(&m, "paused"), 0.0);
+    let version = num(&m, "teacher_version");
+    assert!(version > 0.0);
+
+    peer.publish(&format!("{prefix}/cmd"), r#"{"cmd": "reset"}"#);
+    send(40..41);
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| num(&v, "resets_total") >= 1.0)
+    });
+    let m = last_metrics(&got, &metrics).unwrap();
+    assert!(
+        num(&m, "teacher_version") > version,
+        "a reset teacher gets a new version"
+    );
+    assert_eq!(num(&m, "commands_total"), 3.0);
+    assert!(daemon.terminate().0.success());
+}
