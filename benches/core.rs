@@ -54,7 +54,7 @@ fn teacher_head(c: &mut Criterion) {
         .flat_map(|s| s.x.iter().copied())
         .collect();
     let emb = model.backbone.embed(&inputs, 32).unwrap();
-    let head = LinearHead::new(model.head.weight.clone(), model.head.bias.clone());
+    let head = model.pretrained_head();
     let mut out = Array2::zeros((1, model.classes()));
     c.bench_function("teacher_head/1", |b| {
         b.iter(|| head.probs_into(black_box(emb.slice(ndarray::s![0..1, ..])), &mut out))
@@ -63,7 +63,7 @@ fn teacher_head(c: &mut Criterion) {
 
 fn train_step(c: &mut Criterion) {
     let (mut model, rec) = shipped();
-    let head = LinearHead::new(model.head.weight.clone(), model.head.bias.clone());
+    let head = model.pretrained_head();
     let mut learner = Learner::new(
         head,
         &model.input_shape,

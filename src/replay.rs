@@ -164,7 +164,7 @@ pub fn replay(
         );
     }
     let seed = opts.seed.unwrap_or(cfg.replay.seed);
-    let pretrained = LinearHead::new(classifier.head.weight.clone(), classifier.head.bias.clone());
+    let pretrained = classifier.pretrained_head();
     let mut learner = Learner::new(
         pretrained,
         &classifier.input_shape,

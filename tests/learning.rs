@@ -354,7 +354,7 @@ fn a_non_finite_embedding_never_reaches_the_weights() {
         &HeadSelection::default(),
     )
     .unwrap();
-    let head = LinearHead::new(c.head.weight.clone(), c.head.bias.clone());
+    let head = c.pretrained_head();
     let cfg = LearnConfig {
         train_every: 1,
         ..LearnConfig::default()
@@ -380,7 +380,7 @@ fn a_step_refreshes_the_teacher_and_counts_versions() {
         &HeadSelection::default(),
     )
     .unwrap();
-    let head = LinearHead::new(c.head.weight.clone(), c.head.bias.clone());
+    let head = c.pretrained_head();
     let cfg = LearnConfig {
         train_every: 1,
         ema_every: 2,

@@ -15,7 +15,7 @@ fn load(rel: &str) -> Classifier {
 /// Backbone + extracted head, the way edgemt serves predictions.
 fn split_outputs(c: &mut Classifier, inputs: &[f32], batch: usize) -> Array2<f32> {
     let emb = c.backbone.embed(inputs, batch).expect("backbone runs");
-    let head = LinearHead::new(c.head.weight.clone(), c.head.bias.clone());
+    let head = c.pretrained_head();
     let mut out = Array2::zeros((0, 0));
     head.logits_into(emb.view(), &mut out);
     if c.head.kind == OutputKind::Probabilities {

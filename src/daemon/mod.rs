@@ -59,7 +59,7 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_queue);
     let qos = mqtt::qos(cfg.mqtt.qos);
 
-    let pretrained = LinearHead::new(classifier.head.weight.clone(), classifier.head.bias.clone());
+    let pretrained = classifier.pretrained_head();
     let shared = Arc::new(Shared::new(pretrained.clone()));
     let input = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
     let train = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));

@@ -128,6 +128,11 @@ impl Classifier {
         })
     }
 
+    /// The pretrained head as a trainable [`LinearHead`](crate::learn::LinearHead).
+    pub fn pretrained_head(&self) -> crate::learn::LinearHead {
+        crate::learn::LinearHead::new(self.head.weight.clone(), self.head.bias.clone())
+    }
+
     pub fn classes(&self) -> usize {
         self.head.weight.nrows()
     }

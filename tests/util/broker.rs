@@ -227,6 +227,11 @@ impl MqttPeer {
             .unwrap();
     }
 
+    /// The next received message, if one arrives within `timeout`.
+    pub fn recv(&self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+
     /// Receives until `done` says so (true) or `timeout` passes; returns everything received.
     pub fn collect_until(
         &self,
