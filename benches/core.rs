@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgemt::learn::{AugmentConfig, LearnConfig, Learner, LinearHead};
+use edgemt::learn::{AugmentConfig, LearnConfig, Learner};
 use edgemt::model::{Classifier, HeadSelection};
 use edgemt::stream::{Recording, SampleDecoder};
 use ndarray::Array2;

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::learn::head::argmax;
-use crate::learn::{LearnError, Learner, LinearHead};
+use crate::learn::{LearnError, Learner};
 use crate::metrics::peak_rss_bytes;
 use crate::model::{Classifier, ModelError};
 use crate::stream::{Recording, RecordingError, Sample, SampleDecoder};

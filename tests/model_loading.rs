@@ -1,7 +1,6 @@
 //! Loading ONNX classifiers built by different tools, and the head/backbone split.
 
 use edgemt::learn::head::softmax_rows;
-use edgemt::learn::LinearHead;
 use edgemt::model::{Classifier, HeadSelection, OutputKind, WeightLayout};
 use ndarray::Array2;
 use tract_onnx::pb;

@@ -23,7 +23,6 @@ use rumqttc::{AsyncClient, QoS};
 
 use crate::config::Config;
 use crate::learn::augment::Layout;
-use crate::learn::LinearHead;
 use crate::model::Classifier;
 use crate::stream::{SampleDecoder, WindowAssembler};
 use ingest::{Ingest, Topics};
