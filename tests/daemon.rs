@@ -90,8 +90,9 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
     );
     let sensor = MqttPeer::connect(broker.port, "sensor", &[]);
 
-    // 200 windows as samples (some carry a label), then label feedback for ten of them.
-    let samples = stream(200);
+    // The whole shipped recording as samples (every 20th carries a label).
+    let samples = stream(usize::MAX);
+    let n = samples.len();
     for (i, s) in samples.iter().enumerate() {
         let mut s = s.clone();
         s["id"] = Value::from(format!("s{i}"));
@@ -120,8 +121,8 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
     }
     let pred_topic = format!("{prefix}/predictions");
     let metrics_topic = format!("{prefix}/metrics");
-    let got = dashboard.collect_until(Duration::from_secs(30), |m| {
-        on(m, &pred_topic).count() >= 205
+    let got = dashboard.collect_until(Duration::from_secs(60), |m| {
+        on(m, &pred_topic).count() >= n + 5
     });
     // Feedback after the predictions, as an operator confirming them would; one for an id
     // that was never seen counts as late.
@@ -150,13 +151,13 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
         .iter()
         .map(|p| p["id"].as_str().unwrap().to_string())
         .collect();
-    for i in 0..200 {
+    for i in 0..n {
         assert!(ids.contains(&format!("s{i}")), "no prediction for s{i}");
     }
     assert_eq!(
         predictions.len(),
-        205,
-        "200 samples + 5 windows assembled from rows"
+        n + 5,
+        "every sample + 5 windows assembled from rows"
     );
     for p in &predictions {
         assert!(p["class"].as_u64().unwrap() < 6);
@@ -174,7 +175,8 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
         m.as_object().unwrap().values().all(Value::is_number),
         "metrics are flat numbers: {m}"
     );
-    assert_eq!(num(&m, "samples_total"), 205.0);
+    assert_eq!(num(&m, "samples_total"), (n + 5) as f64);
+    assert_eq!(num(&m, "dropped_total"), 0.0);
     assert_eq!(num(&m, "feedback_total"), 10.0);
     assert_eq!(num(&m, "late_labels_total"), 1.0);
     assert!(num(&m, "train_steps") > 0.0 && num(&m, "teacher_version") > 0.0);
