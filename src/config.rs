@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::CheckpointConfig;
 use crate::learn::{AugmentConfig, LearnConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,8 @@ pub struct Config {
     pub input: InputConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
 }
 
 /// `[mqtt]`: the broker connection and topic layout of `edgemt run`.
@@ -216,6 +219,7 @@ impl Config {
                 cfg.mqtt.ca_file.as_mut(),
                 cfg.mqtt.client_cert.as_mut(),
                 cfg.mqtt.client_key.as_mut(),
+                cfg.checkpoint.dir.as_mut(),
             ]
             .into_iter()
             .flatten()
@@ -353,6 +357,17 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "metrics.interval_s",
                 message: format!("must be at least 0.1, got {}", self.metrics.interval_s),
+            });
+        }
+        positive(
+            "checkpoint.every_steps",
+            self.checkpoint.every_steps as usize,
+        )?;
+        positive("checkpoint.keep", self.checkpoint.keep)?;
+        if !(self.checkpoint.every_s.is_finite() && self.checkpoint.every_s >= 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "checkpoint.every_s",
+                message: format!("must be at least 1, got {}", self.checkpoint.every_s),
             });
         }
         if self.model.path.as_os_str().is_empty() {

@@ -7,6 +7,7 @@
 //! every k steps the teacher is refreshed by EMA. [`replay`] drives this over a recording,
 //! prequentially; [`config`] holds the knobs; [`metrics`] measures the process.
 
+pub mod checkpoint;
 pub mod config;
 pub mod daemon;
 pub mod learn;

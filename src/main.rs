@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
 use edgemt::model::{Classifier, HeadSelection};
 use edgemt::replay::{replay, ReplayOptions};
@@ -38,6 +39,9 @@ enum Command {
         /// Seed for sampling and augmentation (overrides [replay] seed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Resume from the newest valid checkpoint in DIR and save checkpoints there.
+        #[arg(long, value_name = "DIR")]
+        checkpoint: Option<PathBuf>,
         /// Write the teacher's prediction for every sample as JSON Lines here.
         #[arg(long)]
         predictions: Option<PathBuf>,
@@ -46,6 +50,18 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Write the adapted teacher from the newest valid checkpoint as a standard ONNX file.
+    Export {
+        /// Checkpoint directory.
+        #[arg(long, value_name = "DIR")]
+        checkpoint: PathBuf,
+        /// Output ONNX file.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Config naming the model (default: the model recorded in the checkpoint).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Show a model's inputs, outputs, detected head and embedding.
     Inspect {
@@ -78,6 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eval,
             report,
             seed,
+            checkpoint,
             predictions,
         } => {
             let cfg = Config::load(&config)?;
@@ -88,7 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &cfg,
                 &recording,
                 eval.as_deref(),
-                &ReplayOptions { seed },
+                &ReplayOptions { seed, checkpoint },
                 |done, total| {
                     if let Some(bar) = &bar {
                         bar.set_length(total as u64);
@@ -125,6 +142,67 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             runtime.block_on(edgemt::daemon::run(cfg, classifier, shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Export {
+            checkpoint,
+            output,
+            config,
+        } => {
+            let cfg = match config {
+                Some(path) => Config::load(&path)?,
+                None => {
+                    let model =
+                        CheckpointStore::recorded_model_path(&checkpoint).with_context(|| {
+                            format!(
+                                "no readable checkpoint manifest in {}",
+                                checkpoint.display()
+                            )
+                        })?;
+                    Config::from_toml(&format!(
+                        "[model]\npath = {:?}\n",
+                        model.display().to_string()
+                    ))?
+                }
+            };
+            let classifier = load_classifier(&cfg)?;
+            let store = CheckpointStore::open(
+                &checkpoint,
+                cfg.checkpoint.keep,
+                Identity::new(&classifier, &cfg.learn),
+            )?;
+            let (manifest, snapshot) = store.latest_valid().with_context(|| {
+                format!(
+                    "no valid checkpoint for this model in {}",
+                    checkpoint.display()
+                )
+            })?;
+            let teacher = &snapshot.heads[1];
+            let bytes = edgemt::model::export::export_with_head(
+                classifier.proto(),
+                &classifier.head,
+                teacher,
+                &[
+                    (
+                        "edgemt.adapted_from",
+                        format!("{:016x}", classifier.fingerprint),
+                    ),
+                    (
+                        "edgemt.teacher_version",
+                        manifest.counters.teacher_version.to_string(),
+                    ),
+                ],
+            )?;
+            let tmp = output.with_extension("onnx.tmp");
+            std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!(
+                "wrote {} (teacher_version {}, from checkpoint {})",
+                output.display(),
+                manifest.counters.teacher_version,
+                manifest.sequence
+            );
             Ok(())
         }
         Command::Inspect { model, output } => {

@@ -11,6 +11,7 @@ use std::time::Instant;
 use ndarray::{s, Array2};
 use serde::Serialize;
 
+use crate::checkpoint::{CheckpointStore, Identity, Snapshot};
 use crate::config::Config;
 use crate::learn::head::argmax;
 use crate::learn::{LearnError, Learner};
@@ -26,6 +27,8 @@ pub enum ReplayError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Learn(#[from] LearnError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error("holdout {0} has no samples with \"truth\", so it cannot be scored")]
     NoTruth(String),
 }
@@ -42,7 +45,12 @@ pub struct Report {
     pub pseudo_labels: PseudoLabels,
     pub train_steps: u64,
     pub ema_updates: u64,
+    pub teacher_version: u64,
     pub skipped_nonfinite: u64,
+    /// The checkpoint this replay resumed from, if any (`--checkpoint`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
+    pub checkpoints_written: u64,
     pub throughput_samples_per_s: f64,
     pub peak_rss_bytes: u64,
     pub seed: u64,
@@ -140,6 +148,8 @@ pub struct Outcome {
 pub struct ReplayOptions {
     /// Overrides `[replay] seed`.
     pub seed: Option<u64>,
+    /// Resume from and save checkpoints in this directory.
+    pub checkpoint: Option<std::path::PathBuf>,
 }
 
 /// Replays `recording` through a fresh learner and, with `holdout`, scores the final heads.
@@ -173,6 +183,19 @@ pub fn replay(
         seed,
     );
     let mut train_backbone = classifier.backbone.clone();
+    let mut store = match &opts.checkpoint {
+        Some(dir) => Some(CheckpointStore::open(
+            dir,
+            cfg.checkpoint.keep,
+            Identity::new(classifier, &cfg.learn),
+        )?),
+        None => None,
+    };
+    let restored_from = store
+        .as_ref()
+        .and_then(|s| s.restore_latest(&mut learner))
+        .map(|r| r.name);
+    let mut checkpoints_written = 0;
 
     let started = Instant::now();
     let n = rec.samples.len();
@@ -215,6 +238,12 @@ pub fn replay(
             learner.observe(&sample.x, emb.row(i), sample.label, sample.truth);
             if learner.due() {
                 if let Some(step) = learner.step(&mut train_backbone)? {
+                    if let Some(store) = store.as_mut() {
+                        if learner.counters.train_steps % cfg.checkpoint.every_steps == 0 {
+                            store.save(&Snapshot::of(&learner))?;
+                            checkpoints_written += 1;
+                        }
+                    }
                     window.steps += 1;
                     window.sup += step.losses.sup as f64;
                     window.pseudo += step.losses.pseudo as f64;
@@ -235,6 +264,10 @@ pub fn replay(
         on_progress(chunk_index * cfg.replay.batch + chunk.len(), n);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    if let Some(store) = store.as_mut() {
+        store.save(&Snapshot::of(&learner))?;
+        checkpoints_written += 1;
+    }
 
     let eval = match holdout {
         Some(path) => Some(evaluate(classifier, &learner, path, cfg.replay.batch)?),
@@ -254,6 +287,9 @@ pub fn replay(
         pseudo_labels: pseudo,
         train_steps: learner.counters.train_steps,
         ema_updates: learner.counters.ema_updates,
+        teacher_version: learner.counters.teacher_version,
+        restored_from,
+        checkpoints_written,
         skipped_nonfinite: learner.counters.skipped_nonfinite,
         throughput_samples_per_s: if elapsed > 0.0 {
             n as f64 / elapsed

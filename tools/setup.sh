@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what edgemt's tests and demo need beyond the Rust toolchain: the mosquitto broker
-# and its command-line clients from Debian's packages (skipped when already installed).
+# and its command-line clients from Debian's packages, and onnxruntime for the export test
+# (each skipped when already installed).
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
@@ -10,4 +11,12 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# onnxruntime (in a venv under tools/) for the export round-trip test and the Python tools.
+cd "$(dirname "$0")/.."
+if ! tools/.venv/bin/python -c "import onnxruntime, numpy" >/dev/null 2>&1; then
+  echo "setup: installing numpy and onnxruntime into tools/.venv" >&2
+  python3 -m venv tools/.venv
+  tools/.venv/bin/pip install -q --disable-pip-version-check numpy onnxruntime
 fi

@@ -91,6 +91,20 @@ impl SampleRing {
         self.len = 0;
         self.next = 0;
     }
+
+    /// Slot indices from the oldest held sample to the newest.
+    pub fn oldest_first(&self) -> impl Iterator<Item = usize> + '_ {
+        let start = if self.len == self.capacity() {
+            self.next
+        } else {
+            0
+        };
+        (0..self.len).map(move |k| (start + k) % self.capacity().max(1))
+    }
+
+    pub fn sample_len(&self) -> usize {
+        self.inputs.ncols()
+    }
 }
 
 /// Class-balanced store of the most recent labeled samples.
@@ -154,6 +168,10 @@ impl LabeledBuffer {
 
     pub fn ring(&self, class: usize) -> &SampleRing {
         &self.per_class[class]
+    }
+
+    pub fn classes(&self) -> usize {
+        self.per_class.len()
     }
 
     pub fn clear(&mut self) {

@@ -354,6 +354,25 @@ impl Learner {
         Ok(Some(report))
     }
 
+    /// Puts back state saved from a learner of the same shapes (see `checkpoint`).
+    pub fn restore(
+        &mut self,
+        heads: [LinearHead; 3],
+        optimizer: Optimizer,
+        counters: Counters,
+        labeled: LabeledBuffer,
+        running: ndarray::Array1<f32>,
+    ) {
+        let [student, teacher, source] = heads;
+        self.student = student;
+        self.teacher = teacher;
+        self.source = source;
+        self.optimizer = optimizer;
+        self.counters = counters;
+        self.labeled = labeled;
+        self.pseudo.running = running;
+    }
+
     /// Class probabilities of the deployed teacher for a batch of embeddings.
     pub fn teacher_probs_into(&self, embeddings: ndarray::ArrayView2<f32>, out: &mut Array2<f32>) {
         self.teacher.probs_into(embeddings, out);

@@ -6,6 +6,7 @@
 //! matrices for `learn/` to train. Nothing here knows about training or I/O.
 
 pub mod backbone;
+pub mod export;
 pub mod head;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,458 @@
+//! Durable state: checkpoint round trips, every kind of damaged checkpoint, kill -9 at random
+//! moments, and export of the adapted teacher as a plain ONNX file.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use edgemt::checkpoint::{CheckpointStore, Identity, Snapshot};
+use edgemt::learn::rng::Rng;
+use edgemt::learn::{AugmentConfig, LearnConfig, Learner};
+use edgemt::model::export::export_with_head;
+use edgemt::model::{Classifier, HeadSelection};
+use edgemt::stream::{Recording, SampleDecoder};
+
+use crate::util::{self, edgemt, run_ok, tempdir};
+
+fn classifier(rel: &str) -> Classifier {
+    Classifier::load(&util::path(rel), &HeadSelection::default()).unwrap()
+}
+
+/// A learner that has trained on the first `n` target samples.
+fn trained(c: &mut Classifier, n: usize) -> Learner {
+    let cfg = LearnConfig {
+        train_every: 1,
+        ..LearnConfig::default()
+    };
+    let mut learner = Learner::new(
+        c.pretrained_head(),
+        &c.input_shape,
+        cfg,
+        AugmentConfig::default(),
+        0,
+    );
+    let rec = Recording::read(
+        &util::path("data/target_stream.jsonl"),
+        &SampleDecoder::new(&c.input_shape, c.classes()),
+    )
+    .unwrap();
+    let mut train_backbone = c.backbone.clone();
+    for s in rec.samples.iter().take(n) {
+        let emb = c.backbone.embed(&s.x, 1).unwrap();
+        learner.observe(&s.x, emb.row(0), s.label, s.truth);
+        if learner.due() {
+            learner.step(&mut train_backbone).unwrap();
+        }
+    }
+    learner
+}
+
+fn store(dir: &Path, c: &Classifier) -> CheckpointStore {
+    CheckpointStore::open(dir, 5, Identity::new(c, &LearnConfig::default())).unwrap()
+}
+
+fn fresh(c: &Classifier) -> Learner {
+    let cfg = LearnConfig {
+        train_every: 1,
+        ..LearnConfig::default()
+    };
+    Learner::new(
+        c.pretrained_head(),
+        &c.input_shape,
+        cfg,
+        AugmentConfig::default(),
+        0,
+    )
+}
+
+#[test]
+fn a_checkpoint_restores_heads_optimizer_counters_and_labeled_buffer_exactly() {
+    let mut c = classifier("models/hapt_mlp.onnx");
+    let learner = trained(&mut c, 120);
+    let dir = tempdir();
+    let mut s = store(dir.path(), &c);
+    let m = s.save(&Snapshot::of(&learner)).unwrap();
+    assert_eq!(m.counters.train_steps, learner.counters.train_steps);
+
+    let mut back = fresh(&c);
+    let restored = s.restore_latest(&mut back).expect("restored");
+    assert_eq!(restored.manifest.sequence, m.sequence);
+    assert_eq!(back.student, learner.student);
+    assert_eq!(back.teacher, learner.teacher);
+    assert_eq!(back.source, learner.source);
+    assert_eq!(back.optimizer, learner.optimizer);
+    assert_eq!(back.counters, learner.counters);
+    assert_eq!(back.labeled.class_counts(), learner.labeled.class_counts());
+    assert_eq!(back.pseudo.running, learner.pseudo.running);
+}
+
+#[test]
+fn only_the_last_k_checkpoints_are_kept() {
+    let mut c = classifier("models/hapt_mlp.onnx");
+    let learner = trained(&mut c, 30);
+    let dir = tempdir();
+    let mut s =
+        CheckpointStore::open(dir.path(), 2, Identity::new(&c, &LearnConfig::default())).unwrap();
+    for _ in 0..5 {
+        s.save(&Snapshot::of(&learner)).unwrap();
+    }
+    let names: Vec<String> = s
+        .manifests()
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["ckpt-0000000005.json", "ckpt-0000000004.json"]);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        4,
+        "two manifests and two tensor files"
+    );
+}
+
+/// Two checkpoints (older: 40 samples, newer: 120); `damage` spoils the newer one.
+fn damaged_case(damage: impl FnOnce(&Path, &Path)) -> (String, Option<u64>) {
+    let mut c = classifier("models/hapt_mlp.onnx");
+    let dir = tempdir();
+    let mut s = store(dir.path(), &c);
+    let older = s.save(&Snapshot::of(&trained(&mut c, 40))).unwrap();
+    let newer = s.save(&Snapshot::of(&trained(&mut c, 120))).unwrap();
+    assert!(newer.counters.teacher_version > older.counters.teacher_version);
+    let manifest = dir.path().join(format!("ckpt-{:010}.json", newer.sequence));
+    damage(&manifest, &manifest.with_extension("safetensors"));
+    let err = s
+        .load(&manifest)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let mut back = fresh(&c);
+    let restored = s
+        .restore_latest(&mut back)
+        .map(|r| r.manifest.counters.teacher_version);
+    assert_eq!(
+        restored,
+        Some(older.counters.teacher_version),
+        "falls back to the older checkpoint"
+    );
+    assert_eq!(
+        back.counters.teacher_version,
+        older.counters.teacher_version
+    );
+    (err, restored)
+}
+
+#[test]
+fn a_truncated_tensor_file_is_refused_and_the_older_checkpoint_used() {
+    let (err, _) = damaged_case(|_, tensors| {
+        let bytes = std::fs::read(tensors).unwrap();
+        std::fs::write(tensors, &bytes[..bytes.len() / 2]).unwrap();
+    });
+    assert!(
+        err.contains("refused") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bit_flip_is_caught_by_the_checksum() {
+    let (err, _) = damaged_case(|_, tensors| {
+        let mut bytes = std::fs::read(tensors).unwrap();
+        let i = bytes.len() - 100;
+        bytes[i] ^= 0x10;
+        std::fs::write(tensors, &bytes).unwrap();
+    });
+    assert!(err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn a_missing_manifest_leaves_the_tensor_file_ignored() {
+    let (err, _) = damaged_case(|manifest, _| std::fs::remove_file(manifest).unwrap());
+    assert!(err.contains("cannot read manifest"), "{err}");
+}
+
+#[test]
+fn a_garbled_manifest_is_refused() {
+    let (err, _) = damaged_case(|manifest, _| std::fs::write(manifest, b"{\"format\": 3").unwrap());
+    assert!(err.contains("manifest is not valid"), "{err}");
+}
+
+#[test]
+fn a_checkpoint_of_another_model_is_refused_and_the_pretrained_model_used() {
+    let mut other = classifier("tests/data/models/cnn_gemm_softmax.onnx");
+    let c = classifier("models/hapt_mlp.onnx");
+    let dir = tempdir();
+    // Written by a store for the CNN, into the same directory.
+    let mut foreign = store(dir.path(), &other);
+    let cfg = LearnConfig::default();
+    let learner = Learner::new(
+        other.pretrained_head(),
+        &other.input_shape,
+        cfg,
+        AugmentConfig::default(),
+        0,
+    );
+    let _ = &mut other;
+    foreign.save(&Snapshot::of(&learner)).unwrap();
+    let s = store(dir.path(), &c);
+    let err = s.load(&s.manifests()[0]).err().unwrap().to_string();
+    assert!(err.contains("another model"), "{err}");
+    let mut back = fresh(&c);
+    assert!(
+        s.restore_latest(&mut back).is_none(),
+        "nothing usable: pretrained"
+    );
+    assert_eq!(back.teacher, c.pretrained_head());
+}
+
+#[test]
+fn a_checkpoint_with_the_wrong_shapes_is_refused() {
+    let skl = classifier("tests/data/models/skl_mlp_softmax.onnx");
+    let c = classifier("models/hapt_mlp.onnx");
+    let dir = tempdir();
+    // The manifest claims this model, but the tensors come from a 32-feature head.
+    let mut s = store(dir.path(), &c);
+    let learner = Learner::new(
+        skl.pretrained_head(),
+        &skl.input_shape,
+        LearnConfig::default(),
+        AugmentConfig::default(),
+        0,
+    );
+    s.save(&Snapshot::of(&learner)).unwrap();
+    let err = s.load(&s.manifests()[0]).err().unwrap().to_string();
+    assert!(
+        err.contains("student.weight") && err.contains("[6, 32]") && err.contains("[6, 64]"),
+        "{err}"
+    );
+    let mut back = fresh(&c);
+    assert!(s.restore_latest(&mut back).is_none());
+}
+
+#[test]
+fn replay_reports_a_refused_checkpoint_on_stderr_and_resumes_from_the_older_one() {
+    let dir = tempdir();
+    let ck = dir.path().join("ck");
+    let cfg = util::config_with(dir.path(), "[checkpoint]\nevery_steps = 50\nkeep = 10\n");
+    let replay = |extra: &[&str]| {
+        run_ok(
+            edgemt()
+                .args(["replay", "--config"])
+                .arg(&cfg)
+                .arg(util::path("data/control_stream.jsonl"))
+                .arg("--checkpoint")
+                .arg(&ck)
+                .args(extra),
+        )
+    };
+    replay(&[]);
+    let s = store(&ck, &classifier("models/hapt_mlp.onnx"));
+    let newest = s.manifests()[0].clone();
+    let second = s.manifests()[1]
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let tensors = newest.with_extension("safetensors");
+    let len = std::fs::metadata(&tensors).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tensors)
+        .unwrap()
+        .set_len(len - 7)
+        .unwrap();
+    let out = replay(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refused") && stderr.contains("truncated"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("restored checkpoint {second}")),
+        "{stderr}"
+    );
+}
+
+/// kill -9 at random moments, 50 times in a row: every restart resumes from a valid
+/// checkpoint, teacher_version never goes back below the last completed checkpoint's, and no
+/// checkpoint on disk is ever unreadable.
+#[test]
+fn kill_nine_at_random_moments_never_leaves_an_unreadable_state() {
+    let dir = tempdir();
+    let ck = dir.path().join("ck");
+    let cfg = util::config_with(
+        dir.path(),
+        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 3\nkeep = 3\n",
+    );
+    let c = classifier("models/hapt_mlp.onnx");
+    let mut rng = Rng::new(42);
+    let mut last_completed = 0u64;
+    let mut restores = 0;
+    for round in 0..50 {
+        let log = dir.path().join(format!("run{round}.log"));
+        let mut child = edgemt()
+            .args(["replay", "--config"])
+            .arg(&cfg)
+            .arg(util::path("data/target_stream.jsonl"))
+            .arg("--checkpoint")
+            .arg(&ck)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(150 + rng.below(700) as u64));
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+
+        let text = std::fs::read_to_string(&log).unwrap();
+        if let Some(v) = restored_version(&text) {
+            restores += 1;
+            assert!(
+                v >= last_completed,
+                "round {round}: resumed at teacher_version {v} < {last_completed}\n{text}"
+            );
+        } else if last_completed > 0 {
+            panic!("round {round}: a checkpoint existed (teacher_version {last_completed}) but none was restored\n{text}");
+        }
+        assert!(
+            !text.contains("refused"),
+            "round {round}: a checkpoint on disk was unreadable\n{text}"
+        );
+        // Everything on disk now must be readable; the newest is the last completed one.
+        let s = store(&ck, &c);
+        for m in s.manifests() {
+            s.load(&m).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+        if let Some((m, _)) = s.latest_valid() {
+            assert!(m.counters.teacher_version >= last_completed);
+            last_completed = m.counters.teacher_version;
+        }
+    }
+    assert!(
+        restores >= 40,
+        "most rounds resumed from a checkpoint ({restores})"
+    );
+    assert!(last_completed > 0);
+}
+
+fn restored_version(log: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains("restored checkpoint"))?;
+    let rest = line.split("teacher_version ").nth(1)?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Perturbs a head so the export differs from the original.
+fn adapted(c: &Classifier, seed: u64) -> edgemt::learn::LinearHead {
+    let mut head = c.pretrained_head();
+    let mut rng = Rng::new(seed);
+    head.weight.mapv_inplace(|w| w + 0.05 * rng.normal());
+    head.bias.mapv_inplace(|b| b + 0.1 * rng.normal());
+    head
+}
+
+#[test]
+fn exported_models_reload_in_tract_and_reproduce_the_adapted_teacher() {
+    for r in util::references() {
+        let c = classifier(&r.file);
+        let head = adapted(&c, 9);
+        let bytes = export_with_head(
+            c.proto(),
+            &c.head,
+            &head,
+            &[("edgemt.teacher_version", "7".into())],
+        )
+        .unwrap();
+        let dir = tempdir();
+        let out = dir.path().join("adapted.onnx");
+        std::fs::write(&out, bytes).unwrap();
+        let mut reloaded = Classifier::load(&out, &HeadSelection::default()).unwrap();
+        assert_eq!(
+            reloaded.head.weight, head.weight,
+            "{}: head weights written back",
+            r.file
+        );
+        let flat = r.inputs.concat();
+        let full = reloaded.run_full(&flat, r.inputs.len()).unwrap();
+        let emb = reloaded.backbone.embed(&flat, r.inputs.len()).unwrap();
+        let mut expected = ndarray::Array2::zeros((0, 0));
+        head.logits_into(emb.view(), &mut expected);
+        if c.head.kind == edgemt::model::OutputKind::Probabilities {
+            edgemt::learn::head::softmax_rows(&mut expected);
+        }
+        let diff = (&full - &expected)
+            .mapv(f32::abs)
+            .fold(0.0f32, |a, &b| a.max(b));
+        assert!(diff < 1e-5, "{}: {diff}", r.file);
+    }
+}
+
+#[test]
+fn exported_model_loads_in_onnxruntime_and_matches_within_1e_5() {
+    let python = ["tools/.venv/bin/python"]
+        .iter()
+        .map(|p| util::path(p))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| "python3".into());
+    let dir = tempdir();
+    let ck = dir.path().join("ck");
+    let cfg = util::config_with(dir.path(), "");
+    run_ok(
+        edgemt()
+            .args(["replay", "--config"])
+            .arg(&cfg)
+            .arg(util::path("data/target_stream.jsonl"))
+            .arg("--checkpoint")
+            .arg(&ck),
+    );
+    let out = dir.path().join("adapted.onnx");
+    run_ok(
+        edgemt()
+            .args(["export", "--checkpoint"])
+            .arg(&ck)
+            .arg("-o")
+            .arg(&out),
+    );
+
+    // The adapted teacher's logits, from the checkpoint, on real inputs.
+    let mut c = classifier("models/hapt_mlp.onnx");
+    let (_, snapshot) = store(&ck, &c).latest_valid().unwrap();
+    let r = &util::references()[0];
+    let emb = c
+        .backbone
+        .embed(&r.inputs.concat(), r.inputs.len())
+        .unwrap();
+    let mut expected = ndarray::Array2::zeros((0, 0));
+    snapshot.heads[1].logits_into(emb.view(), &mut expected);
+    assert!((&expected - &c.pretrained_head().probs(emb.view()))
+        .iter()
+        .any(|d| d.abs() > 1e-3));
+
+    let inputs = dir.path().join("inputs.json");
+    std::fs::write(&inputs, serde_json::to_string(&r.inputs).unwrap()).unwrap();
+    let script = "import json, sys, numpy as np, onnxruntime as ort\n\
+        s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n\
+        x = np.array(json.load(open(sys.argv[2])), dtype=np.float32).reshape(-1, 64, 6)\n\
+        print(json.dumps(s.run(['logits'], {'input': x})[0].tolist()))\n";
+    let result = std::process::Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&out)
+        .arg(&inputs)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "onnxruntime must be installed (tools/setup.sh does it): {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let ort: Vec<Vec<f32>> = serde_json::from_slice(&result.stdout).unwrap();
+    let diff = ort
+        .concat()
+        .iter()
+        .zip(expected.iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(diff < 1e-5, "onnxruntime vs adapted teacher: {diff}");
+}
