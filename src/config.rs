@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::CheckpointConfig;
-use crate::learn::{AugmentConfig, LearnConfig};
+use crate::learn::{AugmentConfig, GuardConfig, LearnConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,6 +42,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub guard: GuardConfig,
 }
 
 /// `[mqtt]`: the broker connection and topic layout of `edgemt run`.

@@ -46,6 +46,8 @@ pub struct Report {
     pub train_steps: u64,
     pub ema_updates: u64,
     pub teacher_version: u64,
+    /// Times the rollback guard reverted to the last good teacher.
+    pub rollbacks: u64,
     pub skipped_nonfinite: u64,
     /// The checkpoint this replay resumed from, if any (`--checkpoint`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -181,7 +183,8 @@ pub fn replay(
         cfg.learn.clone(),
         cfg.augment.clone(),
         seed,
-    );
+    )
+    .with_guard(cfg.guard.clone());
     let mut train_backbone = classifier.backbone.clone();
     let mut store = match &opts.checkpoint {
         Some(dir) => Some(CheckpointStore::open(
@@ -288,6 +291,7 @@ pub fn replay(
         train_steps: learner.counters.train_steps,
         ema_updates: learner.counters.ema_updates,
         teacher_version: learner.counters.teacher_version,
+        rollbacks: learner.counters.rollbacks,
         restored_from,
         checkpoints_written,
         skipped_nonfinite: learner.counters.skipped_nonfinite,

@@ -248,12 +248,13 @@ impl Ingest {
             "pause" => s.paused.store(true, Relaxed),
             "resume" => s.paused.store(false, Relaxed),
             "reset" => s.reset_requested.store(true, Relaxed),
-            "checkpoint" => {
-                return Err(Rejection::Other(
-                    "command \"checkpoint\" is not available: this build has no durable checkpoints yet".into(),
-                ))
+            "checkpoint" => s.checkpoint_requested.store(true, Relaxed),
+            "export" => s.export_requested.store(true, Relaxed),
+            other => {
+                return Err(Rejection::Other(format!(
+                    "unknown command {other:?}; expected pause, resume, reset, checkpoint, export"
+                )))
             }
-            other => return Err(Rejection::Other(format!("unknown command {other:?}; expected pause, resume, reset"))),
         }
         s.counters.commands_total.fetch_add(1, Relaxed);
         tracing::info!("command: {cmd}");

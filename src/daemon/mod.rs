@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, QoS};
 
+use crate::checkpoint::{CheckpointStore, Identity};
 use crate::config::Config;
 use crate::learn::augment::Layout;
 use crate::model::Classifier;
@@ -59,7 +60,26 @@ pub async fn run(
     let qos = mqtt::qos(cfg.mqtt.qos);
 
     let pretrained = classifier.pretrained_head();
-    let shared = Arc::new(Shared::new(pretrained.clone()));
+    // Checkpoints go to [checkpoint] dir, else systemd's StateDirectory.
+    let state_dir = cfg.checkpoint.dir.clone().or_else(|| {
+        std::env::var_os("STATE_DIRECTORY").and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .map(std::path::PathBuf::from)
+        })
+    });
+    let checkpoints = match &state_dir {
+        Some(dir) => Some(
+            CheckpointStore::open(
+                dir,
+                cfg.checkpoint.keep,
+                Identity::new(&classifier, &cfg.learn),
+            )
+            .map_err(|e| DaemonError::Setup(format!("{e:#}")))?,
+        ),
+        None => None,
+    };
+    let shared = Arc::new(Shared::new(pretrained.clone(), state_dir));
     let input = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
     let train = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
 
@@ -103,7 +123,16 @@ pub async fn run(
         sample_shape: classifier.input_shape.clone(),
         learn: cfg.learn.clone(),
         augment: cfg.augment.clone(),
+        guard: cfg.guard.clone(),
         seed: cfg.replay.seed,
+        checkpoints,
+        checkpoint_every_steps: cfg.checkpoint.every_steps,
+        checkpoint_every: Duration::from_secs_f64(cfg.checkpoint.every_s),
+        exporter: workers::Exporter {
+            proto: classifier.proto().clone(),
+            head: classifier.head.clone(),
+            fingerprint: classifier.fingerprint,
+        },
     };
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()

@@ -33,6 +33,8 @@ pub struct Counters {
     pub late_labels_total: AtomicU64,
     pub publish_dropped_total: AtomicU64,
     pub commands_total: AtomicU64,
+    pub checkpoints_total: AtomicU64,
+    pub exports_total: AtomicU64,
     pub mqtt_reconnects_total: AtomicU64,
     pub mqtt_disconnected_ms_total: AtomicU64,
 }
@@ -54,6 +56,7 @@ pub struct TrainStats {
     pub offered: u64,
     pub accepted: u64,
     pub resets: u64,
+    pub rollbacks: u64,
 }
 
 pub struct Shared {
@@ -64,6 +67,10 @@ pub struct Shared {
     teacher: RwLock<Arc<TeacherSnapshot>>,
     pub paused: AtomicBool,
     pub reset_requested: AtomicBool,
+    pub checkpoint_requested: AtomicBool,
+    pub export_requested: AtomicBool,
+    /// Checkpoint directory (also where `export` writes), if any.
+    pub state_dir: Option<std::path::PathBuf>,
     /// Set on shutdown: stop taking input.
     pub stopping: AtomicBool,
     pub connected: AtomicBool,
@@ -74,7 +81,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(teacher: LinearHead) -> Self {
+    pub fn new(teacher: LinearHead, state_dir: Option<std::path::PathBuf>) -> Self {
         let now = Instant::now();
         Shared {
             started: now,
@@ -90,6 +97,9 @@ impl Shared {
             })),
             paused: AtomicBool::new(false),
             reset_requested: AtomicBool::new(false),
+            checkpoint_requested: AtomicBool::new(false),
+            export_requested: AtomicBool::new(false),
+            state_dir,
             stopping: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             inference_beat: AtomicU64::new(0),
@@ -181,6 +191,9 @@ impl Shared {
             publish_dropped_total: c.publish_dropped_total.load(Relaxed),
             commands_total: c.commands_total.load(Relaxed),
             resets_total: t.resets,
+            rollbacks_total: t.rollbacks,
+            checkpoints_total: c.checkpoints_total.load(Relaxed),
+            exports_total: c.exports_total.load(Relaxed),
             paused: self.paused.load(Relaxed) as u8,
             teacher_finite: t.teacher_finite as u8,
             mqtt_connected: self.connected.load(Relaxed) as u8,
@@ -227,6 +240,9 @@ pub struct MetricsMessage {
     pub publish_dropped_total: u64,
     pub commands_total: u64,
     pub resets_total: u64,
+    pub rollbacks_total: u64,
+    pub checkpoints_total: u64,
+    pub exports_total: u64,
     pub paused: u8,
     pub teacher_finite: u8,
     pub mqtt_connected: u8,
@@ -251,5 +267,6 @@ pub const DISCOVERED: &[(&str, &str)] = &[
     ("dropped_total", ""),
     ("rejected_total", ""),
     ("mqtt_reconnects_total", ""),
+    ("rollbacks_total", ""),
     ("rss_bytes", "B"),
 ];

@@ -13,9 +13,10 @@ use rumqttc::{AsyncClient, QoS};
 
 use super::queue::{BoundedQueue, Droppable};
 use super::state::{Shared, TeacherSnapshot};
+use crate::checkpoint::{CheckpointStore, Snapshot};
 use crate::learn::buffer::SampleRing;
 use crate::learn::head::argmax;
-use crate::learn::{AugmentConfig, LearnConfig, Learner, LinearHead};
+use crate::learn::{AugmentConfig, GuardConfig, LearnConfig, Learner, LinearHead};
 use crate::model::Backbone;
 
 /// What the MQTT side hands to inference.
@@ -230,7 +231,20 @@ pub struct TrainerWorker {
     pub sample_shape: Vec<usize>,
     pub learn: LearnConfig,
     pub augment: AugmentConfig,
+    pub guard: GuardConfig,
     pub seed: u64,
+    /// Where checkpoints (and exports) go, if anywhere.
+    pub checkpoints: Option<CheckpointStore>,
+    pub checkpoint_every_steps: u64,
+    pub checkpoint_every: Duration,
+    pub exporter: Exporter,
+}
+
+/// What `export` needs to write the teacher back into the original graph.
+pub struct Exporter {
+    pub proto: tract_onnx::pb::ModelProto,
+    pub head: crate::model::HeadSpec,
+    pub fingerprint: u64,
 }
 
 impl TrainerWorker {
@@ -242,25 +256,47 @@ impl TrainerWorker {
             self.augment.clone(),
             self.seed,
         )
+        .with_guard(self.guard.clone())
     }
 
     pub fn run(mut self) {
         let mut learner = self.fresh_learner();
+        if let Some(store) = &self.checkpoints {
+            store.restore_latest(&mut learner);
+        }
+        self.shared.publish_teacher(TeacherSnapshot {
+            head: learner.teacher.clone(),
+            version: learner.counters.teacher_version,
+        });
+        let store = self.checkpoints.take();
+        let (writer_tx, writer) = match store {
+            Some(store) => {
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(2);
+                let shared = self.shared.clone();
+                let handle = std::thread::Builder::new()
+                    .name("checkpoints".into())
+                    .spawn(move || write_checkpoints(store, rx, shared))
+                    .ok();
+                (Some(tx), handle)
+            }
+            None => (None, None),
+        };
+        let mut last_saved = (learner.counters.train_steps, Instant::now());
         let mut items = Vec::with_capacity(64);
-        let mut version_base = 0;
         while self
             .queue
             .pop_batch(64, Duration::from_millis(100), &mut items)
         {
             self.shared.beat(&self.shared.trainer_beat);
             if self.shared.reset_requested.swap(false, Relaxed) {
-                // Back to the pretrained head; versions keep counting up so dashboards and
-                // clients can tell a reset teacher from an old one.
-                version_base = self.shared.teacher().version + 1;
+                // Back to the pretrained head; the version keeps counting up so dashboards
+                // and clients can tell a reset teacher from an old one.
+                let version = learner.counters.teacher_version + 1;
                 learner = self.fresh_learner();
+                learner.counters.teacher_version = version;
                 self.shared.publish_teacher(TeacherSnapshot {
                     head: learner.teacher.clone(),
-                    version: version_base,
+                    version,
                 });
                 self.shared
                     .train
@@ -279,36 +315,129 @@ impl TrainerWorker {
                 {
                     continue;
                 }
-                match learner.step(&mut self.backbone) {
-                    Ok(Some(step)) => {
-                        let mut t = self.shared.train.lock().unwrap_or_else(|e| e.into_inner());
-                        t.steps_since += 1;
-                        t.loss_sup += step.losses.sup as f64;
-                        t.loss_pseudo += step.losses.pseudo as f64;
-                        t.loss_consistency += step.losses.consistency as f64;
-                        t.offered += step.offered as u64;
-                        t.accepted += step.accepted as u64;
-                        drop(t);
-                        if step.ema_updated {
-                            self.shared.publish_teacher(TeacherSnapshot {
-                                head: learner.teacher.clone(),
-                                version: version_base + learner.counters.teacher_version,
-                            });
-                        }
-                    }
-                    Ok(None) => {
-                        tracing::warn!("skipped a training step with a non-finite loss or gradient")
-                    }
-                    Err(e) => tracing::error!("training step failed: {e}"),
+                self.step(&mut learner);
+            }
+            let steps = learner.counters.train_steps;
+            let periodic = steps >= last_saved.0 + self.checkpoint_every_steps
+                || (steps > last_saved.0 && last_saved.1.elapsed() >= self.checkpoint_every);
+            let asked = self.shared.checkpoint_requested.swap(false, Relaxed);
+            if let Some(tx) = &writer_tx {
+                if periodic || asked {
+                    // A full writer queue means a save is already on its way; skip this one.
+                    let _ = tx.try_send(Snapshot::of(&learner));
+                    last_saved = (steps, Instant::now());
+                }
+            } else if asked {
+                tracing::warn!("checkpoint requested, but no checkpoint directory is configured ([checkpoint] dir or $STATE_DIRECTORY)");
+            }
+            if self.shared.export_requested.swap(false, Relaxed) {
+                self.export(&learner);
+            }
+            self.publish_stats(&learner);
+        }
+        if let Some(tx) = writer_tx {
+            // The final state, then wait for the writer to finish it.
+            let _ = tx.send(Snapshot::of(&learner));
+            drop(tx);
+            if let Some(w) = writer {
+                let _ = w.join();
+            }
+        }
+        self.publish_stats(&learner);
+    }
+
+    fn step(&mut self, learner: &mut Learner) {
+        match learner.step(&mut self.backbone) {
+            Ok(Some(step)) => {
+                let mut t = self.shared.train.lock().unwrap_or_else(|e| e.into_inner());
+                t.steps_since += 1;
+                t.loss_sup += step.losses.sup as f64;
+                t.loss_pseudo += step.losses.pseudo as f64;
+                t.loss_consistency += step.losses.consistency as f64;
+                t.offered += step.offered as u64;
+                t.accepted += step.accepted as u64;
+                drop(t);
+                if step.ema_updated || step.rollback.is_some() {
+                    self.shared.publish_teacher(TeacherSnapshot {
+                        head: learner.teacher.clone(),
+                        version: learner.counters.teacher_version,
+                    });
                 }
             }
-            let mut t = self.shared.train.lock().unwrap_or_else(|e| e.into_inner());
-            t.train_steps = learner.counters.train_steps;
-            t.ema_updates = learner.counters.ema_updates;
-            t.skipped_nonfinite = learner.counters.skipped_nonfinite;
-            t.labeled_buffer = learner.labeled.len();
-            t.unlabeled_buffer = learner.unlabeled.len();
-            t.teacher_finite = learner.teacher.is_finite() && learner.student.is_finite();
+            Ok(None) => {
+                tracing::warn!("skipped a training step with a non-finite loss or gradient")
+            }
+            Err(e) => tracing::error!("training step failed: {e}"),
+        }
+    }
+
+    fn export(&self, learner: &Learner) {
+        let Some(dir) = &self.shared.state_dir else {
+            tracing::warn!(
+                "export requested, but no checkpoint directory is configured to write it to"
+            );
+            return;
+        };
+        let e = &self.exporter;
+        let meta = [
+            ("edgemt.adapted_from", format!("{:016x}", e.fingerprint)),
+            (
+                "edgemt.teacher_version",
+                learner.counters.teacher_version.to_string(),
+            ),
+        ];
+        let path = dir.join("adapted.onnx");
+        let result =
+            crate::model::export::export_with_head(&e.proto, &e.head, &learner.teacher, &meta)
+                .map_err(|err| err.to_string())
+                .and_then(|bytes| {
+                    let tmp = dir.join("adapted.onnx.tmp");
+                    std::fs::write(&tmp, bytes)
+                        .and_then(|_| std::fs::rename(&tmp, &path))
+                        .map_err(|err| err.to_string())
+                });
+        match result {
+            Ok(()) => {
+                self.shared.counters.exports_total.fetch_add(1, Relaxed);
+                tracing::info!(
+                    "exported teacher_version {} to {}",
+                    learner.counters.teacher_version,
+                    path.display()
+                );
+            }
+            Err(err) => tracing::error!("export to {} failed: {err}", path.display()),
+        }
+    }
+
+    fn publish_stats(&self, learner: &Learner) {
+        let mut t = self.shared.train.lock().unwrap_or_else(|e| e.into_inner());
+        t.train_steps = learner.counters.train_steps;
+        t.ema_updates = learner.counters.ema_updates;
+        t.skipped_nonfinite = learner.counters.skipped_nonfinite;
+        t.rollbacks = learner.counters.rollbacks;
+        t.labeled_buffer = learner.labeled.len();
+        t.unlabeled_buffer = learner.unlabeled.len();
+        t.teacher_finite = learner.teacher.is_finite() && learner.student.is_finite();
+    }
+}
+
+/// The checkpoint writer thread: saves what it is sent, so the trainer never waits on disk.
+fn write_checkpoints(
+    mut store: CheckpointStore,
+    rx: std::sync::mpsc::Receiver<Snapshot>,
+    shared: Arc<Shared>,
+) {
+    while let Ok(snapshot) = rx.recv() {
+        match store.save(&snapshot) {
+            Ok(m) => {
+                shared.counters.checkpoints_total.fetch_add(1, Relaxed);
+                tracing::debug!(
+                    "checkpoint {} written (teacher_version {})",
+                    m.sequence,
+                    m.counters.teacher_version
+                );
+            }
+            Err(e) => tracing::error!("{e}"),
         }
     }
 }

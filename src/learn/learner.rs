@@ -10,6 +10,7 @@ use ndarray::{Array2, ArrayView1, Zip};
 
 use super::augment::{AugmentConfig, Augmenter};
 use super::buffer::{LabeledBuffer, SampleRing};
+use super::guard::{GuardConfig, RollbackGuard, Verdict};
 use super::head::LinearHead;
 use super::loss::{
     loss_and_grad, Batch, ConsistencyMode, Gradients, LossParts, LossWeights, Scratch,
@@ -95,6 +96,8 @@ pub struct StepReport {
     pub accepted_correct: usize,
     /// True when the teacher was refreshed by this step.
     pub ema_updated: bool,
+    /// Set when the rollback guard reverted the learner after this step.
+    pub rollback: Option<Verdict>,
 }
 
 /// Counters that describe the learner's progress (and go into checkpoints and metrics).
@@ -105,6 +108,18 @@ pub struct Counters {
     pub teacher_version: u64,
     pub skipped_nonfinite: u64,
     pub samples_seen: u64,
+    #[serde(default)]
+    pub rollbacks: u64,
+}
+
+/// The last state the rollback guard accepted.
+#[derive(Debug, Clone)]
+struct GoodState {
+    student: LinearHead,
+    teacher: LinearHead,
+    optimizer: Optimizer,
+    labeled: LabeledBuffer,
+    running: ndarray::Array1<f32>,
 }
 
 pub struct Learner {
@@ -118,6 +133,8 @@ pub struct Learner {
     pub unlabeled: SampleRing,
     pub pseudo: PseudoLabeler,
     pub counters: Counters,
+    pub guard: RollbackGuard,
+    good: Option<GoodState>,
     augmenter: Augmenter,
     rng: Rng,
     since_step: usize,
@@ -170,6 +187,11 @@ impl Learner {
             teacher: pretrained.clone(),
             source: pretrained,
             counters: Counters::default(),
+            guard: RollbackGuard::new(GuardConfig {
+                enabled: false,
+                ..GuardConfig::default()
+            }),
+            good: None,
             since_step: 0,
             sample_len,
             picks: Vec::new(),
@@ -201,7 +223,11 @@ impl Learner {
         self.counters.samples_seen += 1;
         self.since_step += 1;
         match label {
-            Some(y) => self.labeled.push(input, embedding, y),
+            Some(y) => {
+                if !self.guard.hold_out(embedding, y) {
+                    self.labeled.push(input, embedding, y)
+                }
+            }
             None => {
                 self.unlabeled.push(input, embedding, truth);
             }
@@ -351,7 +377,74 @@ impl Learner {
             self.counters.teacher_version += 1;
             report.ema_updated = true;
         }
+        if self.guard.due(self.counters.train_steps) {
+            report.rollback = self.check_guard();
+        }
         Ok(Some(report))
+    }
+
+    /// Enables the rollback guard (off unless asked for, so the learner's arithmetic can be
+    /// tested on its own).
+    pub fn with_guard(mut self, cfg: GuardConfig) -> Self {
+        self.guard = RollbackGuard::new(cfg);
+        self
+    }
+
+    fn current_state(&self) -> GoodState {
+        GoodState {
+            student: self.student.clone(),
+            teacher: self.teacher.clone(),
+            optimizer: self.optimizer.clone(),
+            labeled: self.labeled.clone(),
+            running: self.pseudo.running.clone(),
+        }
+    }
+
+    /// Runs one guard check; returns the verdict when it rolled back.
+    fn check_guard(&mut self) -> Option<Verdict> {
+        let good = self.good.get_or_insert_with(|| GoodState {
+            student: self.source.clone(),
+            teacher: self.source.clone(),
+            optimizer: Optimizer::new(self.cfg.optimizer, self.cfg.momentum, &self.source),
+            labeled: self.labeled.clone(),
+            running: self.pseudo.running.clone(),
+        });
+        let good_teacher = good.teacher.clone();
+        let recent = self.unlabeled_embeddings();
+        let verdict = self
+            .guard
+            .judge(&self.teacher, &good_teacher, &self.source, recent.view());
+        match verdict {
+            Verdict::Pass { teacher, good } => {
+                self.guard.promote();
+                if !(teacher < good) {
+                    self.good = Some(self.current_state());
+                }
+                None
+            }
+            Verdict::Worse { .. } | Verdict::Collapsed { .. } | Verdict::Misleading { .. } => {
+                let good = self.good.clone().expect("set above");
+                tracing::warn!("rollback guard: {verdict:?}; reverting to the last good teacher");
+                self.student = good.student;
+                self.teacher = good.teacher;
+                self.optimizer = good.optimizer;
+                self.labeled = good.labeled;
+                self.pseudo.running = good.running;
+                self.guard.discard_pending();
+                self.counters.rollbacks += 1;
+                self.counters.teacher_version += 1;
+                Some(verdict)
+            }
+        }
+    }
+
+    fn unlabeled_embeddings(&self) -> Array2<f32> {
+        let n = self.unlabeled.len();
+        let mut m = Array2::zeros((n, self.student.embedding_dim()));
+        for (row, i) in (0..n).enumerate() {
+            self.unlabeled.copy_embedding(i, m.row_mut(row));
+        }
+        m
     }
 
     /// Puts back state saved from a learner of the same shapes (see `checkpoint`).

@@ -4,6 +4,7 @@
 
 pub mod augment;
 pub mod buffer;
+pub mod guard;
 pub mod head;
 pub mod learner;
 pub mod loss;
@@ -12,6 +13,7 @@ pub mod pseudo;
 pub mod rng;
 
 pub use augment::AugmentConfig;
+pub use guard::GuardConfig;
 pub use head::LinearHead;
 pub use learner::{Counters, LearnConfig, LearnError, Learner, StepReport};
 pub use loss::{ConsistencyMode, LossParts};
