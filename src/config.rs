@@ -361,6 +361,14 @@ impl Config {
                 message: format!("must be at least 0.1, got {}", self.metrics.interval_s),
             });
         }
+        check("guard.margin", self.guard.margin, 0.0..=1.0)?;
+        check("guard.min_agreement", self.guard.min_agreement, 0.0..=1.0)?;
+        check("guard.collapse_ratio", self.guard.collapse_ratio, 0.0..=1.0)?;
+        positive(
+            "guard.check_every_steps",
+            self.guard.check_every_steps as usize,
+        )?;
+        positive("guard.capacity", self.guard.capacity)?;
         positive(
             "checkpoint.every_steps",
             self.checkpoint.every_steps as usize,

@@ -26,6 +26,30 @@ fn the_shipped_commented_config_parses_and_matches_the_defaults() {
         toml::to_string(&cfg.replay).unwrap(),
         toml::to_string(&defaults.replay).unwrap()
     );
+    for (a, b) in [
+        (
+            toml::to_string(&cfg.guard).unwrap(),
+            toml::to_string(&defaults.guard).unwrap(),
+        ),
+        (
+            toml::to_string(&cfg.checkpoint).unwrap(),
+            toml::to_string(&defaults.checkpoint).unwrap(),
+        ),
+        (
+            toml::to_string(&cfg.mqtt).unwrap(),
+            toml::to_string(&defaults.mqtt).unwrap(),
+        ),
+        (
+            toml::to_string(&cfg.input).unwrap(),
+            toml::to_string(&defaults.input).unwrap(),
+        ),
+        (
+            toml::to_string(&cfg.metrics).unwrap(),
+            toml::to_string(&defaults.metrics).unwrap(),
+        ),
+    ] {
+        assert_eq!(a, b);
+    }
     assert!(cfg.model.path.ends_with("models/hapt_mlp.onnx") && cfg.model.path.exists());
 }
 
@@ -55,6 +79,12 @@ fn out_of_range_values_are_errors_naming_the_key() {
         ),
         ("[augment]\ntime_axis = 2", "augment.time_axis"),
         ("[replay]\nbatch = 0", "replay.batch"),
+        ("[mqtt]\nqos = 2", "mqtt.qos"),
+        ("[mqtt]\nprefix = \"a/#\"", "mqtt.prefix"),
+        ("[mqtt]\ntls = true", "mqtt.ca_file"),
+        ("[guard]\nmargin = 1.5", "guard.margin"),
+        ("[checkpoint]\nkeep = 0", "checkpoint.keep"),
+        ("[metrics]\ninterval_s = 0.0", "metrics.interval_s"),
     ] {
         let err = Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).unwrap_err();
         assert!(err.to_string().contains(key), "{text}: {err}");

@@ -12,3 +12,4 @@ mod model_loading;
 mod packaging;
 mod recordings;
 mod replay_cli;
+mod rollback;

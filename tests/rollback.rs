@@ -1,0 +1,135 @@
+//! The rollback guard on a recording with a misleading stretch: without the guard the
+//! teacher's accuracy drops; with it the drop is reverted.
+
+use edgemt::learn::guard::{GuardConfig, RollbackGuard, Verdict};
+use edgemt::learn::LinearHead;
+use ndarray::{array, Array2};
+use serde_json::Value;
+
+use crate::util::{self, edgemt, run_ok, tempdir};
+
+/// The target stream, then its first 400 samples again with every 2nd labeled with a
+/// consistently wrong class (the same recording tools/make_misleading.py writes).
+fn misleading_recording(path: &std::path::Path) {
+    let wrong = [1, 2, 0, 4, 3, 3];
+    let text = std::fs::read_to_string(util::path("data/target_stream.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut out: Vec<String> = lines.iter().map(|v| v.to_string()).collect();
+    for (i, s) in lines.iter().take(400).enumerate() {
+        let mut s = s.clone();
+        let obj = s.as_object_mut().unwrap();
+        obj.remove("label");
+        if i % 2 == 0 {
+            let truth = obj["truth"].as_u64().unwrap() as usize;
+            obj.insert("label".into(), Value::from(wrong[truth]));
+        }
+        out.push(s.to_string());
+    }
+    std::fs::write(path, out.join("\n")).unwrap();
+}
+
+fn replay(dir: &std::path::Path, recording: &std::path::Path, guard: bool) -> Value {
+    let cfg = util::config_with(dir, &format!("[guard]\nenabled = {guard}\n"));
+    let report = dir.join(format!("r-{guard}.json"));
+    run_ok(
+        edgemt()
+            .args(["replay", "--config"])
+            .arg(cfg)
+            .arg(recording)
+            .arg("--eval")
+            .arg(util::path("data/target_holdout.jsonl"))
+            .arg("--report")
+            .arg(&report),
+    );
+    serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
+}
+
+#[test]
+fn the_guard_reverts_the_damage_of_a_stretch_of_mislabeled_feedback() {
+    let dir = tempdir();
+    let misleading = dir.path().join("misleading.jsonl");
+    misleading_recording(&misleading);
+    let clean = replay(dir.path(), &util::path("data/target_stream.jsonl"), true);
+    let unguarded = replay(dir.path(), &misleading, false);
+    let guarded = replay(dir.path(), &misleading, true);
+    let acc = |r: &Value| r["eval"]["teacher_accuracy"].as_f64().unwrap();
+    let source = clean["eval"]["source_accuracy"].as_f64().unwrap();
+    assert!(
+        acc(&unguarded) < acc(&clean) - 0.08,
+        "without the guard the teacher drops: {} vs {}",
+        acc(&unguarded),
+        acc(&clean)
+    );
+    assert!(
+        acc(&guarded) >= acc(&clean) - 0.02,
+        "with the guard the drop is reverted: {} vs {}",
+        acc(&guarded),
+        acc(&clean)
+    );
+    assert!(acc(&guarded) > source + 0.05);
+    assert!(guarded["rollbacks"].as_u64().unwrap() >= 1);
+    assert_eq!(unguarded["rollbacks"].as_u64().unwrap(), 0);
+}
+
+#[test]
+fn a_teacher_that_predicts_one_class_for_everything_is_judged_collapsed() {
+    let source = LinearHead::new(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0]);
+    let collapsed = LinearHead::new(array![[0.0, 0.0], [0.0, 0.0]], array![0.0, 5.0]);
+    // Recent embeddings on both sides of the source's boundary.
+    let recent = Array2::from_shape_fn((64, 2), |(i, j)| {
+        if j == 0 {
+            if i % 2 == 0 {
+                1.0
+            } else {
+                -1.0
+            }
+        } else {
+            0.0
+        }
+    });
+    let mut guard = RollbackGuard::new(GuardConfig::default());
+    match guard.judge(&collapsed, &source, &source, recent.view()) {
+        Verdict::Collapsed {
+            teacher_entropy,
+            source_entropy,
+        } => {
+            assert_eq!(teacher_entropy, 0.0);
+            assert!((source_entropy - 2f32.ln()).abs() < 1e-6);
+        }
+        other => panic!("expected a collapse, got {other:?}"),
+    }
+    assert!(matches!(
+        guard.judge(&source, &source, &source, recent.view()),
+        Verdict::Pass { .. }
+    ));
+}
+
+#[test]
+fn labels_the_last_good_teacher_almost_never_agrees_with_are_judged_misleading() {
+    let good = LinearHead::new(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0]);
+    let mut guard = RollbackGuard::new(GuardConfig {
+        min_trusted: 2,
+        min_pending: 3,
+        ..GuardConfig::default()
+    });
+    // Trusted: labels that agree with the good teacher.
+    for (x, y) in [(1.0, 0), (-1.0, 1)] {
+        guard.hold_out(array![x, 0.0].view(), y);
+    }
+    guard.promote();
+    assert_eq!(guard.trusted.len(), 2);
+    // Pending: the same inputs, labeled the other way round.
+    for (x, y) in [(1.0, 1), (-1.0, 0), (2.0, 1)] {
+        guard.hold_out(array![x, 0.0].view(), y);
+    }
+    let empty = Array2::zeros((0, 2));
+    match guard.judge(&good, &good, &good, empty.view()) {
+        Verdict::Misleading { agreement, pending } => assert_eq!((agreement, pending), (0.0, 3)),
+        other => panic!("expected misleading labels, got {other:?}"),
+    }
+    guard.discard_pending();
+    assert!(guard.pending.is_empty() && guard.rollbacks == 1);
+}
