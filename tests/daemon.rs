@@ -465,3 +465,70 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
     assert_eq!(num(&m, "commands_total"), 3.0);
     assert!(daemon.terminate().0.success());
 }
+
+#[test]
+fn daemon_checkpoints_to_its_state_directory_exports_on_command_and_resumes_after_restart() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/state";
+    let state = dir.path().join("state");
+    let cfg = daemon_config(
+        dir.path(),
+        &broker,
+        prefix,
+        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 20\n",
+    );
+    let env = [("STATE_DIRECTORY", state.to_str().unwrap())];
+    let mut daemon = Daemon::start(&cfg, &env);
+    let metrics = format!("{prefix}/metrics");
+    let peer = MqttPeer::connect(broker.port, "state", &[&metrics]);
+    peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
+    for s in stream(120) {
+        peer.publish(&format!("{prefix}/samples"), s.to_string());
+    }
+    let got = peer.collect_until(Duration::from_secs(15), |m| {
+        last_metrics(m, &metrics)
+            .is_some_and(|v| num(&v, "train_steps") >= 100.0 && num(&v, "checkpoints_total") >= 1.0)
+    });
+    assert!(num(&last_metrics(&got, &metrics).unwrap(), "checkpoints_total") >= 1.0);
+    peer.publish(&format!("{prefix}/cmd"), r#"{"cmd": "export"}"#);
+    peer.publish(&format!("{prefix}/cmd"), r#"{"cmd": "checkpoint"}"#);
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| num(&v, "exports_total") >= 1.0)
+    });
+    assert_eq!(
+        num(&last_metrics(&got, &metrics).unwrap(), "exports_total"),
+        1.0
+    );
+    let adapted = state.join("adapted.onnx");
+    edgemt::model::Classifier::load(&adapted, &edgemt::model::HeadSelection::default())
+        .expect("the export loads");
+    assert!(daemon.terminate().0.success());
+
+    // The final checkpoint holds the last teacher; a new daemon resumes from it.
+    let c =
+        edgemt::model::Classifier::load(&util::path("models/hapt_mlp.onnx"), &Default::default())
+            .unwrap();
+    let store = edgemt::checkpoint::CheckpointStore::open(
+        &state,
+        3,
+        edgemt::checkpoint::Identity::new(&c, &Default::default()),
+    )
+    .unwrap();
+    let (last, _) = store
+        .latest_valid()
+        .expect("a valid checkpoint after shutdown");
+    assert!(last.counters.train_steps >= 100);
+    // Drain what the first daemon said last (its final metrics), then hear the new one.
+    peer.collect_until(Duration::from_millis(500), |_| false);
+    let mut daemon = Daemon::start(&cfg, &env);
+    let got = peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() >= 1);
+    let m = last_metrics(&got, &metrics).unwrap();
+    assert_eq!(
+        num(&m, "teacher_version"),
+        last.counters.teacher_version as f64,
+        "resumed, not restarted"
+    );
+    assert!(daemon.log_text().contains("restored checkpoint"));
+    assert!(daemon.terminate().0.success());
+}
