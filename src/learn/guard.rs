@@ -11,6 +11,7 @@
 //!   good teacher already learned the domain from the trusted labels);
 //! - regression: the deployed teacher's accuracy on the trusted labels is more than `margin`
 //!   below the last good teacher's.
+//!
 //! On any of these the learner reverts to the last good state, labeled buffer included, so the
 //! labels that caused the damage are dropped with it, and the pending labels are discarded.
 //! Otherwise pending labels become trusted, and a teacher at least as good as the last good

@@ -417,7 +417,8 @@ impl Learner {
         match verdict {
             Verdict::Pass { teacher, good } => {
                 self.guard.promote();
-                if !(teacher < good) {
+                // NaN (no trusted labels yet) counts as "at least as good".
+                if teacher.is_nan() || good.is_nan() || teacher >= good {
                     self.good = Some(self.current_state());
                 }
                 None
