@@ -56,8 +56,8 @@ impl Default for GuardConfig {
         GuardConfig {
             enabled: true,
             holdout_every: 0,
-            min_pending: 3,
-            min_agreement: 0.3,
+            min_pending: 5,
+            min_agreement: 0.2,
             check_every_steps: 10,
             margin: 0.1,
             min_trusted: 8,
