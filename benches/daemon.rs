@@ -34,7 +34,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
-    let n = env_or("EDGEMT_BENCH_SAMPLES", 20_000);
+    let n = env_or("EDGEMT_BENCH_SAMPLES", 10_000);
     let rate = env_or("EDGEMT_BENCH_RATE", 500);
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(util::path("data/target_stream.jsonl"))
@@ -78,14 +78,16 @@ fn main() {
     let published = start.elapsed();
     let (mut got, mut last) = (0usize, start);
     let mut last_metrics = None;
-    while got < n {
-        match dashboard.recv(Duration::from_secs(5)) {
+    // Until every sample is predicted, or none has been for 3 s (the rest were dropped by
+    // the overload policy; metrics keep arriving, so time is what ends the wait).
+    while got < n && last.elapsed() < Duration::from_secs(3) {
+        match dashboard.recv(Duration::from_millis(200)) {
             Some((t, _)) if t == pred => {
                 got += 1;
                 last = Instant::now();
             }
             Some((_, m)) => last_metrics = Some(m),
-            None => break,
+            None => {}
         }
     }
     let sustained = got as f64 / last.duration_since(start).as_secs_f64();
