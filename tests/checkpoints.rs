@@ -52,17 +52,7 @@ fn store(dir: &Path, c: &Classifier) -> CheckpointStore {
 }
 
 fn fresh(c: &Classifier) -> Learner {
-    let cfg = LearnConfig {
-        train_every: 1,
-        ..LearnConfig::default()
-    };
-    Learner::new(
-        c.pretrained_head(),
-        &c.input_shape,
-        cfg,
-        AugmentConfig::default(),
-        0,
-    )
+    util::stepping_learner(c, 1)
 }
 
 #[test]

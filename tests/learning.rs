@@ -7,8 +7,7 @@ use edgemt::learn::loss::{loss_and_grad, Batch, Gradients, LossWeights, Scratch}
 use edgemt::learn::optim::{ema_update, rampup, warmed_up_decay, Optimizer, OptimizerKind};
 use edgemt::learn::pseudo::{Balance, PseudoLabeler};
 use edgemt::learn::rng::Rng;
-use edgemt::learn::{AugmentConfig, ConsistencyMode, LearnConfig, Learner, LinearHead};
-use edgemt::model::{Classifier, HeadSelection};
+use edgemt::learn::{AugmentConfig, ConsistencyMode, LinearHead};
 use ndarray::{array, Array1, Array2};
 
 use crate::util;
@@ -349,17 +348,8 @@ fn distribution_alignment_makes_an_over_predicted_class_harder_to_accept() {
 
 #[test]
 fn a_non_finite_embedding_never_reaches_the_weights() {
-    let mut c = Classifier::load(
-        &util::path("models/hapt_mlp.onnx"),
-        &HeadSelection::default(),
-    )
-    .unwrap();
-    let head = c.pretrained_head();
-    let cfg = LearnConfig {
-        train_every: 1,
-        ..LearnConfig::default()
-    };
-    let mut learner = Learner::new(head, &c.input_shape, cfg, AugmentConfig::default(), 0);
+    let mut c = util::shipped_classifier();
+    let mut learner = util::stepping_learner(&c, 1);
     let x = vec![0.5f32; c.sample_len()];
     let mut emb = c.backbone.embed(&x, 1).unwrap();
     emb[[0, 3]] = f32::INFINITY;
@@ -375,24 +365,9 @@ fn a_non_finite_embedding_never_reaches_the_weights() {
 
 #[test]
 fn a_step_refreshes_the_teacher_and_counts_versions() {
-    let mut c = Classifier::load(
-        &util::path("models/hapt_mlp.onnx"),
-        &HeadSelection::default(),
-    )
-    .unwrap();
+    let mut c = util::shipped_classifier();
     let head = c.pretrained_head();
-    let cfg = LearnConfig {
-        train_every: 1,
-        ema_every: 2,
-        ..LearnConfig::default()
-    };
-    let mut learner = Learner::new(
-        head.clone(),
-        &c.input_shape,
-        cfg,
-        AugmentConfig::default(),
-        0,
-    );
+    let mut learner = util::stepping_learner(&c, 2);
     let mut rng = Rng::new(2);
     for i in 0..8 {
         let x: Vec<f32> = (0..c.sample_len()).map(|_| rng.normal()).collect();

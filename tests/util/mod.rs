@@ -71,3 +71,25 @@ pub fn config_with(dir: &Path, extra: &str) -> PathBuf {
     std::fs::write(&p, text).expect("write config");
     p
 }
+
+/// The shipped model, loaded with automatic head detection.
+pub fn shipped_classifier() -> edgemt::model::Classifier {
+    edgemt::model::Classifier::load(&path("models/hapt_mlp.onnx"), &Default::default())
+        .expect("shipped model loads")
+}
+
+/// A learner on the shipped model's pretrained head that steps on every sample.
+pub fn stepping_learner(c: &edgemt::model::Classifier, ema_every: u64) -> edgemt::learn::Learner {
+    let cfg = edgemt::learn::LearnConfig {
+        train_every: 1,
+        ema_every,
+        ..Default::default()
+    };
+    edgemt::learn::Learner::new(
+        c.pretrained_head(),
+        &c.input_shape,
+        cfg,
+        Default::default(),
+        0,
+    )
+}
