@@ -67,18 +67,6 @@ impl<T: Droppable> BoundedQueue<T> {
         !(state.closed && out.is_empty())
     }
 
-    pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .items
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Wakes consumers; after the remaining items are taken, `pop_batch` returns false.
     pub fn close(&self) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;

@@ -92,10 +92,6 @@ impl Augmenter {
         }
     }
 
-    pub fn layout(&self) -> Layout {
-        self.layout
-    }
-
     /// Writes one random augmentation of `x` into `out` (same length).
     pub fn apply(&mut self, x: &[f32], out: &mut [f32], rng: &mut Rng) {
         let Layout {

@@ -87,11 +87,6 @@ impl SampleRing {
         out.assign(&self.embeddings.row(i));
     }
 
-    pub fn clear(&mut self) {
-        self.len = 0;
-        self.next = 0;
-    }
-
     /// Slot indices from the oldest held sample to the newest.
     pub fn oldest_first(&self) -> impl Iterator<Item = usize> + '_ {
         let start = if self.len == self.capacity() {
@@ -172,9 +167,5 @@ impl LabeledBuffer {
 
     pub fn classes(&self) -> usize {
         self.per_class.len()
-    }
-
-    pub fn clear(&mut self) {
-        self.per_class.iter_mut().for_each(SampleRing::clear);
     }
 }

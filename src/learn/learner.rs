@@ -466,11 +466,6 @@ impl Learner {
         self.labeled = labeled;
         self.pseudo.running = running;
     }
-
-    /// Class probabilities of the deployed teacher for a batch of embeddings.
-    pub fn teacher_probs_into(&self, embeddings: ndarray::ArrayView2<f32>, out: &mut Array2<f32>) {
-        self.teacher.probs_into(embeddings, out);
-    }
 }
 
 fn resize_rows(a: &mut Array2<f32>, rows: usize, cols: usize) {
