@@ -107,6 +107,7 @@ impl InferenceWorker {
         let mut inputs: Vec<f32> = Vec::with_capacity(self.max_batch * len);
         let mut emb = Array2::zeros((0, dim));
         let mut probs = Array2::zeros((0, 0));
+        let mut latencies: Vec<u64> = Vec::with_capacity(self.max_batch);
         while self
             .input
             .pop_batch(self.max_batch, Duration::from_millis(100), &mut items)
@@ -171,13 +172,7 @@ impl InferenceWorker {
                         .publish_dropped_total
                         .fetch_add(1, Relaxed);
                 }
-                self.shared.counters.predictions_total.fetch_add(1, Relaxed);
-                let micros = received.elapsed().as_micros() as u64;
-                self.shared
-                    .latency
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .record(micros);
+                latencies.push(received.elapsed().as_micros() as u64);
                 recent.insert(&id, &x, emb.row(row), class);
                 let dropped = self.train.push(TrainItem {
                     x,
@@ -190,6 +185,17 @@ impl InferenceWorker {
                     .fetch_add(dropped as u64, Relaxed);
                 row += 1;
             }
+            // Counters and the latency window once per batch, not per sample.
+            self.shared
+                .counters
+                .predictions_total
+                .fetch_add(latencies.len() as u64, Relaxed);
+            let mut window = self
+                .shared
+                .latency
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            latencies.drain(..).for_each(|micros| window.record(micros));
         }
     }
 
