@@ -139,8 +139,11 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
         r#"{"id": "never-seen", "label": 1}"#,
     );
     let later = dashboard.collect_until(Duration::from_secs(15), |m| {
-        last_metrics(m, &metrics_topic)
-            .is_some_and(|v| num(&v, "feedback_total") >= 10.0 && num(&v, "train_steps") > 0.0)
+        last_metrics(m, &metrics_topic).is_some_and(|v| {
+            num(&v, "feedback_total") >= 10.0
+                && num(&v, "late_labels_total") >= 1.0
+                && num(&v, "train_steps") > 0.0
+        })
     });
     let all: Vec<_> = got.iter().chain(later.iter()).cloned().collect();
 

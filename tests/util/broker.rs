@@ -266,21 +266,17 @@ pub fn last_metrics(msgs: &[(String, Vec<u8>)], topic: &str) -> Option<serde_jso
         .map(|t| serde_json::from_str(&t).expect("metrics are JSON"))
 }
 
+/// A `mosquitto_sub` or `mosquitto_pub` command aimed at `topic` on the test broker.
+fn mosquitto_client(program: &str, port: u16, topic: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic]);
+    cmd
+}
+
 /// `mosquitto_sub` reading one (retained) message from a topic.
 pub fn mosquitto_sub_one(port: u16, topic: &str) -> String {
-    let out = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            topic,
-            "-C",
-            "1",
-            "-W",
-            "5",
-        ])
+    let out = mosquitto_client("mosquitto_sub", port, topic)
+        .args(["-C", "1", "-W", "5"])
         .output()
         .expect("mosquitto_sub runs");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -288,17 +284,8 @@ pub fn mosquitto_sub_one(port: u16, topic: &str) -> String {
 
 /// `mosquitto_pub` one message.
 pub fn mosquitto_pub(port: u16, topic: &str, message: &str) {
-    let ok = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            topic,
-            "-m",
-            message,
-        ])
+    let ok = mosquitto_client("mosquitto_pub", port, topic)
+        .args(["-m", message])
         .status()
         .expect("mosquitto_pub runs")
         .success();
