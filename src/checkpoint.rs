@@ -641,38 +641,22 @@ fn snapshot_from(m: &Manifest, mut t: Tensors) -> Result<Snapshot, String> {
         }
         Ok(v)
     };
-    let mut matrix = |name: &str, rows: usize, cols: usize| -> Result<Array2<f32>, String> {
-        Ok(
-            Array2::from_shape_vec((rows, cols), take(name, &[rows, cols])?)
-                .expect("shape checked"),
-        )
+    // Heads and optimizer moments are all a `{prefix}.weight` [c, d] and a `{prefix}.bias` [c].
+    let mut pair = |prefix: &str| -> Result<Gradients, String> {
+        let weight = take(&format!("{prefix}.weight"), &[c, d])?;
+        let bias = take(&format!("{prefix}.bias"), &[c])?;
+        Ok(Gradients {
+            weight: Array2::from_shape_vec((c, d), weight).expect("shape checked"),
+            bias: Array1::from(bias),
+        })
     };
-    let heads_w = [
-        matrix("student.weight", c, d)?,
-        matrix("teacher.weight", c, d)?,
-        matrix("source.weight", c, d)?,
-    ];
-    let mut vector =
-        |name: &str| -> Result<Array1<f32>, String> { Ok(Array1::from(take(name, &[c])?)) };
-    let heads_b = [
-        vector("student.bias")?,
-        vector("teacher.bias")?,
-        vector("source.bias")?,
-    ];
-    let running = vector("pseudo.running")?;
-    let [sw, tw, pw] = heads_w;
-    let [sb, tb, pb] = heads_b;
-    let heads = [
-        LinearHead::new(sw, sb),
-        LinearHead::new(tw, tb),
-        LinearHead::new(pw, pb),
-    ];
-    let mut grads = |prefix: &str| -> Result<Gradients, String> {
-        let weight = Array2::from_shape_vec((c, d), take(&format!("{prefix}.weight"), &[c, d])?)
-            .expect("shape checked");
-        let bias = Array1::from(take(&format!("{prefix}.bias"), &[c])?);
-        Ok(Gradients { weight, bias })
-    };
+    let mut heads = Vec::with_capacity(3);
+    for role in ["student", "teacher", "source"] {
+        let g = pair(role)?;
+        heads.push(LinearHead::new(g.weight, g.bias));
+    }
+    let heads: [LinearHead; 3] = heads.try_into().expect("three heads");
+    let mut grads = pair;
     let optimizer = match m.optimizer {
         OptimizerMeta::Sgd { momentum } => Optimizer::Sgd {
             momentum,
@@ -692,6 +676,7 @@ fn snapshot_from(m: &Manifest, mut t: Tensors) -> Result<Snapshot, String> {
             t,
         },
     };
+    let running = Array1::from(take("pseudo.running", &[c])?);
     // The buffer keeps the configured capacity; restore as many of the newest as fit.
     let mut labeled_rows = Vec::with_capacity(c);
     for class in 0..c {
