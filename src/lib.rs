@@ -13,5 +13,6 @@ pub mod daemon;
 pub mod learn;
 pub mod metrics;
 pub mod model;
+pub mod nn;
 pub mod replay;
 pub mod stream;
