@@ -5,9 +5,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use edgemt::learn::{AugmentConfig, LearnConfig, Learner};
+use edgemt::learn::{LearnConfig, Learner};
 use edgemt::model::{Classifier, HeadSelection};
-use edgemt::stream::{Recording, SampleDecoder};
+use edgemt::nn::Workspace;
+use edgemt::stream::{Layout, Recording, SampleDecoder};
 use ndarray::Array2;
 
 fn shipped() -> (Classifier, Recording) {
@@ -54,21 +55,28 @@ fn teacher_head(c: &mut Criterion) {
         .flat_map(|s| s.x.iter().copied())
         .collect();
     let emb = model.backbone.embed(&inputs, 32).unwrap();
-    let head = model.pretrained_head();
+    let head = model.pretrained();
     let mut out = Array2::zeros((1, model.classes()));
+    let mut ws = Workspace::default();
     c.bench_function("teacher_head/1", |b| {
-        b.iter(|| head.probs_into(black_box(emb.slice(ndarray::s![0..1, ..])), &mut out))
+        b.iter(|| {
+            head.probs_into(
+                black_box(emb.slice(ndarray::s![0..1, ..])),
+                &mut ws,
+                &mut out,
+            )
+        })
     });
 }
 
 fn train_step(c: &mut Criterion) {
     let (mut model, rec) = shipped();
-    let head = model.pretrained_head();
     let mut learner = Learner::new(
-        head,
-        &model.input_shape,
-        LearnConfig::default(),
-        AugmentConfig::default(),
+        model.pretrained(),
+        Layout::for_shape(&model.input_shape, None),
+        &LearnConfig::default(),
+        &Default::default(),
+        &Default::default(),
         0,
     );
     // Fill the buffers from the recording, as a replay would.

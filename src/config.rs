@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub replay: ReplayConfig,
     #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
     pub mqtt: MqttConfig,
     #[serde(default)]
     pub input: InputConfig,
@@ -200,7 +202,37 @@ impl Default for ReplayConfig {
     }
 }
 
+/// `[daemon]`: what `edgemt run` needs beyond the broker.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Seed for the learner's batch sampling and augmentation in the daemon.
+    pub seed: u64,
+}
+
 impl Config {
+    /// A config with only `[model] path` set (every other key at its default), built
+    /// directly rather than through TOML text, so any path works.
+    pub fn for_model(path: &Path) -> Config {
+        Config {
+            model: ModelConfig {
+                path: path.to_owned(),
+                output: None,
+                embedding: None,
+                class_names: None,
+            },
+            learn: Default::default(),
+            augment: Default::default(),
+            replay: Default::default(),
+            daemon: Default::default(),
+            mqtt: Default::default(),
+            input: Default::default(),
+            metrics: Default::default(),
+            checkpoint: Default::default(),
+            guard: Default::default(),
+        }
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
@@ -244,8 +276,41 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Validates every section, then what spans sections.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let l = &self.learn;
+        self.model.validate()?;
+        self.learn.validate()?;
+        self.augment.validate()?;
+        self.replay.validate()?;
+        self.daemon.validate()?;
+        self.mqtt.validate()?;
+        self.input.validate()?;
+        self.metrics.validate()?;
+        self.checkpoint.validate()?;
+        self.guard.validate()
+    }
+}
+
+/// A config section that checks its own values, naming the key that is wrong.
+pub trait Section {
+    fn validate(&self) -> Result<(), ConfigError>;
+}
+
+impl Section for ModelConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "model.path",
+                message: "must name an ONNX file".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Section for LearnConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = self;
         check("learn.lambda_pseudo", l.lambda_pseudo, 0.0..=1e6)?;
         check("learn.alpha_consistency", l.alpha_consistency, 0.0..=1e6)?;
         check(
@@ -255,6 +320,9 @@ impl Config {
         )?;
         check("learn.learning_rate", l.learning_rate, 1e-9..=10.0)?;
         check("learn.momentum", l.momentum, 0.0..=0.999_999)?;
+        check("learn.adam_beta1", l.adam_beta1, 0.0..=0.999_999)?;
+        check("learn.adam_beta2", l.adam_beta2, 0.0..=0.999_999_9)?;
+        check("learn.adam_eps", l.adam_eps, 1e-12..=1.0)?;
         check("learn.anchor", l.anchor, 0.0..=1e6)?;
         check("learn.max_grad_norm", l.max_grad_norm, 0.0..=1e9)?;
         check("learn.ema_decay", l.ema_decay, 0.0..=1.0)?;
@@ -263,11 +331,11 @@ impl Config {
             l.alignment_momentum,
             0.0..=0.999_999,
         )?;
-        positive("learn.ema_every", l.ema_every as usize)?;
-        positive("learn.train_every", l.train_every)?;
-        positive("learn.batch_labeled", l.batch_labeled)?;
-        positive("learn.batch_unlabeled", l.batch_unlabeled)?;
-        positive("learn.labeled_per_class", l.labeled_per_class)?;
+        positive("learn.ema_every", l.ema_every)?;
+        positive("learn.train_every", l.train_every as u64)?;
+        positive("learn.batch_labeled", l.batch_labeled as u64)?;
+        positive("learn.batch_unlabeled", l.batch_unlabeled as u64)?;
+        positive("learn.labeled_per_class", l.labeled_per_class as u64)?;
         if l.unlabeled_capacity < l.batch_unlabeled {
             return Err(ConfigError::Invalid {
                 key: "learn.unlabeled_capacity",
@@ -277,10 +345,15 @@ impl Config {
                 ),
             });
         }
-        let a = &self.augment;
-        check("augment.jitter", a.jitter, 0.0..=10.0)?;
-        check("augment.scale", a.scale, 0.0..=10.0)?;
-        if let Some(axis) = a.time_axis {
+        Ok(())
+    }
+}
+
+impl Section for AugmentConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check("augment.jitter", self.jitter, 0.0..=10.0)?;
+        check("augment.scale", self.scale, 0.0..=10.0)?;
+        if let Some(axis) = self.time_axis {
             if axis > 1 {
                 return Err(ConfigError::Invalid {
                     key: "augment.time_axis",
@@ -288,9 +361,26 @@ impl Config {
                 });
             }
         }
-        positive("replay.batch", self.replay.batch)?;
-        positive("replay.timeline_every", self.replay.timeline_every)?;
-        let m = &self.mqtt;
+        Ok(())
+    }
+}
+
+impl Section for ReplayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("replay.batch", self.batch as u64)?;
+        positive("replay.timeline_every", self.timeline_every as u64)
+    }
+}
+
+impl Section for DaemonConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
+}
+
+impl Section for MqttConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let m = self;
         if m.host.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "mqtt.host",
@@ -303,10 +393,10 @@ impl Config {
                 message: format!("must be 0 or 1, got {}", m.qos),
             });
         }
-        if m.keep_alive_s < 5 {
+        if !(5..=65_535).contains(&m.keep_alive_s) {
             return Err(ConfigError::Invalid {
                 key: "mqtt.keep_alive_s",
-                message: format!("must be at least 5, got {}", m.keep_alive_s),
+                message: format!("must be between 5 and 65535, got {}", m.keep_alive_s),
             });
         }
         if m.tls && m.ca_file.is_none() {
@@ -331,62 +421,86 @@ impl Config {
                 });
             }
         }
-        positive("mqtt.max_payload_bytes", m.max_payload_bytes)?;
-        positive("mqtt.request_queue", m.request_queue)?;
-        positive("mqtt.reconnect_min_ms", m.reconnect_min_ms as usize)?;
+        if !(1..=MAX_PAYLOAD_BYTES).contains(&m.max_payload_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.max_payload_bytes",
+                message: format!(
+                    "must be between 1 and {MAX_PAYLOAD_BYTES}, got {}",
+                    m.max_payload_bytes
+                ),
+            });
+        }
+        positive("mqtt.request_queue", m.request_queue as u64)?;
+        positive("mqtt.reconnect_min_ms", m.reconnect_min_ms)?;
         if m.reconnect_max_ms < m.reconnect_min_ms {
             return Err(ConfigError::Invalid {
                 key: "mqtt.reconnect_max_ms",
                 message: "must be at least mqtt.reconnect_min_ms".into(),
             });
         }
-        positive("input.queue_capacity", self.input.queue_capacity)?;
-        positive("input.max_batch", self.input.max_batch)?;
-        positive("input.feedback_capacity", self.input.feedback_capacity)?;
-        if self.input.window == Some(0) {
-            return Err(ConfigError::Invalid {
-                key: "input.window",
-                message: "must be at least 1, got 0".into(),
-            });
+        Ok(())
+    }
+}
+
+impl Section for InputConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("input.queue_capacity", self.queue_capacity as u64)?;
+        positive("input.max_batch", self.max_batch as u64)?;
+        positive("input.feedback_capacity", self.feedback_capacity as u64)?;
+        if let Some(w) = self.window {
+            positive("input.window", w as u64)?;
         }
-        if self.input.hop == Some(0) {
-            return Err(ConfigError::Invalid {
-                key: "input.hop",
-                message: "must be at least 1, got 0".into(),
-            });
-        }
-        if !(self.metrics.interval_s.is_finite() && self.metrics.interval_s >= 0.1) {
-            return Err(ConfigError::Invalid {
-                key: "metrics.interval_s",
-                message: format!("must be at least 0.1, got {}", self.metrics.interval_s),
-            });
-        }
-        check("guard.margin", self.guard.margin, 0.0..=1.0)?;
-        check("guard.min_agreement", self.guard.min_agreement, 0.0..=1.0)?;
-        check("guard.collapse_ratio", self.guard.collapse_ratio, 0.0..=1.0)?;
-        positive(
-            "guard.check_every_steps",
-            self.guard.check_every_steps as usize,
-        )?;
-        positive("guard.capacity", self.guard.capacity)?;
-        positive(
-            "checkpoint.every_steps",
-            self.checkpoint.every_steps as usize,
-        )?;
-        positive("checkpoint.keep", self.checkpoint.keep)?;
-        if !(self.checkpoint.every_s.is_finite() && self.checkpoint.every_s >= 1.0) {
-            return Err(ConfigError::Invalid {
-                key: "checkpoint.every_s",
-                message: format!("must be at least 1, got {}", self.checkpoint.every_s),
-            });
-        }
-        if self.model.path.as_os_str().is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "model.path",
-                message: "must name an ONNX file".into(),
-            });
+        if let Some(h) = self.hop {
+            positive("input.hop", h as u64)?;
         }
         Ok(())
+    }
+}
+
+impl Section for MetricsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        seconds("metrics.interval_s", self.interval_s, 0.1)
+    }
+}
+
+impl Section for CheckpointConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive("checkpoint.every_steps", self.every_steps)?;
+        positive("checkpoint.keep", self.keep as u64)?;
+        seconds("checkpoint.every_s", self.every_s, 1.0)
+    }
+}
+
+impl Section for GuardConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check("guard.margin", self.margin, 0.0..=1.0)?;
+        check("guard.min_agreement", self.min_agreement, 0.0..=1.0)?;
+        check("guard.collapse_ratio", self.collapse_ratio, 0.0..=1.0)?;
+        positive("guard.check_every_steps", self.check_every_steps)?;
+        positive("guard.capacity", self.capacity as u64)
+    }
+}
+
+/// Longest period a config may name (about 115 days): larger values would overflow a
+/// `Duration` or, near it, mean "never", which is better said by turning the feature off.
+pub const MAX_SECONDS: f64 = 1e7;
+
+/// Largest payload `mqtt.max_payload_bytes` may allow.
+pub const MAX_PAYLOAD_BYTES: usize = 256 << 20;
+
+/// A validated number of seconds as a `Duration` (saturating, never panicking).
+pub fn duration_s(seconds: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(seconds.clamp(0.0, MAX_SECONDS)).unwrap_or_default()
+}
+
+fn seconds(key: &'static str, v: f64, min: f64) -> Result<(), ConfigError> {
+    if v.is_finite() && (min..=MAX_SECONDS).contains(&v) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            message: format!("must be between {min} and {MAX_SECONDS} seconds, got {v}"),
+        })
     }
 }
 
@@ -405,7 +519,7 @@ fn check(
     }
 }
 
-fn positive(key: &'static str, v: usize) -> Result<(), ConfigError> {
+fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
     if v > 0 {
         Ok(())
     } else {

@@ -15,4 +15,21 @@ pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod replay;
+pub mod session;
 pub mod stream;
+
+/// An error and its causes, one after the other (`outer: cause: root cause`), for logs: a
+/// `tracing` line shows only `Display`, which would drop the OS error behind an I/O failure.
+pub fn report(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}

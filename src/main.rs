@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
 use edgemt::model::{Classifier, HeadSelection};
-use edgemt::replay::{replay, ReplayOptions};
+use edgemt::replay::{replay, Progress, ReplayOptions};
+use std::io::Write;
 
 #[derive(Parser)]
 #[command(
@@ -98,34 +99,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             predictions,
         } => {
             let cfg = Config::load(&config)?;
-            let mut classifier = load_classifier(&cfg)?;
-            let bar = progress_bar();
+            let classifier = load_classifier(&cfg)?;
+            let bar = progress_bar(std::fs::metadata(&recording).map_or(0, |m| m.len()));
+            let mut out = match &predictions {
+                Some(path) => Some(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("writing predictions {}", path.display()))?,
+                )),
+                None => None,
+            };
+            let mut write_error = None;
             let outcome = replay(
-                &mut classifier,
+                &classifier,
                 &cfg,
                 &recording,
                 eval.as_deref(),
                 &ReplayOptions { seed, checkpoint },
-                |done, total| {
-                    if let Some(bar) = &bar {
-                        bar.set_length(total as u64);
-                        bar.set_position(done as u64);
+                |progress| match progress {
+                    Progress::Read { bytes } => {
+                        if let Some(bar) = &bar {
+                            bar.set_position(bytes);
+                        }
+                    }
+                    Progress::Prediction { sample, prediction } => {
+                        if let (Some(out), None) = (out.as_mut(), &write_error) {
+                            let line = serde_json::json!({"sample": sample, "class": prediction.class, "confidence": prediction.confidence});
+                            if let Err(e) = writeln!(out, "{line}") {
+                                write_error = Some(e);
+                            }
+                        }
                     }
                 },
             )?;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
-            print_summary(&outcome.report);
-            if let Some(path) = predictions {
-                let mut out = String::new();
-                for (i, p) in outcome.predictions.iter().enumerate() {
-                    out.push_str(&serde_json::json!({"sample": i, "class": p.class, "confidence": p.confidence}).to_string());
-                    out.push('\n');
-                }
-                std::fs::write(&path, out)
-                    .with_context(|| format!("writing predictions {}", path.display()))?;
+            if let Some(e) = write_error {
+                return Err(e).context("writing predictions");
             }
+            if let Some(mut out) = out {
+                out.flush().context("writing predictions")?;
+            }
+            print_summary(&outcome.report);
             if let Some(path) = report {
                 let json = serde_json::to_string_pretty(&outcome.report)?;
                 std::fs::write(&path, json)
@@ -159,10 +174,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                                 checkpoint.display()
                             )
                         })?;
-                    Config::from_toml(&format!(
-                        "[model]\npath = {:?}\n",
-                        model.display().to_string()
-                    ))?
+                    Config::for_model(&model)
                 }
             };
             let classifier = load_classifier(&cfg)?;
@@ -171,17 +183,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.checkpoint.keep,
                 Identity::new(&classifier, &cfg.learn),
             )?;
-            let (manifest, snapshot) = store.latest_valid().with_context(|| {
+            let (manifest, state) = store.latest_valid().with_context(|| {
                 format!(
                     "no valid checkpoint for this model in {}",
                     checkpoint.display()
                 )
             })?;
-            let teacher = &snapshot.heads[1];
+            let teacher = classifier.pretrained().with_params(state.teacher)?;
             let bytes = edgemt::model::export::export_with_head(
                 classifier.proto(),
                 &classifier.head,
-                teacher,
+                &teacher,
                 &[
                     (
                         "edgemt.adapted_from",
@@ -279,14 +291,16 @@ fn load_classifier(cfg: &Config) -> anyhow::Result<Classifier> {
     Ok(c)
 }
 
-fn progress_bar() -> Option<indicatif::ProgressBar> {
+fn progress_bar(total_bytes: u64) -> Option<indicatif::ProgressBar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
-    let bar = indicatif::ProgressBar::new(0);
+    let bar = indicatif::ProgressBar::new(total_bytes);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples {per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     Some(bar)
 }

@@ -1,23 +1,28 @@
-//! Prequential replay of a recording: predict each sample with the deployed teacher (and the
-//! frozen pretrained head, for comparison), then hand it to the learner.
+//! Prequential replay of a recording through a [`Session`]: predict each sample with the
+//! deployed teacher (and the frozen pretrained model, for comparison), then hand it to the
+//! session, exactly as the daemon's threads do.
 //!
-//! The backbone is frozen, so a chunk of samples is embedded in one batched pass up front; the
-//! teacher still predicts sample by sample, after every step that came before, which keeps
-//! the evaluation strictly prequential.
+//! The recording is streamed: up to `[replay] batch` lines are read and validated at a time
+//! and their samples embedded in one backbone pass, so memory does not grow with the
+//! recording's length. The teacher still predicts sample by sample, after every step that
+//! came before, which keeps the evaluation strictly prequential. Feedback lines
+//! (`{"id": ..., "label": k}`) label an earlier sample after the fact, like the daemon's
+//! labels topic.
 
 use std::path::Path;
 use std::time::Instant;
 
-use ndarray::{s, Array2};
+use ndarray::Array2;
 use serde::Serialize;
 
-use crate::checkpoint::{CheckpointStore, Identity, Snapshot};
+use crate::checkpoint::{CheckpointError, CheckpointStore, Identity};
 use crate::config::Config;
-use crate::learn::head::argmax;
-use crate::learn::{LearnError, Learner};
+use crate::learn::StepReport;
 use crate::metrics::peak_rss_bytes;
 use crate::model::{Classifier, ModelError};
-use crate::stream::{Recording, RecordingError, Sample, SampleDecoder};
+use crate::nn::{Mlp, Workspace};
+use crate::session::{predict_rows, Observation, Prediction, Session, SessionError};
+use crate::stream::{Line, RecordingError, RecordingReader, Rejected, SampleDecoder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -26,17 +31,23 @@ pub enum ReplayError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
-    Learn(#[from] LearnError),
+    Session(#[from] SessionError),
     #[error(transparent)]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    Checkpoint(#[from] CheckpointError),
     #[error("holdout {0} has no samples with \"truth\", so it cannot be scored")]
     NoTruth(String),
+    #[error("recording {path} has no valid sample ({rejected} lines rejected)")]
+    Empty { path: String, rejected: usize },
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub samples: usize,
-    pub labeled: usize,
+    /// Labels learned from: on sample lines, or matched by feedback lines.
+    pub labeled: u64,
+    /// Feedback lines that found their sample, and those that came too late.
+    pub feedback: u64,
+    pub late_labels: u64,
     pub scored: usize,
     pub rejected: usize,
     pub prequential_accuracy: Accuracy,
@@ -81,6 +92,15 @@ pub struct PseudoLabels {
     pub accepted_correct: u64,
     /// Accepted pseudo-labels whose sample had a known truth.
     pub accepted_with_truth: u64,
+}
+
+impl PseudoLabels {
+    fn add(&mut self, step: &StepReport) {
+        self.offered += step.offered as u64;
+        self.accepted += step.accepted as u64;
+        self.accepted_correct += step.accepted_correct as u64;
+        self.accepted_with_truth += step.accepted_with_truth as u64;
+    }
 }
 
 /// One timeline entry: accuracies over the samples since the previous entry, and the mean
@@ -129,20 +149,21 @@ impl Window {
             acceptance: frac(self.accepted, self.offered),
         }
     }
+
+    fn add(&mut self, step: &StepReport) {
+        self.steps += 1;
+        self.sup += step.losses.sup as f64;
+        self.pseudo += step.losses.pseudo as f64;
+        self.consistency += step.losses.consistency as f64;
+        self.offered += step.offered;
+        self.accepted += step.accepted;
+    }
 }
 
-/// The deployed teacher's prediction for one replayed sample, made before it learned from it.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Prediction {
-    pub class: usize,
-    pub confidence: f32,
-}
-
-/// What a replay leaves behind: the report, the final learner, and every prediction in order.
+/// What a replay leaves behind: the report and the session at the end.
 pub struct Outcome {
     pub report: Report,
-    pub learner: Learner,
-    pub predictions: Vec<Prediction>,
+    pub session: Session,
 }
 
 /// Options that do not belong in the config file.
@@ -154,38 +175,68 @@ pub struct ReplayOptions {
     pub checkpoint: Option<std::path::PathBuf>,
 }
 
-/// Replays `recording` through a fresh learner and, with `holdout`, scores the final heads.
+/// What a replay tells its caller as it goes.
+pub enum Progress {
+    /// The teacher's prediction for the `sample`-th sample (0-based), made before it was
+    /// learned from.
+    Prediction {
+        sample: usize,
+        prediction: Prediction,
+    },
+    /// Bytes of the recording read so far.
+    Read { bytes: u64 },
+}
+
+/// Up to `batch` lines of a recording, with their samples' inputs back to back.
+struct Chunk {
+    lines: Vec<Line>,
+    inputs: Vec<f32>,
+    samples: usize,
+}
+
+impl Chunk {
+    /// Reads the next lines (samples and feedback count alike, as the daemon's batches do);
+    /// rejected lines are handed to `rejected`. False at the end of the recording.
+    fn fill<R: std::io::BufRead>(
+        &mut self,
+        reader: &mut RecordingReader<R>,
+        batch: usize,
+        mut rejected: impl FnMut(Rejected),
+    ) -> Result<bool, RecordingError> {
+        self.lines.clear();
+        self.inputs.clear();
+        self.samples = 0;
+        while self.lines.len() < batch {
+            match reader.next_line() {
+                None => break,
+                Some(line) => match line? {
+                    Ok(line) => {
+                        if let Line::Sample(s) = &line {
+                            self.inputs.extend_from_slice(&s.x);
+                            self.samples += 1;
+                        }
+                        self.lines.push(line);
+                    }
+                    Err(r) => rejected(r),
+                },
+            }
+        }
+        Ok(!self.lines.is_empty())
+    }
+}
+
+/// Replays `recording` through a fresh session and, with `holdout`, scores the final models.
 pub fn replay(
-    classifier: &mut Classifier,
+    classifier: &Classifier,
     cfg: &Config,
     recording: &Path,
     holdout: Option<&Path>,
     opts: &ReplayOptions,
-    mut on_progress: impl FnMut(usize, usize),
+    mut on_progress: impl FnMut(Progress),
 ) -> Result<Outcome, ReplayError> {
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
-    let rec = Recording::read(recording, &decoder)?;
-    for r in rec.rejected.iter().take(20) {
-        tracing::warn!("{}:{}: skipped: {}", recording.display(), r.line, r.error);
-    }
-    if rec.rejected.len() > 20 {
-        tracing::warn!(
-            "{}: {} more bad lines skipped",
-            recording.display(),
-            rec.rejected.len() - 20
-        );
-    }
     let seed = opts.seed.unwrap_or(cfg.replay.seed);
-    let pretrained = classifier.pretrained_head();
-    let mut learner = Learner::new(
-        pretrained,
-        &classifier.input_shape,
-        cfg.learn.clone(),
-        cfg.augment.clone(),
-        seed,
-    )
-    .with_guard(cfg.guard.clone());
-    let mut train_backbone = classifier.backbone.clone();
+    let mut session = Session::new(classifier, cfg, seed);
     let mut store = match &opts.checkpoint {
         Some(dir) => Some(CheckpointStore::open(
             dir,
@@ -196,107 +247,148 @@ pub fn replay(
     };
     let restored_from = store
         .as_ref()
-        .and_then(|s| s.restore_latest(&mut learner))
+        .and_then(|s| session.restore(s))
         .map(|r| r.name);
     let mut checkpoints_written = 0;
 
     let started = Instant::now();
-    let n = rec.samples.len();
-    let len = classifier.sample_len();
-    let mut inputs = Vec::with_capacity(cfg.replay.batch * len);
+    let source = session.learner().source().clone();
+    let mut reader = RecordingReader::open(recording, &decoder)?;
+    let mut chunk = Chunk {
+        lines: Vec::with_capacity(cfg.replay.batch),
+        inputs: Vec::with_capacity(cfg.replay.batch * classifier.sample_len()),
+        samples: 0,
+    };
     let mut emb = Array2::zeros((0, classifier.embedding_dim));
-    let mut source_logits = Array2::zeros((0, classifier.classes()));
-    let mut one = Array2::zeros((1, classifier.classes()));
-    let mut predictions = Vec::with_capacity(n);
-
+    let (mut ws, mut probs, mut source_preds) =
+        (Workspace::default(), Array2::zeros((0, 0)), Vec::new());
+    let mut rejected = 0usize;
+    let mut samples = 0usize;
     let (mut scored, mut teacher_correct, mut source_correct) = (0usize, 0usize, 0usize);
     let mut pseudo = PseudoLabels::default();
     let mut window = Window::default();
     let mut timeline = Vec::new();
-    for (chunk_index, chunk) in rec.samples.chunks(cfg.replay.batch).enumerate() {
-        inputs.clear();
-        chunk.iter().for_each(|s| inputs.extend_from_slice(&s.x));
-        classifier
-            .backbone
-            .embed_into(&inputs, chunk.len(), &mut emb)?;
-        learner.source.logits_into(emb.view(), &mut source_logits);
-        for (i, sample) in chunk.iter().enumerate() {
-            let done = chunk_index * cfg.replay.batch + i + 1;
-            let row = emb.slice(s![i..i + 1, ..]);
-            learner.teacher.probs_into(row, &mut one);
-            let (teacher_class, confidence) = argmax(one.row(0));
-            predictions.push(Prediction {
-                class: teacher_class,
-                confidence,
-            });
-            let source_class = argmax(source_logits.row(i)).0;
-            if let Some(truth) = sample.truth {
-                scored += 1;
-                window.scored += 1;
-                teacher_correct += (teacher_class == truth) as usize;
-                source_correct += (source_class == truth) as usize;
-                window.teacher_correct += (teacher_class == truth) as usize;
-                window.source_correct += (source_class == truth) as usize;
-            }
-            learner.observe(&sample.x, emb.row(i), sample.label, sample.truth);
-            if learner.due() {
-                if let Some(step) = learner.step(&mut train_backbone)? {
-                    if let Some(store) = store.as_mut() {
-                        if learner.counters.train_steps % cfg.checkpoint.every_steps == 0 {
-                            store.save(&Snapshot::of(&learner))?;
-                            checkpoints_written += 1;
-                        }
+    let log_rejected = |r: Rejected, rejected: &mut usize| {
+        *rejected += 1;
+        if *rejected <= 20 {
+            tracing::warn!("{}:{}: skipped: {}", recording.display(), r.line, r.error);
+        }
+    };
+    while chunk.fill(&mut reader, cfg.replay.batch, |r| {
+        log_rejected(r, &mut rejected)
+    })? {
+        session.embed(&chunk.inputs, chunk.samples, &mut emb)?;
+        predict_rows(&source, emb.view(), &mut ws, &mut probs, &mut source_preds);
+        let mut row = 0;
+        for line in chunk.lines.drain(..) {
+            match line {
+                Line::Sample(s) => {
+                    let e = emb.row(row);
+                    let p = session.predict(e);
+                    on_progress(Progress::Prediction {
+                        sample: samples,
+                        prediction: p,
+                    });
+                    if let Some(truth) = s.truth {
+                        let (t, src) = (
+                            (p.class == truth) as usize,
+                            (source_preds[row].class == truth) as usize,
+                        );
+                        scored += 1;
+                        teacher_correct += t;
+                        source_correct += src;
+                        window.scored += 1;
+                        window.teacher_correct += t;
+                        window.source_correct += src;
                     }
-                    window.steps += 1;
-                    window.sup += step.losses.sup as f64;
-                    window.pseudo += step.losses.pseudo as f64;
-                    window.consistency += step.losses.consistency as f64;
-                    window.offered += step.offered;
-                    window.accepted += step.accepted;
-                    pseudo.offered += step.offered as u64;
-                    pseudo.accepted += step.accepted as u64;
-                    pseudo.accepted_correct += step.accepted_correct as u64;
-                    pseudo.accepted_with_truth += step.accepted_with_truth as u64;
+                    session.observe(Observation {
+                        id: s.id.as_deref(),
+                        x: &s.x,
+                        embedding: e,
+                        label: s.label,
+                        truth: s.truth,
+                        predicted: p.class,
+                    });
+                    row += 1;
+                    samples += 1;
+                    if samples % cfg.replay.timeline_every == 0 {
+                        timeline.push(window.point(samples));
+                        window = Window::default();
+                    }
+                }
+                Line::Feedback { id, label } => {
+                    session.feedback(&id, label);
                 }
             }
-            if done % cfg.replay.timeline_every == 0 || done == n {
-                timeline.push(window.point(done));
-                window = Window::default();
+            if let Some(step) = session.maybe_step()? {
+                window.add(&step);
+                pseudo.add(&step);
+            }
+            if let Some(store) = store.as_mut() {
+                if let Some(state) = session.take_checkpoint(Instant::now()) {
+                    store.save(&state)?;
+                    checkpoints_written += 1;
+                }
             }
         }
-        on_progress(chunk_index * cfg.replay.batch + chunk.len(), n);
+        on_progress(Progress::Read {
+            bytes: reader.bytes_read(),
+        });
+    }
+    if rejected > 20 {
+        tracing::warn!(
+            "{}: {} more bad lines skipped",
+            recording.display(),
+            rejected - 20
+        );
+    }
+    if samples == 0 {
+        return Err(ReplayError::Empty {
+            path: recording.display().to_string(),
+            rejected,
+        });
+    }
+    if samples % cfg.replay.timeline_every != 0 {
+        timeline.push(window.point(samples));
     }
     let elapsed = started.elapsed().as_secs_f64();
     if let Some(store) = store.as_mut() {
-        store.save(&Snapshot::of(&learner))?;
-        checkpoints_written += 1;
+        session.request_checkpoint();
+        if let Some(state) = session.take_checkpoint(Instant::now()) {
+            store.save(&state)?;
+            checkpoints_written += 1;
+        }
     }
 
     let eval = match holdout {
-        Some(path) => Some(evaluate(classifier, &learner, path, cfg.replay.batch)?),
+        Some(path) => Some(evaluate(classifier, &session, path, cfg.replay.batch)?),
         None => None,
     };
     let frac = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let counters = *session.learner().counters();
+    let stats = *session.stats();
     let report = Report {
-        samples: n,
-        labeled: rec.samples.iter().filter(|s| s.label.is_some()).count(),
+        samples,
+        labeled: stats.labels,
+        feedback: stats.feedback,
+        late_labels: stats.late_labels,
         scored,
-        rejected: rec.rejected.len(),
+        rejected,
         prequential_accuracy: Accuracy {
             teacher: frac(teacher_correct, scored),
             source: frac(source_correct, scored),
         },
         eval,
         pseudo_labels: pseudo,
-        train_steps: learner.counters.train_steps,
-        ema_updates: learner.counters.ema_updates,
-        teacher_version: learner.counters.teacher_version,
-        rollbacks: learner.counters.rollbacks,
+        train_steps: counters.train_steps,
+        ema_updates: counters.ema_updates,
+        teacher_version: counters.teacher_version,
+        rollbacks: counters.rollbacks,
         restored_from,
         checkpoints_written,
-        skipped_nonfinite: learner.counters.skipped_nonfinite,
+        skipped_nonfinite: counters.skipped_nonfinite,
         throughput_samples_per_s: if elapsed > 0.0 {
-            n as f64 / elapsed
+            samples as f64 / elapsed
         } else {
             0.0
         },
@@ -304,47 +396,63 @@ pub fn replay(
         seed,
         timeline,
     };
-    Ok(Outcome {
-        report,
-        learner,
-        predictions,
-    })
+    Ok(Outcome { report, session })
 }
 
-/// Accuracy of the final teacher, student and pretrained heads on a labeled holdout.
+/// Accuracy of the final teacher, student and pretrained models on a labeled holdout,
+/// streamed in batches.
 pub fn evaluate(
-    classifier: &mut Classifier,
-    learner: &Learner,
+    classifier: &Classifier,
+    session: &Session,
     path: &Path,
     batch: usize,
 ) -> Result<Eval, ReplayError> {
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
-    let rec = Recording::read(path, &decoder)?;
-    let samples: Vec<&Sample> = rec.samples.iter().filter(|s| s.truth.is_some()).collect();
-    if samples.is_empty() {
-        return Err(ReplayError::NoTruth(path.display().to_string()));
-    }
-    let heads = [&learner.teacher, &learner.student, &learner.source];
+    let mut reader = RecordingReader::open(path, &decoder)?;
+    let l = session.learner();
+    let heads: [&Mlp; 3] = [l.teacher(), l.student(), l.source()];
+    let mut backbone = classifier.backbone.clone();
     let mut correct = [0usize; 3];
-    let mut inputs = Vec::new();
+    let mut total = 0usize;
+    let (mut inputs, mut truths) = (Vec::new(), Vec::new());
     let mut emb = Array2::zeros((0, classifier.embedding_dim));
-    let mut logits = Array2::zeros((0, classifier.classes()));
-    for chunk in samples.chunks(batch) {
+    let (mut ws, mut probs, mut preds) = (Workspace::default(), Array2::zeros((0, 0)), Vec::new());
+    loop {
         inputs.clear();
-        chunk.iter().for_each(|s| inputs.extend_from_slice(&s.x));
-        classifier
-            .backbone
-            .embed_into(&inputs, chunk.len(), &mut emb)?;
-        for (h, head) in heads.iter().enumerate() {
-            head.logits_into(emb.view(), &mut logits);
-            for (row, s) in logits.rows().into_iter().zip(chunk) {
-                correct[h] += (Some(argmax(row).0) == s.truth) as usize;
+        truths.clear();
+        while truths.len() < batch {
+            match reader.next_line() {
+                None => break,
+                Some(line) => {
+                    if let Ok(Line::Sample(s)) = line? {
+                        if let Some(t) = s.truth {
+                            inputs.extend_from_slice(&s.x);
+                            truths.push(t);
+                        }
+                    }
+                }
             }
         }
+        if truths.is_empty() {
+            break;
+        }
+        backbone.embed_into(&inputs, truths.len(), &mut emb)?;
+        for (h, head) in heads.iter().enumerate() {
+            predict_rows(head, emb.view(), &mut ws, &mut probs, &mut preds);
+            correct[h] += preds
+                .iter()
+                .zip(&truths)
+                .filter(|(p, &t)| p.class == t)
+                .count();
+        }
+        total += truths.len();
     }
-    let n = samples.len() as f64;
+    if total == 0 {
+        return Err(ReplayError::NoTruth(path.display().to_string()));
+    }
+    let n = total as f64;
     Ok(Eval {
-        samples: samples.len(),
+        samples: total,
         teacher_accuracy: correct[0] as f64 / n,
         student_accuracy: correct[1] as f64 / n,
         source_accuracy: correct[2] as f64 / n,

@@ -1,7 +1,7 @@
 //! Loading ONNX classifiers built by different tools, and the head/backbone split.
 
-use edgemt::learn::head::softmax_rows;
 use edgemt::model::{Classifier, HeadSelection, OutputKind, WeightLayout};
+use edgemt::nn::softmax_rows;
 use ndarray::Array2;
 use tract_onnx::pb;
 
@@ -14,9 +14,7 @@ fn load(rel: &str) -> Classifier {
 /// Backbone + extracted head, the way edgemt serves predictions.
 fn split_outputs(c: &mut Classifier, inputs: &[f32], batch: usize) -> Array2<f32> {
     let emb = c.backbone.embed(inputs, batch).expect("backbone runs");
-    let head = c.pretrained_head();
-    let mut out = Array2::zeros((0, 0));
-    head.logits_into(emb.view(), &mut out);
+    let mut out = c.pretrained().logits(emb.view());
     if c.head.kind == OutputKind::Probabilities {
         softmax_rows(&mut out);
     }

@@ -119,3 +119,26 @@ fn cross_toml_names_both_arm_targets() {
         );
     }
 }
+
+#[test]
+fn every_repository_file_cross_toml_mentions_exists() {
+    let text = repo_file("cross.toml");
+    let mentioned: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c == ',' || c == '(' || c == ')')
+        .map(|w| w.trim_end_matches(['.', ';', ':']))
+        .filter(|w| {
+            ["tools/", "packaging/", ".cargo/", "src/", "tests/"]
+                .iter()
+                .any(|p| w.starts_with(p))
+        })
+        .collect();
+    assert!(!mentioned.is_empty(), "cross.toml names the files to read");
+    for path in mentioned {
+        assert!(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(path)
+                .exists(),
+            "cross.toml mentions {path}, which does not exist"
+        );
+    }
+}

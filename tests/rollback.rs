@@ -2,7 +2,7 @@
 //! teacher's accuracy drops; with it the drop is reverted.
 
 use edgemt::learn::guard::{GuardConfig, RollbackGuard, Verdict};
-use edgemt::learn::LinearHead;
+use edgemt::nn::Mlp;
 use ndarray::{array, Array2};
 use serde_json::Value;
 
@@ -76,8 +76,8 @@ fn the_guard_reverts_the_damage_of_a_stretch_of_mislabeled_feedback() {
 
 #[test]
 fn a_teacher_that_predicts_one_class_for_everything_is_judged_collapsed() {
-    let source = LinearHead::new(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0]);
-    let collapsed = LinearHead::new(array![[0.0, 0.0], [0.0, 0.0]], array![0.0, 5.0]);
+    let source = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
+    let collapsed = Mlp::new(vec![(array![[0.0, 0.0], [0.0, 0.0]], array![0.0, 5.0])]).unwrap();
     // Recent embeddings on both sides of the source's boundary.
     let recent = Array2::from_shape_fn((64, 2), |(i, j)| {
         if j == 0 {
@@ -109,7 +109,7 @@ fn a_teacher_that_predicts_one_class_for_everything_is_judged_collapsed() {
 
 #[test]
 fn labels_the_last_good_teacher_almost_never_agrees_with_are_judged_misleading() {
-    let good = LinearHead::new(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0]);
+    let good = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
     let mut guard = RollbackGuard::new(GuardConfig {
         min_trusted: 2,
         min_pending: 3,

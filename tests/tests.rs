@@ -13,3 +13,4 @@ mod packaging;
 mod recordings;
 mod replay_cli;
 mod rollback;
+mod session;

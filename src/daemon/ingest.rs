@@ -13,6 +13,7 @@ use super::queue::BoundedQueue;
 use super::state::Shared;
 use super::workers::Incoming;
 use crate::config::InputFormat;
+use crate::stream::sample::id_of;
 use crate::stream::window::{decode_f32le, rows_from_f32le, rows_from_json};
 use crate::stream::{DecodeError, SampleDecoder, WindowAssembler};
 
@@ -226,11 +227,8 @@ impl Ingest {
     fn feedback(&mut self, payload: &[u8]) -> Result<(), Rejection> {
         let v: serde_json::Value =
             serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        let id = match v.get("id") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            _ => return Err(Rejection::Other("label feedback needs an \"id\"".into())),
-        };
+        let id = id_of(v.get("id"))?
+            .ok_or_else(|| Rejection::Other("label feedback needs an \"id\"".into()))?;
         let label = self
             .decoder
             .class(v.get("label"), "label")?

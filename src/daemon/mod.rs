@@ -23,8 +23,9 @@ use rumqttc::{AsyncClient, QoS};
 
 use crate::checkpoint::{CheckpointStore, Identity};
 use crate::config::Config;
-use crate::learn::augment::Layout;
 use crate::model::Classifier;
+use crate::session::{Predictor, Session};
+use crate::stream::Layout;
 use crate::stream::{SampleDecoder, WindowAssembler};
 use ingest::{Ingest, Topics};
 use queue::BoundedQueue;
@@ -59,7 +60,6 @@ pub async fn run(
     let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_queue);
     let qos = mqtt::qos(cfg.mqtt.qos);
 
-    let pretrained = classifier.pretrained_head();
     // Checkpoints go to [checkpoint] dir, else systemd's StateDirectory.
     let state_dir = cfg.checkpoint.dir.clone().or_else(|| {
         std::env::var_os("STATE_DIRECTORY").and_then(|v| {
@@ -75,11 +75,11 @@ pub async fn run(
                 cfg.checkpoint.keep,
                 Identity::new(&classifier, &cfg.learn),
             )
-            .map_err(|e| DaemonError::Setup(format!("{e:#}")))?,
+            .map_err(|e| DaemonError::Setup(crate::report(&e)))?,
         ),
         None => None,
     };
-    let shared = Arc::new(Shared::new(pretrained.clone(), state_dir));
+    let shared = Arc::new(Shared::new(classifier.pretrained(), state_dir));
     let input = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
     let train = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
 
@@ -105,7 +105,7 @@ pub async fn run(
 
     let inference = InferenceWorker {
         shared: shared.clone(),
-        backbone: classifier.backbone.clone(),
+        predictor: Predictor::new(classifier.backbone.clone()),
         input: input.clone(),
         train: train.clone(),
         client: client.clone(),
@@ -113,21 +113,13 @@ pub async fn run(
         class_names: classifier.class_names.clone(),
         qos,
         max_batch: cfg.input.max_batch,
-        feedback_capacity: cfg.input.feedback_capacity,
+        sample_len: classifier.sample_len(),
     };
     let trainer = TrainerWorker {
         shared: shared.clone(),
-        backbone: classifier.backbone.clone(),
+        session: Session::new(&classifier, &cfg, cfg.daemon.seed),
         queue: train.clone(),
-        pretrained,
-        sample_shape: classifier.input_shape.clone(),
-        learn: cfg.learn.clone(),
-        augment: cfg.augment.clone(),
-        guard: cfg.guard.clone(),
-        seed: cfg.replay.seed,
         checkpoints,
-        checkpoint_every_steps: cfg.checkpoint.every_steps,
-        checkpoint_every: Duration::from_secs_f64(cfg.checkpoint.every_s),
         exporter: workers::Exporter {
             proto: classifier.proto().clone(),
             head: classifier.head.clone(),
@@ -158,7 +150,7 @@ pub async fn run(
         client.clone(),
         topics.metrics.clone(),
         shared.clone(),
-        Duration::from_secs_f64(cfg.metrics.interval_s),
+        crate::config::duration_s(cfg.metrics.interval_s),
     ));
     let watchdog_task =
         notify::watchdog_interval().map(|period| tokio::spawn(watchdog(shared.clone(), period)));

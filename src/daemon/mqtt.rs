@@ -71,7 +71,10 @@ pub fn options(
     opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_s));
     opts.set_clean_session(true);
     // Oversized payloads are ours to reject and count; rumqttc would drop the connection.
-    opts.set_max_packet_size(cfg.max_payload_bytes.max(1 << 20) * 4, 1 << 20);
+    opts.set_max_packet_size(
+        cfg.max_payload_bytes.max(1 << 20).saturating_mul(4),
+        1 << 20,
+    );
     opts.set_request_channel_capacity(cfg.request_queue);
     opts.set_last_will(LastWill::new(&topics.status, "offline", qos(cfg.qos), true));
     if let Some(user) = &cfg.username {

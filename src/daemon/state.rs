@@ -10,13 +10,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::learn::LinearHead;
 use crate::metrics::LatencyWindow;
+use crate::nn::Mlp;
 
 /// The teacher head in service and its version.
 #[derive(Debug, Clone)]
 pub struct TeacherSnapshot {
-    pub head: LinearHead,
+    pub head: Mlp,
     pub version: u64,
 }
 
@@ -81,7 +81,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(teacher: LinearHead, state_dir: Option<std::path::PathBuf>) -> Self {
+    pub fn new(teacher: Mlp, state_dir: Option<std::path::PathBuf>) -> Self {
         let now = Instant::now();
         Shared {
             started: now,

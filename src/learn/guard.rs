@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 
 use ndarray::{Array2, ArrayView2};
 
-use super::head::{argmax, LinearHead};
+use crate::nn::{argmax, Mlp};
 
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -168,9 +168,9 @@ impl RollbackGuard {
     /// Judges `teacher` against `good` on the trusted labels and `recent` unlabeled embeddings.
     pub fn judge(
         &mut self,
-        teacher: &LinearHead,
-        good: &LinearHead,
-        source: &LinearHead,
+        teacher: &Mlp,
+        good: &Mlp,
+        source: &Mlp,
         recent: ArrayView2<f32>,
     ) -> Verdict {
         self.checks += 1;
@@ -193,7 +193,7 @@ impl RollbackGuard {
             };
         }
         if self.pending.len() >= self.cfg.min_pending {
-            let m = self.pending.matrix(good.embedding_dim());
+            let m = self.pending.matrix(good.input_dim());
             let agreement = accuracy(good, m.view(), &self.pending.labels);
             if agreement < self.cfg.min_agreement {
                 return Verdict::Misleading {
@@ -202,7 +202,7 @@ impl RollbackGuard {
                 };
             }
         }
-        let m = self.trusted.matrix(teacher.embedding_dim());
+        let m = self.trusted.matrix(teacher.input_dim());
         let (t, g) = (
             accuracy(teacher, m.view(), &self.trusted.labels),
             accuracy(good, m.view(), &self.trusted.labels),
@@ -243,9 +243,8 @@ impl RollbackGuard {
     }
 }
 
-fn accuracy(head: &LinearHead, embeddings: ArrayView2<f32>, labels: &VecDeque<usize>) -> f32 {
-    let mut logits = Array2::zeros((0, 0));
-    head.logits_into(embeddings, &mut logits);
+fn accuracy(head: &Mlp, embeddings: ArrayView2<f32>, labels: &VecDeque<usize>) -> f32 {
+    let logits = head.logits(embeddings);
     let correct = logits
         .rows()
         .into_iter()
@@ -256,9 +255,8 @@ fn accuracy(head: &LinearHead, embeddings: ArrayView2<f32>, labels: &VecDeque<us
 }
 
 /// Entropy (nats) of the histogram of a head's predicted classes over `embeddings`.
-pub fn prediction_entropy(head: &LinearHead, embeddings: ArrayView2<f32>) -> f32 {
-    let mut logits = Array2::zeros((0, 0));
-    head.logits_into(embeddings, &mut logits);
+pub fn prediction_entropy(head: &Mlp, embeddings: ArrayView2<f32>) -> f32 {
+    let logits = head.logits(embeddings);
     let mut counts = vec![0usize; head.classes()];
     for row in logits.rows() {
         counts[argmax(row).0] += 1;

@@ -1,24 +1,25 @@
-//! The learner: buffers, the student step, the EMA teacher and their counters.
+//! The learner: buffers, the student step, the EMA teacher, the rollback guard and their
+//! counters.
 //!
 //! `observe` files each sample (already embedded for its prediction) into a buffer; `step`
-//! draws a batch, embeds two augmentations of the unlabeled part in one backbone pass, takes
-//! one optimizer step on the student and refreshes the teacher by EMA every k steps. A step
-//! whose loss or gradient is not finite is skipped and counted, so nothing non-finite ever
-//! reaches the weights.
+//! draws a batch, embeds two augmentations of the unlabeled part in one backbone pass (through
+//! the [`Embed`] seam, so this module never sees the backbone), takes one optimizer step on
+//! the student and refreshes the teacher by EMA every k steps. A step whose loss or gradient
+//! is not finite is skipped and counted, so nothing non-finite ever reaches the weights.
 
-use ndarray::{Array2, ArrayView1, Zip};
+use ndarray::{Array1, Array2, ArrayView1};
 
 use super::augment::{AugmentConfig, Augmenter};
 use super::buffer::{LabeledBuffer, SampleRing};
 use super::guard::{GuardConfig, RollbackGuard, Verdict};
-use super::head::LinearHead;
-use super::loss::{
-    loss_and_grad, Batch, ConsistencyMode, Gradients, LossParts, LossWeights, Scratch,
+use super::loss::{loss_and_grad, Batch, ConsistencyMode, LossParts, LossWeights, Scratch};
+use super::optim::{
+    ema_update, rampup, warmed_up_decay, Optimizer, OptimizerKind, OptimizerSettings,
 };
-use super::optim::{ema_update, rampup, warmed_up_decay, Optimizer, OptimizerKind};
 use super::pseudo::{Balance, PseudoLabeler};
 use super::rng::Rng;
-use crate::model::{Backbone, ModelError};
+use crate::nn::{Mlp, Params, Workspace};
+use crate::stream::Layout;
 
 /// `[learn]`: the method's knobs. Defaults are the ones the README's numbers were made with.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
@@ -37,7 +38,11 @@ pub struct LearnConfig {
     pub learning_rate: f32,
     /// SGD momentum (ignored by Adam).
     pub momentum: f32,
-    /// L2 pull of the student toward the pretrained head (0 = off).
+    /// Adam's β₁, β₂ and ε (ignored by SGD).
+    pub adam_beta1: f32,
+    pub adam_beta2: f32,
+    pub adam_eps: f32,
+    /// L2 pull of the student toward the pretrained weights (0 = off).
     pub anchor: f32,
     /// Gradients with a larger global norm are scaled down to it (0 = no clipping).
     pub max_grad_norm: f32,
@@ -69,6 +74,9 @@ impl Default for LearnConfig {
             optimizer: OptimizerKind::Adam,
             learning_rate: 0.003,
             momentum: 0.9,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_eps: 1e-8,
             anchor: 0.0,
             max_grad_norm: 5.0,
             ema_decay: 0.99,
@@ -81,6 +89,18 @@ impl Default for LearnConfig {
             unlabeled_capacity: 512,
             balance: Balance::DistributionAlignment,
             alignment_momentum: 0.99,
+        }
+    }
+}
+
+impl LearnConfig {
+    pub fn optimizer_settings(&self) -> OptimizerSettings {
+        OptimizerSettings {
+            kind: self.optimizer,
+            momentum: self.momentum,
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            eps: self.adam_eps,
         }
     }
 }
@@ -112,33 +132,76 @@ pub struct Counters {
     pub rollbacks: u64,
 }
 
+/// Everything a learner has learned, copied out (for checkpoints and the guard's last good
+/// state). Only what data changed is here; configuration and scratch are not.
+#[derive(Debug, Clone)]
+pub struct LearnerState {
+    pub student: Params,
+    pub teacher: Params,
+    /// The pretrained weights (the anchor and what `reset` returns to).
+    pub source: Params,
+    pub optimizer: Optimizer,
+    pub counters: Counters,
+    pub labeled: LabeledBuffer,
+    /// Distribution alignment's running class distribution.
+    pub running: Array1<f32>,
+}
+
+/// What the learner needs from the frozen backbone: embeddings of augmented inputs.
+pub trait Embed {
+    /// Embeds `batch` samples laid out back to back in `inputs` into `out`
+    /// (`[batch, embedding_dim]`, resized when needed).
+    fn embed_into(
+        &mut self,
+        inputs: &[f32],
+        batch: usize,
+        out: &mut Array2<f32>,
+    ) -> Result<(), EmbedError>;
+}
+
+/// The backbone's failure, carried through the learner with its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("embedding augmented samples failed")]
+pub struct EmbedError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LearnError {
+    #[error(transparent)]
+    Embed(#[from] EmbedError),
+    #[error("learner state does not fit this learner: {0}")]
+    State(String),
+}
+
 /// The last state the rollback guard accepted.
 #[derive(Debug, Clone)]
 struct GoodState {
-    student: LinearHead,
-    teacher: LinearHead,
+    student: Params,
+    teacher: Params,
     optimizer: Optimizer,
     labeled: LabeledBuffer,
-    running: ndarray::Array1<f32>,
+    running: Array1<f32>,
 }
 
 pub struct Learner {
     cfg: LearnConfig,
-    pub student: LinearHead,
-    pub teacher: LinearHead,
-    /// The pretrained head, kept for comparison and for the anchor.
-    pub source: LinearHead,
-    pub optimizer: Optimizer,
-    pub labeled: LabeledBuffer,
-    pub unlabeled: SampleRing,
-    pub pseudo: PseudoLabeler,
-    pub counters: Counters,
-    pub guard: RollbackGuard,
+    augment: AugmentConfig,
+    guard_cfg: GuardConfig,
+    layout: Layout,
+    seed: u64,
+    student: Mlp,
+    teacher: Mlp,
+    /// The pretrained weights, kept for comparison, the anchor and `reset`.
+    source: Mlp,
+    optimizer: Optimizer,
+    labeled: LabeledBuffer,
+    unlabeled: SampleRing,
+    pseudo: PseudoLabeler,
+    counters: Counters,
+    guard: RollbackGuard,
     good: Option<GoodState>,
     augmenter: Augmenter,
     rng: Rng,
     since_step: usize,
-    sample_len: usize,
     // Reused per-step buffers.
     picks: Vec<(usize, usize)>,
     order: Vec<usize>,
@@ -148,30 +211,27 @@ pub struct Learner {
     aug_inputs: Vec<f32>,
     aug_emb: Array2<f32>,
     teacher_probs: Array2<f32>,
+    ws: Workspace,
     pseudo_labels: Vec<Option<usize>>,
-    grad: Gradients,
+    grad: Params,
     scratch: Scratch,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum LearnError {
-    #[error("embedding augmented samples failed: {0}")]
-    Backbone(#[from] ModelError),
-}
-
 impl Learner {
+    /// A learner whose student and teacher start as `pretrained`, on samples of `layout`.
     pub fn new(
-        pretrained: LinearHead,
-        sample_shape: &[usize],
-        cfg: LearnConfig,
-        augment: AugmentConfig,
+        pretrained: Mlp,
+        layout: Layout,
+        cfg: &LearnConfig,
+        augment: &AugmentConfig,
+        guard: &GuardConfig,
         seed: u64,
     ) -> Self {
         let classes = pretrained.classes();
-        let dim = pretrained.embedding_dim();
-        let sample_len = sample_shape.iter().product();
+        let dim = pretrained.input_dim();
+        let sample_len = layout.sample_len();
         Learner {
-            optimizer: Optimizer::new(cfg.optimizer, cfg.momentum, &pretrained),
+            optimizer: Optimizer::new(cfg.optimizer_settings(), pretrained.params()),
             labeled: LabeledBuffer::new(classes, cfg.labeled_per_class, sample_len, dim),
             unlabeled: SampleRing::new(cfg.unlabeled_capacity, sample_len, dim),
             pseudo: PseudoLabeler::new(
@@ -180,20 +240,16 @@ impl Learner {
                 cfg.balance,
                 cfg.alignment_momentum,
             ),
-            augmenter: Augmenter::new(augment, sample_shape),
+            augmenter: Augmenter::new(augment.clone(), layout),
             rng: Rng::new(seed),
-            grad: Gradients::zeros_like(&pretrained),
+            grad: pretrained.params().zeros_like(),
             student: pretrained.clone(),
             teacher: pretrained.clone(),
             source: pretrained,
             counters: Counters::default(),
-            guard: RollbackGuard::new(GuardConfig {
-                enabled: false,
-                ..GuardConfig::default()
-            }),
+            guard: RollbackGuard::new(guard.clone()),
             good: None,
             since_step: 0,
-            sample_len,
             picks: Vec::new(),
             order: Vec::new(),
             labels: Vec::new(),
@@ -202,14 +258,53 @@ impl Learner {
             aug_inputs: Vec::new(),
             aug_emb: Array2::zeros((0, dim)),
             teacher_probs: Array2::zeros((0, classes)),
+            ws: Workspace::default(),
             pseudo_labels: Vec::new(),
             scratch: Scratch::default(),
-            cfg,
+            cfg: cfg.clone(),
+            augment: augment.clone(),
+            guard_cfg: guard.clone(),
+            layout,
+            seed,
         }
     }
 
     pub fn config(&self) -> &LearnConfig {
         &self.cfg
+    }
+
+    pub fn student(&self) -> &Mlp {
+        &self.student
+    }
+
+    pub fn teacher(&self) -> &Mlp {
+        &self.teacher
+    }
+
+    pub fn source(&self) -> &Mlp {
+        &self.source
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn guard(&self) -> &RollbackGuard {
+        &self.guard
+    }
+
+    /// Labeled samples held, per class.
+    pub fn labeled_counts(&self) -> Vec<usize> {
+        self.labeled.class_counts()
+    }
+
+    pub fn unlabeled_len(&self) -> usize {
+        self.unlabeled.len()
+    }
+
+    /// Distribution alignment's running class distribution.
+    pub fn running_distribution(&self) -> &Array1<f32> {
+        &self.pseudo.running
     }
 
     /// Files one sample. `truth` is kept only to score pseudo-labels, never to learn.
@@ -242,9 +337,13 @@ impl Learner {
 
     /// One student step (and EMA refresh when due). Returns `None` if it was skipped because
     /// the loss or gradient was not finite.
-    pub fn step(&mut self, backbone: &mut Backbone) -> Result<Option<StepReport>, LearnError> {
+    pub fn step<E: Embed + ?Sized>(
+        &mut self,
+        embed: &mut E,
+    ) -> Result<Option<StepReport>, LearnError> {
         self.since_step = 0;
-        let dim = self.student.embedding_dim();
+        let dim = self.student.input_dim();
+        let sample_len = self.layout.sample_len();
 
         // Labeled batch, class-balanced.
         self.labeled
@@ -273,7 +372,7 @@ impl Learner {
 
         // Pseudo-labels from the teacher on the clean samples.
         self.teacher
-            .probs_into(self.emb_u.view(), &mut self.teacher_probs);
+            .probs_into(self.emb_u.view(), &mut self.ws, &mut self.teacher_probs);
         self.pseudo
             .label(&mut self.teacher_probs, &mut self.pseudo_labels);
 
@@ -286,22 +385,16 @@ impl Learner {
 
         // Two augmentations of each unlabeled sample, embedded in one backbone pass.
         let n_aug = if weights.alpha > 0.0 { n_u } else { 0 };
-        self.aug_inputs.resize(2 * n_aug * self.sample_len, 0.0);
+        self.aug_inputs.resize(2 * n_aug * sample_len, 0.0);
         for (k, &slot) in self.order[..n_aug].iter().enumerate() {
             let x = self.unlabeled.input(slot);
-            let (a, b) = (k * self.sample_len, (n_aug + k) * self.sample_len);
-            self.augmenter.apply(
-                x,
-                &mut self.aug_inputs[a..a + self.sample_len],
-                &mut self.rng,
-            );
-            self.augmenter.apply(
-                x,
-                &mut self.aug_inputs[b..b + self.sample_len],
-                &mut self.rng,
-            );
+            let (a, b) = (k * sample_len, (n_aug + k) * sample_len);
+            self.augmenter
+                .apply(x, &mut self.aug_inputs[a..a + sample_len], &mut self.rng);
+            self.augmenter
+                .apply(x, &mut self.aug_inputs[b..b + sample_len], &mut self.rng);
         }
-        backbone.embed_into(&self.aug_inputs, 2 * n_aug, &mut self.aug_emb)?;
+        embed.embed_into(&self.aug_inputs, 2 * n_aug, &mut self.aug_emb)?;
         let (aug_a, aug_b) = self.aug_emb.view().split_at(ndarray::Axis(0), n_aug);
 
         let batch = Batch {
@@ -322,21 +415,9 @@ impl Learner {
         );
         if self.cfg.anchor > 0.0 {
             let a = self.cfg.anchor;
-            let mut pull = 0.0;
-            Zip::from(&mut self.grad.weight)
-                .and(&self.student.weight)
-                .and(&self.source.weight)
-                .for_each(|g, s, p| {
-                    *g += a * (s - p);
-                    pull += (s - p) * (s - p);
-                });
-            Zip::from(&mut self.grad.bias)
-                .and(&self.student.bias)
-                .and(&self.source.bias)
-                .for_each(|g, s, p| {
-                    *g += a * (s - p);
-                    pull += (s - p) * (s - p);
-                });
+            let pull = self
+                .grad
+                .add_pull(self.student.params(), self.source.params(), a);
             losses.total += 0.5 * a * pull;
         }
 
@@ -363,8 +444,11 @@ impl Learner {
         if self.cfg.max_grad_norm > 0.0 && norm > self.cfg.max_grad_norm {
             self.grad.scale(self.cfg.max_grad_norm / norm);
         }
-        self.optimizer
-            .step(&mut self.student, &self.grad, self.cfg.learning_rate);
+        self.optimizer.step(
+            self.student.params_mut(),
+            &self.grad,
+            self.cfg.learning_rate,
+        );
         self.counters.train_steps += 1;
         if self.counters.train_steps % self.cfg.ema_every.max(1) == 0 {
             let m = if self.cfg.ema_warmup {
@@ -372,7 +456,7 @@ impl Learner {
             } else {
                 self.cfg.ema_decay
             };
-            ema_update(&mut self.teacher, &self.student, m);
+            ema_update(self.teacher.params_mut(), self.student.params(), m);
             self.counters.ema_updates += 1;
             self.counters.teacher_version += 1;
             report.ema_updated = true;
@@ -383,17 +467,10 @@ impl Learner {
         Ok(Some(report))
     }
 
-    /// Enables the rollback guard (off unless asked for, so the learner's arithmetic can be
-    /// tested on its own).
-    pub fn with_guard(mut self, cfg: GuardConfig) -> Self {
-        self.guard = RollbackGuard::new(cfg);
-        self
-    }
-
-    fn current_state(&self) -> GoodState {
+    fn good_state(&self) -> GoodState {
         GoodState {
-            student: self.student.clone(),
-            teacher: self.teacher.clone(),
+            student: self.student.params().clone(),
+            teacher: self.teacher.params().clone(),
             optimizer: self.optimizer.clone(),
             labeled: self.labeled.clone(),
             running: self.pseudo.running.clone(),
@@ -402,14 +479,19 @@ impl Learner {
 
     /// Runs one guard check; returns the verdict when it rolled back.
     fn check_guard(&mut self) -> Option<Verdict> {
-        let good = self.good.get_or_insert_with(|| GoodState {
-            student: self.source.clone(),
-            teacher: self.source.clone(),
-            optimizer: Optimizer::new(self.cfg.optimizer, self.cfg.momentum, &self.source),
-            labeled: self.labeled.clone(),
-            running: self.pseudo.running.clone(),
-        });
-        let good_teacher = good.teacher.clone();
+        if self.good.is_none() {
+            // Until a check passes, the pretrained model is the last good state.
+            let mut first = self.good_state();
+            first.student = self.source.params().clone();
+            first.teacher = self.source.params().clone();
+            first.optimizer = Optimizer::new(self.cfg.optimizer_settings(), self.source.params());
+            self.good = Some(first);
+        }
+        let good = self.good.as_ref().expect("set above");
+        let good_teacher = self
+            .teacher
+            .with_params(good.teacher.clone())
+            .expect("same layout");
         let recent = self.unlabeled_embeddings();
         let verdict = self
             .guard
@@ -419,15 +501,15 @@ impl Learner {
                 self.guard.promote();
                 // NaN (no trusted labels yet) counts as "at least as good".
                 if teacher.is_nan() || good.is_nan() || teacher >= good {
-                    self.good = Some(self.current_state());
+                    self.good = Some(self.good_state());
                 }
                 None
             }
             Verdict::Worse { .. } | Verdict::Collapsed { .. } | Verdict::Misleading { .. } => {
                 let good = self.good.clone().expect("set above");
                 tracing::warn!("rollback guard: {verdict:?}; reverting to the last good teacher");
-                self.student = good.student;
-                self.teacher = good.teacher;
+                self.student.params_mut().assign(&good.student);
+                self.teacher.params_mut().assign(&good.teacher);
                 self.optimizer = good.optimizer;
                 self.labeled = good.labeled;
                 self.pseudo.running = good.running;
@@ -441,30 +523,86 @@ impl Learner {
 
     fn unlabeled_embeddings(&self) -> Array2<f32> {
         let n = self.unlabeled.len();
-        let mut m = Array2::zeros((n, self.student.embedding_dim()));
+        let mut m = Array2::zeros((n, self.student.input_dim()));
         for (row, i) in (0..n).enumerate() {
             self.unlabeled.copy_embedding(i, m.row_mut(row));
         }
         m
     }
 
-    /// Puts back state saved from a learner of the same shapes (see `checkpoint`).
-    pub fn restore(
-        &mut self,
-        heads: [LinearHead; 3],
-        optimizer: Optimizer,
-        counters: Counters,
-        labeled: LabeledBuffer,
-        running: ndarray::Array1<f32>,
-    ) {
-        let [student, teacher, source] = heads;
-        self.student = student;
-        self.teacher = teacher;
-        self.source = source;
-        self.optimizer = optimizer;
-        self.counters = counters;
+    /// Back to the pretrained model with empty buffers, as if just started with the same
+    /// seed; the teacher version keeps counting up so a reset teacher is told from an old one.
+    pub fn reset(&mut self) {
+        let version = self.counters.teacher_version + 1;
+        *self = Learner::new(
+            self.source.clone(),
+            self.layout,
+            &self.cfg,
+            &self.augment,
+            &self.guard_cfg,
+            self.seed,
+        );
+        self.counters.teacher_version = version;
+    }
+
+    /// A copy of what the learner has learned.
+    pub fn state(&self) -> LearnerState {
+        LearnerState {
+            student: self.student.params().clone(),
+            teacher: self.teacher.params().clone(),
+            source: self.source.params().clone(),
+            optimizer: self.optimizer.clone(),
+            counters: self.counters,
+            labeled: self.labeled.clone(),
+            running: self.pseudo.running.clone(),
+        }
+    }
+
+    /// Puts back a state saved from a learner of the same shapes (see `checkpoint`); the
+    /// labeled buffer is refilled oldest first into this learner's configured capacity.
+    pub fn restore(&mut self, state: LearnerState) -> Result<(), LearnError> {
+        let fits = |p: &Params| p.same_layout(self.student.params());
+        if !(fits(&state.student) && fits(&state.teacher) && fits(&state.source)) {
+            return Err(LearnError::State(
+                "weights have other names or shapes".into(),
+            ));
+        }
+        if state.optimizer.state().iter().any(|(_, p)| !fits(p)) {
+            return Err(LearnError::State(
+                "optimizer state has other names or shapes".into(),
+            ));
+        }
+        if state.running.len() != self.pseudo.running.len()
+            || state.labeled.classes() != self.labeled.classes()
+        {
+            return Err(LearnError::State("class count differs".into()));
+        }
+        let mut labeled = LabeledBuffer::new(
+            self.labeled.classes(),
+            self.cfg.labeled_per_class,
+            self.layout.sample_len(),
+            self.student.input_dim(),
+        );
+        for class in 0..state.labeled.classes() {
+            let ring = state.labeled.ring(class);
+            if ring.sample_len() != self.layout.sample_len() {
+                return Err(LearnError::State(
+                    "labeled samples have another length".into(),
+                ));
+            }
+            for i in ring.oldest_first() {
+                labeled.push(ring.input(i), ring.embedding(i), class);
+            }
+        }
+        self.student.params_mut().assign(&state.student);
+        self.teacher.params_mut().assign(&state.teacher);
+        self.source.params_mut().assign(&state.source);
+        self.optimizer = state.optimizer;
+        self.counters = state.counters;
         self.labeled = labeled;
-        self.pseudo.running = running;
+        self.pseudo.running = state.running;
+        self.good = None;
+        Ok(())
     }
 }
 

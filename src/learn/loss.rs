@@ -8,13 +8,12 @@
 //!   branches; or, in the Mean Teacher form, ‖P_s(aug1(x)) − P_t(aug2(x))‖² with the teacher
 //!   branch held constant.
 //!
-//! The head is linear, so every term's gradient is `dL/dlogits` pushed back through one
-//! matrix product: dW = dZᵀ·E, db = Σ dZ. Tests check it against finite differences.
+//! Each term's gradient is `dL/dlogits`, pushed back through the student's layers by
+//! [`Mlp::backward`]. Tests check it against finite differences for 1, 2 and 3 layers.
 
-use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView2, Axis};
 
-use super::head::LinearHead;
+use crate::nn::{softmax_rows, Mlp, Params, Trace};
 
 /// Which pair the consistency term compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -56,115 +55,87 @@ pub struct LossParts {
     pub total: f32,
 }
 
-/// Gradients (or any state) with the shape of a [`LinearHead`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct Gradients {
-    pub weight: Array2<f32>,
-    pub bias: Array1<f32>,
-}
-
-impl Gradients {
-    pub fn zeros_like(head: &LinearHead) -> Self {
-        Gradients {
-            weight: Array2::zeros(head.weight.raw_dim()),
-            bias: Array1::zeros(head.bias.len()),
-        }
-    }
-
-    pub fn norm(&self) -> f32 {
-        self.weight
-            .iter()
-            .chain(self.bias.iter())
-            .map(|v| v * v)
-            .sum::<f32>()
-            .sqrt()
-    }
-
-    pub fn is_finite(&self) -> bool {
-        self.weight
-            .iter()
-            .chain(self.bias.iter())
-            .all(|v| v.is_finite())
-    }
-
-    pub fn scale(&mut self, s: f32) {
-        self.weight *= s;
-        self.bias *= s;
-    }
-}
-
 /// Reusable buffers for [`loss_and_grad`], so a step allocates nothing once warmed up.
 #[derive(Debug, Default)]
 pub struct Scratch {
     p: Array2<f32>,
-    pa: Array2<f32>,
     pb: Array2<f32>,
     dz: Array2<f32>,
+    trace_a: Trace,
+    trace_b: Trace,
 }
 
 /// Computes the loss parts and writes the gradient of the total into `grad`.
 pub fn loss_and_grad(
-    student: &LinearHead,
-    teacher: &LinearHead,
+    student: &Mlp,
+    teacher: &Mlp,
     batch: &Batch,
     w: &LossWeights,
-    scratch: &mut Scratch,
-    grad: &mut Gradients,
+    s: &mut Scratch,
+    grad: &mut Params,
 ) -> LossParts {
-    grad.weight.fill(0.0);
-    grad.bias.fill(0.0);
+    grad.fill(0.0);
     let mut parts = LossParts::default();
 
     // Supervised: mean cross-entropy.
     let n_l = batch.labeled.nrows();
     if n_l > 0 {
-        student.probs_into(batch.labeled, &mut scratch.p);
-        let targets: Vec<Option<usize>> = batch.labels.iter().map(|&y| Some(y)).collect();
-        parts.sup = cross_entropy_grad(&scratch.p, &targets, n_l as f32, 1.0, &mut scratch.dz);
-        accumulate(grad, &scratch.dz, batch.labeled);
+        probs(student, batch.labeled, &mut s.trace_a, &mut s.p);
+        parts.sup = cross_entropy_grad(&s.p, |i| Some(batch.labels[i]), n_l as f32, 1.0, &mut s.dz);
+        student.backward(batch.labeled, &mut s.trace_a, s.dz.view(), grad);
     }
 
     let n_u = batch.unlabeled.nrows();
     if n_u > 0 && w.lambda > 0.0 && batch.pseudo.iter().any(Option::is_some) {
-        student.probs_into(batch.unlabeled, &mut scratch.p);
-        parts.pseudo = cross_entropy_grad(
-            &scratch.p,
-            batch.pseudo,
-            n_u as f32,
-            w.lambda,
-            &mut scratch.dz,
-        );
-        accumulate(grad, &scratch.dz, batch.unlabeled);
+        probs(student, batch.unlabeled, &mut s.trace_a, &mut s.p);
+        parts.pseudo =
+            cross_entropy_grad(&s.p, |i| batch.pseudo[i], n_u as f32, w.lambda, &mut s.dz);
+        student.backward(batch.unlabeled, &mut s.trace_a, s.dz.view(), grad);
     }
 
     let n_c = batch.aug_a.nrows();
     if n_c > 0 && w.alpha > 0.0 {
-        student.probs_into(batch.aug_a, &mut scratch.pa);
-        match w.consistency {
-            ConsistencyMode::Student => student.probs_into(batch.aug_b, &mut scratch.pb),
-            ConsistencyMode::Teacher => teacher.probs_into(batch.aug_b, &mut scratch.pb),
-        }
+        probs(student, batch.aug_a, &mut s.trace_a, &mut s.p);
+        let other = match w.consistency {
+            ConsistencyMode::Student => student,
+            ConsistencyMode::Teacher => teacher,
+        };
+        probs(other, batch.aug_b, &mut s.trace_b, &mut s.pb);
         // d/dp_a of (1/N)‖p_a − p_b‖² is (2/N)(p_a − p_b); p_b gets the opposite sign.
-        let diff = &scratch.pa - &scratch.pb;
-        parts.consistency = diff.iter().map(|d| d * d).sum::<f32>() / n_c as f32;
-        let g = diff * (2.0 * w.alpha / n_c as f32);
-        softmax_backward(&scratch.pa, &g, &mut scratch.dz);
-        accumulate(grad, &scratch.dz, batch.aug_a);
+        let scale = 2.0 * w.alpha / n_c as f32;
+        parts.consistency =
+            s.p.iter()
+                .zip(s.pb.iter())
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f32>()
+                / n_c as f32;
+        consistency_backward(&s.p, &s.pb, scale, &mut s.dz);
+        student.backward(batch.aug_a, &mut s.trace_a, s.dz.view(), grad);
         if w.consistency == ConsistencyMode::Student {
-            let g = -g;
-            softmax_backward(&scratch.pb, &g, &mut scratch.dz);
-            accumulate(grad, &scratch.dz, batch.aug_b);
+            consistency_backward(&s.pb, &s.p, scale, &mut s.dz);
+            student.backward(batch.aug_b, &mut s.trace_b, s.dz.view(), grad);
         }
     }
     parts.total = parts.sup + w.lambda * parts.pseudo + w.alpha * parts.consistency;
     parts
 }
 
+/// Forward pass kept in `trace` for the backward pass, softmax of the logits into `out`.
+fn probs(mlp: &Mlp, x: ArrayView2<f32>, trace: &mut Trace, out: &mut Array2<f32>) {
+    mlp.forward(x, trace);
+    let logits = trace.logits();
+    if out.dim() != logits.dim() {
+        *out = Array2::zeros(logits.dim());
+    }
+    out.assign(logits);
+    softmax_rows(out);
+}
+
 /// Σ over rows with a target of −log p[target], divided by `denom`; writes
 /// `scale · (p − onehot) / denom` (zero rows where there is no target) into `dz`.
 fn cross_entropy_grad(
     p: &Array2<f32>,
-    targets: &[Option<usize>],
+    target: impl Fn(usize) -> Option<usize>,
     denom: f32,
     scale: f32,
     dz: &mut Array2<f32>,
@@ -173,17 +144,17 @@ fn cross_entropy_grad(
         *dz = Array2::zeros(p.dim());
     }
     let mut loss = 0.0f64;
-    for ((p_row, mut dz_row), target) in p
+    for (i, (p_row, mut dz_row)) in p
         .axis_iter(Axis(0))
         .zip(dz.axis_iter_mut(Axis(0)))
-        .zip(targets)
+        .enumerate()
     {
-        match target {
+        match target(i) {
             Some(y) => {
                 // Clamp so a hopeless sample costs a large but finite loss.
-                loss -= (p_row[*y].max(1e-12) as f64).ln();
+                loss -= (p_row[y].max(1e-12) as f64).ln();
                 dz_row.assign(&p_row);
-                dz_row[*y] -= 1.0;
+                dz_row[y] -= 1.0;
                 dz_row *= scale / denom;
             }
             None => dz_row.fill(0.0),
@@ -192,24 +163,24 @@ fn cross_entropy_grad(
     (loss / denom as f64) as f32
 }
 
-/// Back through a row-wise softmax: dz = p ⊙ (g − ⟨g, p⟩).
-fn softmax_backward(p: &Array2<f32>, g: &Array2<f32>, dz: &mut Array2<f32>) {
+/// `dL/dlogits` of `scale/2 · ‖p − q‖²` with respect to the logits behind `p`:
+/// back through the row-wise softmax, dz = p ⊙ (g − ⟨g, p⟩) with g = scale·(p − q).
+fn consistency_backward(p: &Array2<f32>, q: &Array2<f32>, scale: f32, dz: &mut Array2<f32>) {
     if dz.dim() != p.dim() {
         *dz = Array2::zeros(p.dim());
     }
-    for ((p_row, g_row), mut dz_row) in p
+    for ((p_row, q_row), mut dz_row) in p
         .axis_iter(Axis(0))
-        .zip(g.axis_iter(Axis(0)))
+        .zip(q.axis_iter(Axis(0)))
         .zip(dz.axis_iter_mut(Axis(0)))
     {
-        let dot = p_row.dot(&g_row);
-        for ((d, &pi), &gi) in dz_row.iter_mut().zip(p_row.iter()).zip(g_row.iter()) {
-            *d = pi * (gi - dot);
+        let dot: f32 = p_row
+            .iter()
+            .zip(q_row.iter())
+            .map(|(&pi, &qi)| scale * (pi - qi) * pi)
+            .sum();
+        for ((d, &pi), &qi) in dz_row.iter_mut().zip(p_row.iter()).zip(q_row.iter()) {
+            *d = pi * (scale * (pi - qi) - dot);
         }
     }
-}
-
-fn accumulate(grad: &mut Gradients, dz: &Array2<f32>, emb: ArrayView2<f32>) {
-    general_mat_mul(1.0, &dz.t(), &emb, 1.0, &mut grad.weight);
-    grad.bias += &dz.sum_axis(Axis(0));
 }

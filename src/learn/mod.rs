@@ -1,11 +1,11 @@
-//! On-device learning: the student head, its losses and optimizer, the EMA teacher, buffers,
-//! augmentations and pseudo-labels. Synchronous and free of tokio: the daemon and replay
-//! drive it; it never does I/O.
+//! On-device learning: the student's losses and optimizer, the EMA teacher, buffers,
+//! augmentations, pseudo-labels and the rollback guard. Synchronous and free of tokio: the
+//! session drives it; it never does I/O. It trains an [`crate::nn::Mlp`] and reaches the
+//! frozen backbone only through the [`Embed`] trait, so it does not depend on `model/`.
 
 pub mod augment;
 pub mod buffer;
 pub mod guard;
-pub mod head;
 pub mod learner;
 pub mod loss;
 pub mod optim;
@@ -14,6 +14,7 @@ pub mod rng;
 
 pub use augment::AugmentConfig;
 pub use guard::GuardConfig;
-pub use head::LinearHead;
-pub use learner::{Counters, LearnConfig, LearnError, Learner, StepReport};
+pub use learner::{
+    Counters, Embed, EmbedError, LearnConfig, LearnError, Learner, LearnerState, StepReport,
+};
 pub use loss::{ConsistencyMode, LossParts};

@@ -1,9 +1,7 @@
-//! Optimizers with explicit state, so a checkpoint can save and restore them exactly.
+//! Optimizers with explicit per-tensor state, so a checkpoint can save and restore them
+//! exactly; the EMA teacher update and the ramps.
 
-use ndarray::Zip;
-
-use super::head::LinearHead;
-use super::loss::Gradients;
+use crate::nn::Params;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -12,60 +10,79 @@ pub enum OptimizerKind {
     Adam,
 }
 
-/// SGD-with-momentum or Adam state for one [`LinearHead`].
+/// The optimizer's constants (from `[learn]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerSettings {
+    pub kind: OptimizerKind,
+    /// SGD momentum.
+    pub momentum: f32,
+    /// Adam's β₁, β₂ and ε.
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+}
+
+/// SGD-with-momentum or Adam, with state shaped like the parameters it updates.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Optimizer {
     Sgd {
         momentum: f32,
-        velocity: Gradients,
+        velocity: Params,
     },
     Adam {
         beta1: f32,
         beta2: f32,
         eps: f32,
-        m: Gradients,
-        v: Gradients,
+        m: Params,
+        v: Params,
         t: u64,
     },
 }
 
 impl Optimizer {
-    pub fn new(kind: OptimizerKind, momentum: f32, head: &LinearHead) -> Self {
-        match kind {
+    pub fn new(s: OptimizerSettings, params: &Params) -> Self {
+        match s.kind {
             OptimizerKind::Sgd => Optimizer::Sgd {
-                momentum,
-                velocity: Gradients::zeros_like(head),
+                momentum: s.momentum,
+                velocity: params.zeros_like(),
             },
             OptimizerKind::Adam => Optimizer::Adam {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                m: Gradients::zeros_like(head),
-                v: Gradients::zeros_like(head),
+                beta1: s.beta1,
+                beta2: s.beta2,
+                eps: s.eps,
+                m: params.zeros_like(),
+                v: params.zeros_like(),
                 t: 0,
             },
         }
     }
 
+    /// The state tensors with their role (`velocity`, or `m` and `v`), for checkpoints.
+    pub fn state(&self) -> Vec<(&'static str, &Params)> {
+        match self {
+            Optimizer::Sgd { velocity, .. } => vec![("velocity", velocity)],
+            Optimizer::Adam { m, v, .. } => vec![("m", m), ("v", v)],
+        }
+    }
+
+    /// Mutable access to the same tensors, in the same order as [`Optimizer::state`].
+    pub fn state_mut(&mut self) -> Vec<(&'static str, &mut Params)> {
+        match self {
+            Optimizer::Sgd { velocity, .. } => vec![("velocity", velocity)],
+            Optimizer::Adam { m, v, .. } => vec![("m", m), ("v", v)],
+        }
+    }
+
     /// One update of `params` along `grad` with learning rate `lr`.
-    pub fn step(&mut self, params: &mut LinearHead, grad: &Gradients, lr: f32) {
+    pub fn step(&mut self, params: &mut Params, grad: &Params, lr: f32) {
+        let (p, g) = (params.as_mut_slice(), grad.as_slice());
         match self {
             Optimizer::Sgd { momentum, velocity } => {
                 let mu = *momentum;
-                Zip::from(&mut velocity.weight)
-                    .and(&mut params.weight)
-                    .and(&grad.weight)
-                    .for_each(|v, p, &g| {
-                        *v = mu * *v + g;
-                        *p -= lr * *v;
-                    });
-                Zip::from(&mut velocity.bias)
-                    .and(&mut params.bias)
-                    .and(&grad.bias)
-                    .for_each(|v, p, &g| {
-                        *v = mu * *v + g;
-                        *p -= lr * *v;
-                    });
+                for ((v, p), &g) in velocity.as_mut_slice().iter_mut().zip(p).zip(g) {
+                    *v = mu * *v + g;
+                    *p -= lr * *v;
+                }
             }
             Optimizer::Adam {
                 beta1,
@@ -79,34 +96,25 @@ impl Optimizer {
                 let (b1, b2, e) = (*beta1, *beta2, *eps);
                 let c1 = 1.0 - b1.powi(*t as i32);
                 let c2 = 1.0 - b2.powi(*t as i32);
-                let update = |m: &mut f32, v: &mut f32, p: &mut f32, g: f32| {
+                for (((m, v), p), &g) in m
+                    .as_mut_slice()
+                    .iter_mut()
+                    .zip(v.as_mut_slice())
+                    .zip(p)
+                    .zip(g)
+                {
                     *m = b1 * *m + (1.0 - b1) * g;
                     *v = b2 * *v + (1.0 - b2) * g * g;
                     *p -= lr * (*m / c1) / ((*v / c2).sqrt() + e);
-                };
-                Zip::from(&mut m.weight)
-                    .and(&mut v.weight)
-                    .and(&mut params.weight)
-                    .and(&grad.weight)
-                    .for_each(|m, v, p, &g| update(m, v, p, g));
-                Zip::from(&mut m.bias)
-                    .and(&mut v.bias)
-                    .and(&mut params.bias)
-                    .and(&grad.bias)
-                    .for_each(|m, v, p, &g| update(m, v, p, g));
+                }
             }
         }
     }
 }
 
 /// θ_teacher ← m·θ_teacher + (1−m)·θ_student.
-pub fn ema_update(teacher: &mut LinearHead, student: &LinearHead, m: f32) {
-    Zip::from(&mut teacher.weight)
-        .and(&student.weight)
-        .for_each(|t, &s| *t = m * *t + (1.0 - m) * s);
-    Zip::from(&mut teacher.bias)
-        .and(&student.bias)
-        .for_each(|t, &s| *t = m * *t + (1.0 - m) * s);
+pub fn ema_update(teacher: &mut Params, student: &Params, m: f32) {
+    teacher.lerp_toward(student, m);
 }
 
 /// EMA decay with Mean Teacher's warm-up: min(m, (1 + t) / (10 + t)) for the t-th update,

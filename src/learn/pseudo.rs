@@ -9,7 +9,7 @@
 
 use ndarray::{Array1, Array2, Axis};
 
-use super::head::argmax;
+use crate::nn::argmax;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -45,7 +45,12 @@ impl PseudoLabeler {
     /// Turns teacher probabilities (modified in place when aligned) into pseudo-labels.
     pub fn label(&mut self, probs: &mut Array2<f32>, out: &mut Vec<Option<usize>>) {
         if self.balance == Balance::DistributionAlignment && probs.nrows() > 0 {
-            if let Some(batch_mean) = probs.mean_axis(Axis(0)) {
+            // A non-finite batch (a poisoned embedding) must never reach the running
+            // average: it would make every later pseudo-label, and every checkpoint, NaN.
+            if let Some(batch_mean) = probs
+                .mean_axis(Axis(0))
+                .filter(|m| m.iter().all(|v| v.is_finite()))
+            {
                 self.running =
                     &self.running * self.momentum + &(batch_mean * (1.0 - self.momentum));
             }

@@ -9,19 +9,19 @@ use prost::Message;
 use tract_onnx::pb::{ModelProto, StringStringEntryProto, TensorProto};
 
 use super::{HeadSpec, ModelError, WeightLayout};
-use crate::learn::LinearHead;
+use crate::nn::Mlp;
 
 /// Returns the serialized model with `head` in place of the original head.
 pub fn export_with_head(
     proto: &ModelProto,
     spec: &HeadSpec,
-    head: &LinearHead,
+    head: &Mlp,
     metadata: &[(&str, String)],
 ) -> Result<Vec<u8>, ModelError> {
-    if head.weight.dim() != spec.weight.dim() {
+    if head.layers() != 1 || head.weight(0).dim() != spec.weight.dim() {
         return Err(ModelError::Unsupported(format!(
             "adapted head has shape {:?}, the model's head {:?}",
-            head.weight.dim(),
+            head.weight(0).dim(),
             spec.weight.dim()
         )));
     }
@@ -31,18 +31,18 @@ pub fn export_with_head(
         .as_mut()
         .ok_or_else(|| ModelError::Unsupported("the file holds no graph".into()))?;
     let weight: Vec<f32> = match spec.weight_layout {
-        WeightLayout::ClassesByEmbedding => head.weight.iter().map(|w| w / spec.alpha).collect(),
+        WeightLayout::ClassesByEmbedding => head.weight(0).iter().map(|w| w / spec.alpha).collect(),
         WeightLayout::EmbeddingByClasses => {
-            head.weight.t().iter().map(|w| w / spec.alpha).collect()
+            head.weight(0).t().iter().map(|w| w / spec.alpha).collect()
         }
     };
     replace(graph, &spec.weight_name, &weight)?;
     match &spec.bias_name {
         Some(name) => {
-            let bias: Vec<f32> = head.bias.iter().map(|b| b / spec.beta).collect();
+            let bias: Vec<f32> = head.bias(0).iter().map(|b| b / spec.beta).collect();
             replace(graph, name, &bias)?;
         }
-        None if head.bias.iter().any(|b| *b != 0.0) => {
+        None if head.bias(0).iter().any(|b| *b != 0.0) => {
             return Err(ModelError::Unsupported(
                 "the model's head has no bias, so the adapted bias cannot be written back".into(),
             ))

@@ -129,9 +129,10 @@ impl Classifier {
         })
     }
 
-    /// The pretrained head as a trainable [`LinearHead`](crate::learn::LinearHead).
-    pub fn pretrained_head(&self) -> crate::learn::LinearHead {
-        crate::learn::LinearHead::new(self.head.weight.clone(), self.head.bias.clone())
+    /// The pretrained trainable part, as lifted out of the graph.
+    pub fn pretrained(&self) -> crate::nn::Mlp {
+        crate::nn::Mlp::new(vec![(self.head.weight.clone(), self.head.bias.clone())])
+            .expect("head shapes were checked at load")
     }
 
     pub fn classes(&self) -> usize {

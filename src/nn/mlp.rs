@@ -55,6 +55,11 @@ impl Trace {
     pub fn logits(&self) -> &Array2<f32> {
         self.acts.last().expect("forward ran")
     }
+
+    /// Output of layer `l` in the last forward pass (after Relu for hidden layers).
+    pub fn layer_output(&self, l: usize) -> &Array2<f32> {
+        &self.acts[l]
+    }
 }
 
 impl Mlp {
@@ -86,7 +91,11 @@ impl Mlp {
         let params = Params::from_tensors(layers.iter().zip(&owned).enumerate().flat_map(
             |(l, ((w, _), (wv, bv)))| {
                 [
-                    (format!("{l}.weight"), vec![w.nrows(), w.ncols()], wv.as_slice()),
+                    (
+                        format!("{l}.weight"),
+                        vec![w.nrows(), w.ncols()],
+                        wv.as_slice(),
+                    ),
                     (format!("{l}.bias"), vec![w.nrows()], bv.as_slice()),
                 ]
             },
@@ -220,13 +229,11 @@ impl Mlp {
                 resize(below, upstream.nrows(), input.ncols());
                 general_mat_mul(1.0, &upstream, &self.weight(l), 0.0, below);
                 // Relu passes the gradient only where its output was positive.
-                Zip::from(below)
-                    .and(&trace.acts[l - 1])
-                    .for_each(|d, &a| {
-                        if a <= 0.0 {
-                            *d = 0.0
-                        }
-                    });
+                Zip::from(below).and(&trace.acts[l - 1]).for_each(|d, &a| {
+                    if a <= 0.0 {
+                        *d = 0.0
+                    }
+                });
             }
         }
     }

@@ -3,10 +3,12 @@
 //! Everything that arrives from a file or the network passes `SampleDecoder`, which checks
 //! length, finiteness and class range, so nothing malformed reaches the learner.
 
+pub mod layout;
 pub mod recording;
 pub mod sample;
 pub mod window;
 
-pub use recording::{Recording, RecordingError};
-pub use sample::{DecodeError, Sample, SampleDecoder};
+pub use layout::Layout;
+pub use recording::{Recording, RecordingError, RecordingReader, Rejected};
+pub use sample::{DecodeError, Line, Sample, SampleDecoder};
 pub use window::WindowAssembler;

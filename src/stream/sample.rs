@@ -45,6 +45,26 @@ pub enum DecodeError {
     },
     #[error("\"ts\" is not a finite number")]
     BadTimestamp,
+    #[error("\"id\" is {0} bytes long, more than the {MAX_ID_BYTES} allowed")]
+    IdTooLong(usize),
+    #[error("\"id\" must be a string or a number")]
+    BadId,
+    #[error("a feedback line needs \"id\" and \"label\"")]
+    IncompleteFeedback,
+}
+
+/// Longest sample id accepted: ids are kept for feedback, so their size must be bounded.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// One line of a recording (or one message): a sample, or a label for an earlier sample.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Line {
+    Sample(Sample),
+    /// `{"id": "s17", "label": 3}`: the sample with this id turned out to be class `label`.
+    Feedback {
+        id: String,
+        label: usize,
+    },
 }
 
 /// Validates samples against a model's input shape and class count.
@@ -69,12 +89,22 @@ impl SampleDecoder {
     /// Decodes `{"x": [...], "label": k, "truth": k, "ts": s, "id": "..."}`; only `x` is
     /// required. `x` is flat or nested in the input shape.
     pub fn decode_json(&self, text: &str) -> Result<Sample, DecodeError> {
+        match self.decode_line(text)? {
+            Line::Sample(s) => Ok(s),
+            Line::Feedback { .. } => Err(DecodeError::MissingX),
+        }
+    }
+
+    /// Decodes a sample line, or a feedback line `{"id": ..., "label": k}` (no `"x"`).
+    pub fn decode_line(&self, text: &str) -> Result<Line, DecodeError> {
         let value: Value =
             serde_json::from_str(text).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         let Value::Object(obj) = value else {
             return Err(DecodeError::NotAnObject);
         };
-        let x = obj.get("x").ok_or(DecodeError::MissingX)?;
+        let Some(x) = obj.get("x") else {
+            return self.feedback(&obj);
+        };
         let mut flat = Vec::with_capacity(self.sample_len());
         match x {
             Value::Array(items) if items.iter().all(Value::is_number) => {
@@ -102,18 +132,27 @@ impl SampleDecoder {
                     .ok_or(DecodeError::BadTimestamp)?,
             ),
         };
-        let id = match obj.get("id") {
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            _ => None,
-        };
-        Ok(Sample {
+        let id = id_of(obj.get("id"))?;
+        Ok(Line::Sample(Sample {
             x: flat,
             label,
             truth,
             ts,
             id,
-        })
+        }))
+    }
+
+    /// A feedback object: an id and a class, and nothing that belongs to a sample.
+    fn feedback(&self, obj: &serde_json::Map<String, Value>) -> Result<Line, DecodeError> {
+        if !obj.contains_key("id") && !obj.contains_key("label") {
+            return Err(DecodeError::MissingX);
+        }
+        let id = id_of(obj.get("id"))?;
+        let label = self.class(obj.get("label"), "label")?;
+        match (id, label) {
+            (Some(id), Some(label)) => Ok(Line::Feedback { id, label }),
+            _ => Err(DecodeError::IncompleteFeedback),
+        }
     }
 
     /// Checks a raw input (e.g. decoded from f32le) for length and finiteness.
@@ -139,8 +178,9 @@ impl SampleDecoder {
     ) -> Result<Option<usize>, DecodeError> {
         match v {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(k) if (k as usize) < self.classes => Ok(Some(k as usize)),
+            // try_from, not `as`: on a 32-bit board `4294967297 as usize` would be class 1.
+            Some(v) => match v.as_u64().and_then(|k| usize::try_from(k).ok()) {
+                Some(k) if k < self.classes => Ok(Some(k)),
                 _ => Err(DecodeError::ClassOutOfRange {
                     field,
                     value: v.to_string(),
@@ -149,6 +189,20 @@ impl SampleDecoder {
             },
         }
     }
+}
+
+/// An id from a string or a number, bounded in length.
+pub fn id_of(v: Option<&Value>) -> Result<Option<String>, DecodeError> {
+    let id = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => return Err(DecodeError::BadId),
+    };
+    if id.len() > MAX_ID_BYTES {
+        return Err(DecodeError::IdTooLong(id.len()));
+    }
+    Ok(Some(id))
 }
 
 fn number(v: &Value, i: usize) -> Result<f32, DecodeError> {

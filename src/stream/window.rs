@@ -4,8 +4,7 @@
 //! ring and emits a window every `hop` rows once it is full, laid out in the model's input
 //! order (time-major `[T, C]` or channel-major `[C, T]`, per [`Layout`]).
 
-use crate::learn::augment::Layout;
-
+use super::layout::Layout;
 use super::sample::DecodeError;
 
 #[derive(Debug, Clone)]

@@ -86,10 +86,14 @@ pub fn stepping_learner(c: &edgemt::model::Classifier, ema_every: u64) -> edgemt
         ..Default::default()
     };
     edgemt::learn::Learner::new(
-        c.pretrained_head(),
-        &c.input_shape,
-        cfg,
-        Default::default(),
+        c.pretrained(),
+        edgemt::stream::Layout::for_shape(&c.input_shape, None),
+        &cfg,
+        &Default::default(),
+        &edgemt::learn::GuardConfig {
+            enabled: false,
+            ..Default::default()
+        },
         0,
     )
 }

@@ -1,0 +1,196 @@
+//! A [`LearnerState`] as named f32 tensors in a safetensors file, and back.
+//!
+//! Names: `{student,teacher,source}.<param>` for the trainable part (e.g. `teacher.1.weight`),
+//! `optim.<role>.<param>` for the optimizer's moments, `pseudo.running`, and per class
+//! `labeled.<k>.inputs` / `labeled.<k>.embeddings` (oldest first). Every tensor goes through
+//! the same two functions, whatever the number of layers. Non-finite values are refused both
+//! ways: a poisoned state is never written, and never restored.
+
+use std::collections::HashMap;
+
+use ndarray::{Array1, ArrayView1};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use super::manifest::OptimizerMeta;
+use crate::learn::buffer::LabeledBuffer;
+use crate::learn::optim::Optimizer;
+use crate::learn::{Counters, LearnerState};
+use crate::nn::Params;
+
+/// One tensor to write.
+struct Named {
+    name: String,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn named(name: String, shape: Vec<usize>, values: &[f32]) -> Result<Named, String> {
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(format!("tensor {name} holds a non-finite value at {i}"));
+    }
+    Ok(Named {
+        name,
+        shape,
+        bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    })
+}
+
+fn add_params(out: &mut Vec<Named>, prefix: &str, p: &Params) -> Result<(), String> {
+    for (name, shape, values) in p.iter() {
+        out.push(named(format!("{prefix}.{name}"), shape.to_vec(), values)?);
+    }
+    Ok(())
+}
+
+/// Serializes `state`; refuses (naming the tensor) if any value is not finite.
+pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
+    let mut t = Vec::new();
+    add_params(&mut t, "student", &state.student)?;
+    add_params(&mut t, "teacher", &state.teacher)?;
+    add_params(&mut t, "source", &state.source)?;
+    for (role, p) in state.optimizer.state() {
+        add_params(&mut t, &format!("optim.{role}"), p)?;
+    }
+    t.push(named(
+        "pseudo.running".into(),
+        vec![state.running.len()],
+        &state.running.to_vec(),
+    )?);
+    for class in 0..state.labeled.classes() {
+        let ring = state.labeled.ring(class);
+        let slots: Vec<usize> = ring.oldest_first().collect();
+        let inputs: Vec<f32> = slots
+            .iter()
+            .flat_map(|&i| ring.input(i).iter().copied())
+            .collect();
+        let embs: Vec<f32> = slots
+            .iter()
+            .flat_map(|&i| ring.embedding(i).to_vec())
+            .collect();
+        let dim = state.student.shape(0).get(1).copied().unwrap_or(0);
+        t.push(named(
+            format!("labeled.{class}.inputs"),
+            vec![slots.len(), ring.sample_len()],
+            &inputs,
+        )?);
+        t.push(named(
+            format!("labeled.{class}.embeddings"),
+            vec![slots.len(), dim],
+            &embs,
+        )?);
+    }
+    let views = t
+        .iter()
+        .map(|n| {
+            TensorView::new(Dtype::F32, n.shape.clone(), &n.bytes)
+                .map(|v| (n.name.clone(), v))
+                .map_err(|e| format!("tensor {}: {e}", n.name))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = HashMap::from([("format".to_string(), super::manifest::FORMAT.to_string())]);
+    safetensors::serialize(views, Some(meta)).map_err(|e| e.to_string())
+}
+
+/// What decoding needs besides the bytes: the manifest's scalars and the expected shapes.
+pub struct Expected<'a> {
+    /// The trainable part's names and shapes.
+    pub params: &'a Params,
+    pub classes: usize,
+    pub sample_len: usize,
+    pub optimizer: OptimizerMeta,
+    pub counters: Counters,
+}
+
+/// Reads a state back, checking every tensor's presence, dtype, shape and finiteness.
+pub fn decode(bytes: &[u8], want: &Expected) -> Result<LearnerState, String> {
+    let file = SafeTensors::deserialize(bytes).map_err(|e| format!("not safetensors: {e}"))?;
+    let read = |name: &str| -> Result<(Vec<usize>, Vec<f32>), String> {
+        let view = file
+            .tensor(name)
+            .map_err(|_| format!("tensor {name} is missing"))?;
+        if view.dtype() != Dtype::F32 {
+            return Err(format!(
+                "tensor {name} has dtype {:?}, expected F32",
+                view.dtype()
+            ));
+        }
+        let values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if values.iter().any(|v| !v.is_finite()) {
+            return Err(format!("tensor {name} holds non-finite values"));
+        }
+        Ok((view.shape().to_vec(), values))
+    };
+    let params = |prefix: &str| -> Result<Params, String> {
+        let mut p = want.params.clone();
+        for i in 0..want.params.len() {
+            let name = format!("{prefix}.{}", want.params.name(i));
+            let (shape, values) = read(&name)?;
+            p.set(want.params.name(i), &shape, &values)
+                .map_err(|e| format!("{prefix}: {e}"))?;
+        }
+        Ok(p)
+    };
+    // The weights first, so a shape mismatch is reported on them.
+    let (student, teacher, source) = (params("student")?, params("teacher")?, params("source")?);
+    let optimizer = match want.optimizer {
+        OptimizerMeta::Sgd { momentum } => Optimizer::Sgd {
+            momentum,
+            velocity: params("optim.velocity")?,
+        },
+        OptimizerMeta::Adam {
+            beta1,
+            beta2,
+            eps,
+            t,
+        } => Optimizer::Adam {
+            beta1,
+            beta2,
+            eps,
+            m: params("optim.m")?,
+            v: params("optim.v")?,
+            t,
+        },
+    };
+    let (shape, running) = read("pseudo.running")?;
+    if shape != [want.classes] {
+        return Err(format!(
+            "tensor pseudo.running has shape {shape:?}, expected [{}]",
+            want.classes
+        ));
+    }
+    let dim = want.params.shape(0).get(1).copied().unwrap_or(0);
+    let l = want.sample_len;
+    let mut per_class = Vec::with_capacity(want.classes);
+    for class in 0..want.classes {
+        let (s, inputs) = read(&format!("labeled.{class}.inputs"))?;
+        let (se, embs) = read(&format!("labeled.{class}.embeddings"))?;
+        if s.len() != 2 || s[1] != l || se != [s[0], dim] {
+            return Err(format!(
+                "labeled buffer of class {class} has shapes {s:?} / {se:?}"
+            ));
+        }
+        per_class.push((s[0], inputs, embs));
+    }
+    // As many slots as the fullest class needs; the learner refills its own capacity.
+    let capacity = per_class.iter().map(|c| c.0).max().unwrap_or(0).max(1);
+    let mut labeled = LabeledBuffer::new(want.classes, capacity, l, dim);
+    for (class, (n, inputs, embs)) in per_class.iter().enumerate() {
+        for i in 0..*n {
+            let emb = ArrayView1::from(&embs[i * dim..(i + 1) * dim]);
+            labeled.push(&inputs[i * l..(i + 1) * l], emb, class);
+        }
+    }
+    Ok(LearnerState {
+        student,
+        teacher,
+        source,
+        optimizer,
+        counters: want.counters,
+        labeled,
+        running: Array1::from(running),
+    })
+}

@@ -1,0 +1,92 @@
+//! Durable learner state: checkpoints that survive power loss.
+//!
+//! A checkpoint is two files in one directory ([`store`]): `ckpt-<seq>.safetensors`, every
+//! tensor of a [`LearnerState`] written by [`codec`] with the `safetensors` crate, and
+//! `ckpt-<seq>.json`, the [`manifest`] with counters, the model's fingerprint, shapes, the
+//! config hash and the SHA-256 of the tensor file. The manifest is written last, so a
+//! manifest that exists names a complete tensor file; on start the newest checkpoint that
+//! passes every check is restored and anything corrupted, truncated or foreign is refused
+//! with the reason.
+//!
+//! [`LearnerState`]: crate::learn::LearnerState
+
+pub mod codec;
+pub mod manifest;
+pub mod store;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use manifest::{config_hash, Manifest};
+pub use store::{CheckpointStore, Restored};
+
+use crate::nn::Params;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint I/O on {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint {name} refused: {reason}")]
+    Refused { name: String, reason: String },
+    #[error("refusing to write a checkpoint: {0}")]
+    Unwritable(String),
+}
+
+/// `[checkpoint]`: where and how often.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory for checkpoints. Default for `edgemt run`: $STATE_DIRECTORY (systemd's
+    /// StateDirectory) when set, else no checkpoints. `replay --checkpoint DIR` overrides.
+    pub dir: Option<PathBuf>,
+    /// Save after this many student steps...
+    pub every_steps: u64,
+    /// ...or this many seconds, whichever comes first.
+    pub every_s: f64,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            dir: None,
+            every_steps: 100,
+            every_s: 300.0,
+            keep: 3,
+        }
+    }
+}
+
+/// What a checkpoint must match to be restored: the model and the shapes it implies.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub model_fingerprint: u64,
+    pub model_path: PathBuf,
+    pub config_hash: String,
+    pub classes: usize,
+    pub embedding_dim: usize,
+    pub sample_len: usize,
+    /// The trainable part's names and shapes (its values are the pretrained weights).
+    pub params: Params,
+}
+
+impl Identity {
+    pub fn new(classifier: &crate::model::Classifier, learn: &crate::learn::LearnConfig) -> Self {
+        Identity {
+            model_fingerprint: classifier.fingerprint,
+            model_path: std::fs::canonicalize(&classifier.path)
+                .unwrap_or_else(|_| classifier.path.clone()),
+            config_hash: config_hash(learn),
+            classes: classifier.classes(),
+            embedding_dim: classifier.embedding_dim,
+            sample_len: classifier.sample_len(),
+            params: classifier.pretrained().params().clone(),
+        }
+    }
+}

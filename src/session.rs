@@ -1,0 +1,418 @@
+//! One adaptation session: the rules that replay and the daemon share.
+//!
+//! A [`Session`] owns the learner, the backbone it trains through, the feedback bookkeeping
+//! (recent samples by id, so a label that arrives later finds its sample) and the checkpoint
+//! policy. Replay drives it sample by sample; the daemon's training thread drives the same
+//! type, fed by an inference thread that predicts with a teacher snapshot ([`Predictor`]).
+//! Both call `observe` / `feedback` / `maybe_step` / `take_checkpoint` in the same way, so
+//! what replay measures is what the daemon does.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array2, ArrayView1, ArrayView2};
+
+use crate::checkpoint::{CheckpointStore, Restored};
+use crate::config::{duration_s, Config};
+use crate::learn::{Embed, EmbedError, LearnError, Learner, LearnerState, StepReport};
+use crate::model::{Backbone, Classifier, ModelError};
+use crate::nn::{argmax, Mlp, Workspace};
+use crate::stream::Layout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Learn(#[from] LearnError),
+}
+
+impl Embed for Backbone {
+    fn embed_into(
+        &mut self,
+        inputs: &[f32],
+        batch: usize,
+        out: &mut Array2<f32>,
+    ) -> Result<(), EmbedError> {
+        Backbone::embed_into(self, inputs, batch, out).map_err(|e| EmbedError(Box::new(e)))
+    }
+}
+
+/// A model's prediction for one sample.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Prediction {
+    pub class: usize,
+    pub confidence: f32,
+}
+
+/// True when an embedding can be learned from: finite, and not absurdly large (a sample
+/// that fits in f32 can still drive the backbone to infinities or to values whose squares
+/// overflow in the loss).
+pub fn embedding_ok(e: ArrayView1<f32>) -> bool {
+    e.iter().all(|v| v.is_finite() && v.abs() < 1e15)
+}
+
+/// Predictions of `head` for each row of `embeddings`, into `out` (cleared first).
+pub fn predict_rows(
+    head: &Mlp,
+    embeddings: ArrayView2<f32>,
+    ws: &mut Workspace,
+    probs: &mut Array2<f32>,
+    out: &mut Vec<Prediction>,
+) {
+    head.probs_into(embeddings, ws, probs);
+    out.clear();
+    out.extend(probs.rows().into_iter().map(|row| {
+        let (class, confidence) = argmax(row);
+        Prediction { class, confidence }
+    }));
+}
+
+/// The inference side: a backbone of its own and scratch, predicting with whatever teacher
+/// it is handed (the daemon's inference thread holds a snapshot that training swaps).
+pub struct Predictor {
+    backbone: Backbone,
+    emb: Array2<f32>,
+    probs: Array2<f32>,
+    ws: Workspace,
+}
+
+impl Predictor {
+    pub fn new(backbone: Backbone) -> Self {
+        let dim = backbone.embedding_dim();
+        Predictor {
+            backbone,
+            emb: Array2::zeros((0, dim)),
+            probs: Array2::zeros((0, 0)),
+            ws: Workspace::default(),
+        }
+    }
+
+    /// Embeds a batch (`n` samples back to back) and predicts it with `head`; the
+    /// embeddings stay readable through [`Predictor::embeddings`] until the next call.
+    pub fn run(
+        &mut self,
+        inputs: &[f32],
+        n: usize,
+        head: &Mlp,
+        out: &mut Vec<Prediction>,
+    ) -> Result<(), ModelError> {
+        self.backbone.embed_into(inputs, n, &mut self.emb)?;
+        predict_rows(head, self.emb.view(), &mut self.ws, &mut self.probs, out);
+        Ok(())
+    }
+
+    pub fn embeddings(&self) -> ArrayView2<'_, f32> {
+        self.emb.view()
+    }
+}
+
+/// When to save: every `every_steps` student steps or `every` of wall time (whichever comes
+/// first, and only when something changed), and at once after a reset or on request.
+#[derive(Debug, Clone)]
+pub struct CheckpointPolicy {
+    every_steps: u64,
+    every: Duration,
+    last_steps: u64,
+    last_at: Instant,
+    forced: bool,
+}
+
+impl CheckpointPolicy {
+    pub fn new(every_steps: u64, every: Duration, now: Instant) -> Self {
+        CheckpointPolicy {
+            every_steps: every_steps.max(1),
+            every,
+            last_steps: 0,
+            last_at: now,
+            forced: false,
+        }
+    }
+
+    pub fn due(&self, steps: u64, now: Instant) -> bool {
+        self.forced
+            || steps >= self.last_steps.saturating_add(self.every_steps)
+            || (steps > self.last_steps
+                && now.saturating_duration_since(self.last_at) >= self.every)
+    }
+
+    pub fn saved(&mut self, steps: u64, now: Instant) {
+        self.last_steps = steps;
+        self.last_at = now;
+        self.forced = false;
+    }
+
+    /// The step count restarted (reset, restore): count from there, and save soon.
+    pub fn restart(&mut self, steps: u64) {
+        self.last_steps = steps;
+        self.forced = true;
+    }
+
+    pub fn request(&mut self) {
+        self.forced = true;
+    }
+}
+
+/// What became of a label that arrived after its sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feedback {
+    /// The sample was found: it is learned from now, and the deployed model's prediction
+    /// for it was `correct` or not.
+    Matched { correct: bool },
+    /// No recent sample has that id (too old, never seen, or already labeled).
+    Late,
+}
+
+/// Counters of what the session took in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SessionStats {
+    /// Labels learned from: on arrival, or matched by feedback.
+    pub labels: u64,
+    pub feedback: u64,
+    pub feedback_correct: u64,
+    pub late_labels: u64,
+    /// Samples refused because their embedding was not finite or absurd.
+    pub rejected_embeddings: u64,
+}
+
+/// Recently observed samples by id, in fixed memory: a ring of slots, with each id stored
+/// once (shared by the slot and the index).
+struct RecentSamples {
+    inputs: Array2<f32>,
+    embeddings: Array2<f32>,
+    predicted: Vec<usize>,
+    ids: Vec<Option<Arc<str>>>,
+    index: HashMap<Arc<str>, usize>,
+    next: usize,
+}
+
+impl RecentSamples {
+    fn new(capacity: usize, sample_len: usize, dim: usize) -> Self {
+        RecentSamples {
+            inputs: Array2::zeros((capacity, sample_len)),
+            embeddings: Array2::zeros((capacity, dim)),
+            predicted: vec![0; capacity],
+            ids: vec![None; capacity],
+            index: HashMap::with_capacity(capacity),
+            next: 0,
+        }
+    }
+
+    fn insert(&mut self, id: &str, x: &[f32], embedding: ArrayView1<f32>, predicted: usize) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let slot = self.next;
+        if let Some(old) = self.ids[slot].take() {
+            self.index.remove(&old);
+        }
+        let id: Arc<str> = Arc::from(id);
+        if let Some(previous) = self.index.insert(id.clone(), slot) {
+            // The same id again: the newer sample is the one a label means.
+            self.ids[previous] = None;
+        }
+        self.inputs.row_mut(slot).assign(&ArrayView1::from(x));
+        self.embeddings.row_mut(slot).assign(&embedding);
+        self.predicted[slot] = predicted;
+        self.ids[slot] = Some(id);
+        self.next = (slot + 1) % self.ids.len();
+    }
+
+    /// Takes the slot of `id` out of the index (a sample is labeled at most once).
+    fn take(&mut self, id: &str) -> Option<usize> {
+        let slot = self.index.remove(id)?;
+        self.ids[slot] = None;
+        Some(slot)
+    }
+}
+
+/// One sample for [`Session::observe`]: its input, the embedding its prediction was made
+/// from, and what is known about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    pub id: Option<&'a str>,
+    pub x: &'a [f32],
+    pub embedding: ArrayView1<'a, f32>,
+    /// Supervision known on arrival.
+    pub label: Option<usize>,
+    /// Ground truth for scoring only (recordings), never learned from.
+    pub truth: Option<usize>,
+    /// The deployed teacher's class for it, scored when feedback arrives.
+    pub predicted: usize,
+}
+
+/// See the module docs.
+pub struct Session {
+    learner: Learner,
+    backbone: Backbone,
+    recent: RecentSamples,
+    policy: CheckpointPolicy,
+    paused: bool,
+    stats: SessionStats,
+    ws: Workspace,
+    probs: Array2<f32>,
+    one: Vec<Prediction>,
+}
+
+impl Session {
+    /// A session on `classifier`'s pretrained trainable part, with `cfg`'s knobs and `seed`.
+    pub fn new(classifier: &Classifier, cfg: &Config, seed: u64) -> Self {
+        let layout = Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis);
+        let learner = Learner::new(
+            classifier.pretrained(),
+            layout,
+            &cfg.learn,
+            &cfg.augment,
+            &cfg.guard,
+            seed,
+        );
+        Session {
+            learner,
+            backbone: classifier.backbone.clone(),
+            recent: RecentSamples::new(
+                cfg.input.feedback_capacity,
+                layout.sample_len(),
+                classifier.embedding_dim,
+            ),
+            policy: CheckpointPolicy::new(
+                cfg.checkpoint.every_steps,
+                duration_s(cfg.checkpoint.every_s),
+                Instant::now(),
+            ),
+            paused: false,
+            stats: SessionStats::default(),
+            ws: Workspace::default(),
+            probs: Array2::zeros((0, 0)),
+            one: Vec::with_capacity(1),
+        }
+    }
+
+    pub fn learner(&self) -> &Learner {
+        &self.learner
+    }
+
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
+    }
+
+    pub fn teacher(&self) -> &Mlp {
+        self.learner.teacher()
+    }
+
+    pub fn teacher_version(&self) -> u64 {
+        self.learner.counters().teacher_version
+    }
+
+    /// Embeds `n` samples with the session's own backbone (replay's batched pass).
+    pub fn embed(
+        &mut self,
+        inputs: &[f32],
+        n: usize,
+        out: &mut Array2<f32>,
+    ) -> Result<(), SessionError> {
+        Ok(self.backbone.embed_into(inputs, n, out)?)
+    }
+
+    /// The current teacher's prediction for one embedded sample (replay's prequential
+    /// prediction, made after every step that came before it).
+    pub fn predict(&mut self, embedding: ArrayView1<f32>) -> Prediction {
+        let row = embedding.insert_axis(ndarray::Axis(0));
+        predict_rows(
+            self.learner.teacher(),
+            row,
+            &mut self.ws,
+            &mut self.probs,
+            &mut self.one,
+        );
+        self.one[0]
+    }
+
+    /// Files a sample: remembered by id for later feedback, and given to the learner. A
+    /// sample whose embedding is not usable is refused (and counted) so it cannot poison the
+    /// buffers; returns whether it was taken.
+    pub fn observe(&mut self, o: Observation) -> bool {
+        if !embedding_ok(o.embedding) {
+            self.stats.rejected_embeddings += 1;
+            return false;
+        }
+        if let Some(id) = o.id {
+            self.recent.insert(id, o.x, o.embedding, o.predicted);
+        }
+        if o.label.is_some() {
+            self.stats.labels += 1;
+        }
+        self.learner.observe(o.x, o.embedding, o.label, o.truth);
+        true
+    }
+
+    /// A label for an earlier sample, by id: scored against the prediction made for it, then
+    /// learned from.
+    pub fn feedback(&mut self, id: &str, label: usize) -> Feedback {
+        let Some(slot) = self.recent.take(id) else {
+            self.stats.late_labels += 1;
+            return Feedback::Late;
+        };
+        let correct = self.recent.predicted[slot] == label;
+        self.stats.feedback += 1;
+        self.stats.feedback_correct += correct as u64;
+        self.stats.labels += 1;
+        let (x, e) = (
+            self.recent.inputs.row(slot),
+            self.recent.embeddings.row(slot),
+        );
+        self.learner.observe(
+            x.as_slice().expect("rows are contiguous"),
+            e,
+            Some(label),
+            None,
+        );
+        Feedback::Matched { correct }
+    }
+
+    pub fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused
+    }
+
+    /// One student step if enough new samples arrived (and training is not paused).
+    pub fn maybe_step(&mut self) -> Result<Option<StepReport>, SessionError> {
+        if self.paused || !self.learner.due() {
+            return Ok(None);
+        }
+        Ok(self.learner.step(&mut self.backbone)?)
+    }
+
+    /// The state to save when the checkpoint policy says it is time (`None` otherwise).
+    pub fn take_checkpoint(&mut self, now: Instant) -> Option<LearnerState> {
+        let steps = self.learner.counters().train_steps;
+        if !self.policy.due(steps, now) {
+            return None;
+        }
+        self.policy.saved(steps, now);
+        Some(self.learner.state())
+    }
+
+    /// Ask for a checkpoint at the next [`Session::take_checkpoint`].
+    pub fn request_checkpoint(&mut self) {
+        self.policy.request();
+    }
+
+    /// Back to the pretrained model; the reset state is checkpointed at the next chance, so
+    /// a crash after a reset never brings back the teacher from before it.
+    pub fn reset(&mut self) {
+        self.learner.reset();
+        self.policy.restart(0);
+    }
+
+    /// Restores the newest valid checkpoint in `store`, if any.
+    pub fn restore(&mut self, store: &CheckpointStore) -> Option<Restored> {
+        let restored = store.restore_latest(&mut self.learner)?;
+        self.policy
+            .saved(self.learner.counters().train_steps, Instant::now());
+        Some(restored)
+    }
+}
