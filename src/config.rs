@@ -177,6 +177,13 @@ pub struct ModelConfig {
     /// Class names (default: the model's `edgemt.class_names` metadata, else class_<i>).
     #[serde(default)]
     pub class_names: Option<Vec<String>>,
+    /// How many learned layers, counted back from the output, are trained on the device.
+    #[serde(default = "one")]
+    pub trainable_layers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -378,6 +385,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "checkpoint.every_s",
                 message: format!("must be at least 1, got {}", self.checkpoint.every_s),
+            });
+        }
+        if !(1..=16).contains(&self.model.trainable_layers) {
+            return Err(ConfigError::Invalid {
+                key: "model.trainable_layers",
+                message: format!("must be in [1, 16], got {}", self.model.trainable_layers),
             });
         }
         if self.model.path.as_os_str().is_empty() {

@@ -130,7 +130,7 @@ pub async fn run(
         checkpoint_every: Duration::from_secs_f64(cfg.checkpoint.every_s),
         exporter: workers::Exporter {
             proto: classifier.proto().clone(),
-            head: classifier.head.clone(),
+            head: classifier.trainable.clone(),
             fingerprint: classifier.fingerprint,
         },
     };

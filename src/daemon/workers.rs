@@ -249,7 +249,7 @@ pub struct TrainerWorker {
 /// What `export` needs to write the teacher back into the original graph.
 pub struct Exporter {
     pub proto: tract_onnx::pb::ModelProto,
-    pub head: crate::model::HeadSpec,
+    pub head: crate::model::TrainableSpec,
     pub fingerprint: u64,
 }
 
