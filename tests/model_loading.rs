@@ -557,3 +557,32 @@ fn a_file_that_is_not_onnx_is_refused_with_its_path() {
         .to_string();
     assert!(err.contains("missing.onnx"), "{err}");
 }
+
+#[test]
+fn inspect_lists_every_lifted_layer_and_the_trainable_parameter_count() {
+    let out = util::run_ok(
+        util::edgemt()
+            .args(["inspect", "--trainable-layers", "2"])
+            .arg(util::path("models/hapt_mlp.onnx")),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "embedding    'fc1_relu' [N, 128]",
+        "layer 0      'fc2' Gemm [64, 128], weights 'fc2.weight' OutByIn, bias 'fc2.bias'",
+        "layer 1      'head' Gemm [6, 64], weights 'head.weight' OutByIn, bias 'head.bias'",
+        // fc2: 64 * 128 + 64, head: 6 * 64 + 6.
+        "8646 trainable in 2 layer(s)",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    let out = util::edgemt()
+        .args(["inspect", "--trainable-layers", "4"])
+        .arg(util::path("models/hapt_mlp.onnx"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("found Reshape 'flatten'"),
+        "{err}"
+    );
+}
