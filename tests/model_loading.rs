@@ -321,6 +321,12 @@ fn malformed_nodes_are_errors_naming_the_node_not_panics() {
             ],
             "Relu 'r' has 0 input(s), expected at least 1",
         ),
+        (
+            "Identity reading its own output",
+            1,
+            vec![node("Identity", "loop", &["y"], &["y"])],
+            "form a cycle",
+        ),
     ];
     for (what, layers, nodes, expected) in cases {
         write_model(&p, nodes, inits(), 4, 2);

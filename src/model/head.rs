@@ -206,8 +206,14 @@ pub fn find_trainable(
     let mut tail = Vec::new();
     let mut kind = OutputKind::Logits;
     let mut tensor = output.as_str();
-    // Walk back over output-only ops to the last layer.
+    // Walk back over output-only ops to the last layer (each node at most once, so a
+    // malformed graph with a cycle ends in an error, not an endless loop).
     let last = loop {
+        if tail.len() > graph.node.len() {
+            return Err(ModelError::Unsupported(format!(
+                "the nodes before output '{output}' form a cycle"
+            )));
+        }
         let node = walk.producers.get(tensor).ok_or_else(|| {
             ModelError::Unsupported(format!(
                 "output '{output}' is not produced by any node before a linear layer was found"
