@@ -179,6 +179,13 @@ pub struct ModelConfig {
     /// Class names (default: the model's `edgemt.class_names` metadata, else class_<i>).
     #[serde(default)]
     pub class_names: Option<Vec<String>>,
+    /// How many learned layers, counted back from the output, are trained on the device.
+    #[serde(default = "one")]
+    pub trainable_layers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -220,6 +227,7 @@ impl Config {
                 output: None,
                 embedding: None,
                 class_names: None,
+                trainable_layers: 1,
             },
             learn: Default::default(),
             augment: Default::default(),
@@ -298,6 +306,12 @@ pub trait Section {
 
 impl Section for ModelConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=16).contains(&self.trainable_layers) {
+            return Err(ConfigError::Invalid {
+                key: "model.trainable_layers",
+                message: format!("must be in [1, 16], got {}", self.trainable_layers),
+            });
+        }
         if self.path.as_os_str().is_empty() {
             return Err(ConfigError::Invalid {
                 key: "model.path",

@@ -64,12 +64,15 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Show a model's inputs, outputs, detected head and embedding.
+    /// Show a model's inputs, outputs, detected trainable layers and embedding.
     Inspect {
         model: PathBuf,
         /// Classifier output to use (default: the first float output).
         #[arg(long)]
         output: Option<String>,
+        /// How many learned layers, counted back from the output, to lift out.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        trainable_layers: usize,
     },
 }
 
@@ -167,14 +170,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let cfg = match config {
                 Some(path) => Config::load(&path)?,
                 None => {
-                    let model =
-                        CheckpointStore::recorded_model_path(&checkpoint).with_context(|| {
+                    let (model, layers) = CheckpointStore::recorded_model(&checkpoint)
+                        .with_context(|| {
                             format!(
                                 "no readable checkpoint manifest in {}",
                                 checkpoint.display()
                             )
                         })?;
-                    Config::for_model(&model)
+                    let mut cfg = Config::for_model(&model);
+                    cfg.model.trainable_layers = layers;
+                    cfg
                 }
             };
             let classifier = load_classifier(&cfg)?;
@@ -190,9 +195,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
             let teacher = classifier.pretrained().with_params(state.teacher)?;
-            let bytes = edgemt::model::export::export_with_head(
+            let bytes = edgemt::model::export::export_trainable(
                 classifier.proto(),
-                &classifier.head,
+                &classifier.trainable,
                 &teacher,
                 &[
                     (
@@ -217,45 +222,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Inspect { model, output } => {
+        Command::Inspect {
+            model,
+            output,
+            trainable_layers,
+        } => {
             let c = Classifier::load(
                 &model,
                 &HeadSelection {
                     output,
                     embedding: None,
+                    trainable_layers,
                 },
             )?;
+            let t = &c.trainable;
             println!("model        {}", c.path.display());
             println!(
                 "input        '{}' [N, {}]",
                 c.input_name,
                 join(&c.input_shape)
             );
-            println!("output       '{}' ({:?})", c.head.output, c.head.kind);
-            println!(
-                "embedding    '{}' [N, {}]",
-                c.head.embedding, c.embedding_dim
-            );
-            println!("head         {}", c.head.path.join(" -> "));
-            println!(
-                "head weights '{}' {:?}{}",
-                c.head.weight_name,
-                c.head.weight_layout,
-                c.head
-                    .bias_name
-                    .as_ref()
-                    .map(|b| format!(", bias '{b}'"))
-                    .unwrap_or_default()
-            );
+            println!("output       '{}' ({:?})", t.output, t.kind);
+            println!("embedding    '{}' [N, {}]", t.embedding, c.embedding_dim);
+            println!("trainable    {}", t.path.join(" -> "));
+            for (l, layer) in t.layers.iter().enumerate() {
+                println!(
+                    "layer {l}      '{}' {} [{}, {}], weights '{}' {:?}{}",
+                    layer.node,
+                    layer.op,
+                    layer.weight.nrows(),
+                    layer.weight.ncols(),
+                    layer.weight_name,
+                    layer.weight_layout,
+                    layer
+                        .bias_name
+                        .as_ref()
+                        .map(|b| format!(", bias '{b}'"))
+                        .unwrap_or_default()
+                );
+            }
             println!(
                 "classes      {} ({})",
                 c.classes(),
                 c.class_names.join(", ")
             );
             println!(
-                "parameters   {} in the graph, {} in the head",
+                "parameters   {} in the graph, {} trainable in {} layer(s)",
                 c.parameters,
-                c.head.weight.len() + c.head.bias.len()
+                t.parameters(),
+                t.layers.len()
             );
             println!("fingerprint  {:016x}", c.fingerprint);
             Ok(())
@@ -267,6 +282,7 @@ fn load_classifier(cfg: &Config) -> anyhow::Result<Classifier> {
     let selection = HeadSelection {
         output: cfg.model.output.clone(),
         embedding: cfg.model.embedding.clone(),
+        trainable_layers: cfg.model.trainable_layers,
     };
     let mut c = Classifier::load(&cfg.model.path, &selection)
         .with_context(|| format!("loading model {}", cfg.model.path.display()))?;
@@ -280,11 +296,11 @@ fn load_classifier(cfg: &Config) -> anyhow::Result<Classifier> {
         c.class_names = names.clone();
     }
     tracing::info!(
-        "model {}: input [N, {}], head {} on '{}' ({} features, {} classes)",
+        "model {}: input [N, {}], trainable {} on '{}' ({} features, {} classes)",
         cfg.model.path.display(),
         join(&c.input_shape),
-        c.head.path.join(" -> "),
-        c.head.embedding,
+        c.trainable.path.join(" -> "),
+        c.trainable.embedding,
         c.embedding_dim,
         c.classes()
     );

@@ -1,5 +1,5 @@
 //! Durable state: checkpoint round trips, every kind of damaged checkpoint, kill -9 at random
-//! moments.
+//! moments. (Export of the adapted layers as a plain ONNX file is in export.rs.)
 
 use std::path::Path;
 use std::process::Stdio;

@@ -7,6 +7,9 @@ fn a_config_with_only_the_model_path_gets_every_default() {
     let cfg = Config::from_toml("[model]\npath = \"m.onnx\"\n").unwrap();
     assert_eq!(cfg.learn.ema_decay, 0.99);
     assert_eq!(cfg.replay.batch, 32);
+    assert_eq!(cfg.model.trainable_layers, 1);
+    let deep = Config::from_toml("[model]\npath = \"m.onnx\"\ntrainable_layers = 16\n").unwrap();
+    assert_eq!(deep.model.trainable_layers, 16);
 }
 
 #[test]
@@ -85,6 +88,9 @@ fn out_of_range_values_are_errors_naming_the_key() {
         ("[guard]\nmargin = 1.5", "guard.margin"),
         ("[checkpoint]\nkeep = 0", "checkpoint.keep"),
         ("[metrics]\ninterval_s = 0.0", "metrics.interval_s"),
+        // Still in [model]: the text follows its path line.
+        ("trainable_layers = 0", "model.trainable_layers"),
+        ("trainable_layers = 17", "model.trainable_layers"),
     ] {
         let err = Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).unwrap_err();
         assert!(err.to_string().contains(key), "{text}: {err}");

@@ -7,6 +7,7 @@ mod util;
 mod checkpoints;
 mod config_file;
 mod daemon;
+mod export;
 mod learning;
 mod model_loading;
 mod packaging;

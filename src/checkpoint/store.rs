@@ -206,12 +206,12 @@ impl CheckpointStore {
         })
     }
 
-    /// The model file recorded by the newest manifest that parses (for `export` without a
-    /// config).
-    pub fn recorded_model_path(dir: &Path) -> Option<PathBuf> {
+    /// The model file and trainable layer count recorded by the newest manifest that parses
+    /// (for `export` without a config).
+    pub fn recorded_model(dir: &Path) -> Option<(PathBuf, usize)> {
         manifests_in(dir).iter().find_map(|p| {
             let m: Manifest = serde_json::from_slice(&fs::read(p).ok()?).ok()?;
-            Some(m.model_path)
+            Some((m.model_path, m.layers))
         })
     }
 

@@ -122,7 +122,7 @@ pub async fn run(
         checkpoints,
         exporter: workers::Exporter {
             proto: classifier.proto().clone(),
-            head: classifier.head.clone(),
+            trainable: classifier.trainable.clone(),
             fingerprint: classifier.fingerprint,
         },
     };

@@ -233,7 +233,7 @@ pub struct TrainerWorker {
 /// What `export` needs to write the teacher back into the original graph.
 pub struct Exporter {
     pub proto: tract_onnx::pb::ModelProto,
-    pub head: crate::model::HeadSpec,
+    pub trainable: crate::model::TrainableSpec,
     pub fingerprint: u64,
 }
 
@@ -355,9 +355,9 @@ impl TrainerWorker {
             ("edgemt.teacher_version", version.to_string()),
         ];
         let path = dir.join("adapted.onnx");
-        let result = crate::model::export::export_with_head(
+        let result = crate::model::export::export_trainable(
             &e.proto,
-            &e.head,
+            &e.trainable,
             self.session.teacher(),
             &meta,
         )

@@ -1,28 +1,32 @@
-//! Writing the adapted head back into the original ONNX graph.
+//! Writing the adapted trainable layers back into the original ONNX graph.
 //!
-//! Only the head's initializers change: the weights are written in the layout the file used
-//! (transposed for `transB = 0` / MatMul) and divided by Gemm's alpha and beta, so the graph
-//! computes exactly the adapted teacher's logits. Everything else, including opsets and
-//! metadata, is kept; a few `edgemt.*` metadata entries record where the weights came from.
+//! Only the lifted layers' initializers change: each layer's weights are written in the layout
+//! the file used (transposed for `transB = 0` / MatMul) and divided by Gemm's alpha and beta,
+//! so the graph computes exactly the adapted network's outputs. Everything else, including
+//! opsets and metadata, is kept; a few `edgemt.*` metadata entries record where the weights
+//! came from.
 
+use ndarray::{ArrayView1, ArrayView2};
 use prost::Message;
-use tract_onnx::pb::{ModelProto, StringStringEntryProto, TensorProto};
+use tract_onnx::pb::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
 
-use super::{HeadSpec, ModelError, WeightLayout};
+use super::{LayerSpec, ModelError, TrainableSpec, WeightLayout};
 use crate::nn::Mlp;
 
-/// Returns the serialized model with `head` in place of the original head.
-pub fn export_with_head(
+/// Returns the serialized model with every layer of `adapted` in place of the matching lifted
+/// layer of `spec`, plus `metadata` and `edgemt.trainable_layers`.
+pub fn export_trainable(
     proto: &ModelProto,
-    spec: &HeadSpec,
-    head: &Mlp,
+    spec: &TrainableSpec,
+    adapted: &Mlp,
     metadata: &[(&str, String)],
 ) -> Result<Vec<u8>, ModelError> {
-    if head.layers() != 1 || head.weight(0).dim() != spec.weight.dim() {
+    if adapted.layers() != spec.layers.len() {
         return Err(ModelError::Unsupported(format!(
-            "adapted head has shape {:?}, the model's head {:?}",
-            head.weight(0).dim(),
-            spec.weight.dim()
+            "the adapted network has {} layer(s) but the model's trainable part has {} ({})",
+            adapted.layers(),
+            spec.layers.len(),
+            spec.path.join(" -> ")
         )));
     }
     let mut proto = proto.clone();
@@ -30,41 +34,60 @@ pub fn export_with_head(
         .graph
         .as_mut()
         .ok_or_else(|| ModelError::Unsupported("the file holds no graph".into()))?;
-    let weight: Vec<f32> = match spec.weight_layout {
-        WeightLayout::ClassesByEmbedding => head.weight(0).iter().map(|w| w / spec.alpha).collect(),
-        WeightLayout::EmbeddingByClasses => {
-            head.weight(0).t().iter().map(|w| w / spec.alpha).collect()
-        }
-    };
-    replace(graph, &spec.weight_name, &weight)?;
-    match &spec.bias_name {
-        Some(name) => {
-            let bias: Vec<f32> = head.bias(0).iter().map(|b| b / spec.beta).collect();
-            replace(graph, name, &bias)?;
-        }
-        None if head.bias(0).iter().any(|b| *b != 0.0) => {
-            return Err(ModelError::Unsupported(
-                "the model's head has no bias, so the adapted bias cannot be written back".into(),
-            ))
-        }
-        None => {}
+    for (l, layer) in spec.layers.iter().enumerate() {
+        write_layer(graph, layer, adapted.weight(l), adapted.bias(l))?;
     }
-    for (key, value) in metadata {
-        proto.metadata_props.retain(|p| p.key != *key);
+    let layers = spec.layers.len().to_string();
+    for (key, value) in [("edgemt.trainable_layers", layers)]
+        .into_iter()
+        .chain(metadata.iter().map(|(k, v)| (*k, v.clone())))
+    {
+        proto.metadata_props.retain(|p| p.key != key);
         proto.metadata_props.push(StringStringEntryProto {
             key: key.to_string(),
-            value: value.clone(),
+            value,
         });
     }
     Ok(proto.encode_to_vec())
 }
 
-/// Overwrites an initializer (or Constant value) of the same element count, keeping its dims.
-fn replace(
-    graph: &mut tract_onnx::pb::GraphProto,
-    name: &str,
-    values: &[f32],
+/// Writes one layer's adapted weight `[out, in]` and bias `[out]` into its initializers.
+fn write_layer(
+    graph: &mut GraphProto,
+    spec: &LayerSpec,
+    weight: ArrayView2<f32>,
+    bias: ArrayView1<f32>,
 ) -> Result<(), ModelError> {
+    if weight.dim() != spec.weight.dim() || bias.len() != spec.bias.len() {
+        return Err(ModelError::Unsupported(format!(
+            "adapted layer for {} has weight {:?} and bias [{}], the model's layer {:?} and [{}]",
+            spec.label(),
+            weight.dim(),
+            bias.len(),
+            spec.weight.dim(),
+            spec.bias.len()
+        )));
+    }
+    let values: Vec<f32> = match spec.weight_layout {
+        WeightLayout::OutByIn => weight.iter().map(|w| w / spec.alpha).collect(),
+        WeightLayout::InByOut => weight.t().iter().map(|w| w / spec.alpha).collect(),
+    };
+    replace(graph, &spec.weight_name, &values)?;
+    match &spec.bias_name {
+        Some(name) => {
+            let values: Vec<f32> = bias.iter().map(|b| b / spec.beta).collect();
+            replace(graph, name, &values)
+        }
+        None if bias.iter().any(|b| *b != 0.0) => Err(ModelError::Unsupported(format!(
+            "{} has no bias, so the adapted bias cannot be written back",
+            spec.label()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Overwrites an initializer (or Constant value) of the same element count, keeping its dims.
+fn replace(graph: &mut GraphProto, name: &str, values: &[f32]) -> Result<(), ModelError> {
     let tensor: Option<&mut TensorProto> = if graph.initializer.iter().any(|t| t.name == name) {
         graph.initializer.iter_mut().find(|t| t.name == name)
     } else {
@@ -80,7 +103,7 @@ fn replace(
     let count: i64 = t.dims.iter().product();
     if count as usize != values.len() {
         return Err(ModelError::Unsupported(format!(
-            "initializer '{name}' has {count} values, the adapted head {}",
+            "initializer '{name}' has {count} values, the adapted layer {}",
             values.len()
         )));
     }

@@ -1,9 +1,10 @@
-//! The ONNX classifier, split into a frozen backbone (tract) and a trainable linear head.
+//! The ONNX classifier, split into a frozen backbone (tract) and a trainable part: its last
+//! `N` learned layers.
 //!
-//! `Classifier::load` reads the file once: it finds the head in the raw protobuf
-//! ([`head::find_head`]), then asks tract for everything before it, optimized once with a
-//! symbolic batch dimension so any batch size runs. The head's weights come out as ndarray
-//! matrices for `learn/` to train. Nothing here knows about training or I/O.
+//! `Classifier::load` reads the file once: it finds the trainable layers in the raw protobuf
+//! ([`head::find_trainable`]), then asks tract for everything before them, optimized once with
+//! a symbolic batch dimension so any batch size runs. The layers' weights come out as an
+//! [`nn::Mlp`](crate::nn::Mlp) for `learn/` to train. Nothing here knows about training or I/O.
 
 pub mod backbone;
 pub mod export;
@@ -15,7 +16,7 @@ use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 
 pub use backbone::Backbone;
-pub use head::{HeadSpec, OutputKind, WeightLayout};
+pub use head::{LayerSpec, LinearOp, OutputKind, TrainableSpec, WeightLayout};
 
 /// Why a model could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -46,22 +47,37 @@ fn tract_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Tract(format!("{e:#}"))
 }
 
-/// Optional overrides for head detection, from `[model]` in the config.
-#[derive(Debug, Clone, Default)]
+/// What to lift out of the graph, from `[model]` in the config.
+#[derive(Debug, Clone)]
 pub struct HeadSelection {
     /// Name of the classifier output to use.
     pub output: Option<String>,
-    /// Expected name of the embedding tensor; loading fails if the head reads another one.
+    /// Expected name of the embedding tensor; loading fails if the first trainable layer
+    /// reads another one.
     pub embedding: Option<String>,
+    /// How many learned layers, counted back from the output, become trainable (at least 1).
+    pub trainable_layers: usize,
 }
 
-/// A loaded classifier: backbone, pretrained head and what describes them.
+impl Default for HeadSelection {
+    fn default() -> Self {
+        HeadSelection {
+            output: None,
+            embedding: None,
+            trainable_layers: 1,
+        }
+    }
+}
+
+/// A loaded classifier: backbone, pretrained trainable layers and what describes them.
 pub struct Classifier {
     pub path: PathBuf,
     pub input_name: String,
     /// Shape of one sample, without the batch dimension.
     pub input_shape: Vec<usize>,
-    pub head: HeadSpec,
+    /// The lifted layers; the backbone ends at `trainable.embedding`.
+    pub trainable: TrainableSpec,
+    /// Width of the embedding: the first trainable layer's input.
     pub embedding_dim: usize,
     pub class_names: Vec<String>,
     /// FNV-1a hash of the file's bytes, to tell models apart in checkpoints and reports.
@@ -85,12 +101,19 @@ impl Classifier {
                 path: path.to_owned(),
                 message: format!("{e:#}"),
             })?;
-        let head = head::find_head(&proto, selection.output.as_deref(), &onnx)?;
+        let trainable = head::find_trainable(
+            &proto,
+            selection.output.as_deref(),
+            selection.trainable_layers,
+            &onnx,
+        )?;
         if let Some(want) = &selection.embedding {
-            if want != &head.embedding {
+            if want != &trainable.embedding {
                 return Err(ModelError::Unsupported(format!(
-                    "configured embedding '{want}' but the head found before '{}' reads '{}'",
-                    head.output, head.embedding
+                    "configured embedding '{want}' but the {} trainable layer(s) found before '{}' read '{}'",
+                    trainable.layers.len(),
+                    trainable.output,
+                    trainable.embedding
                 )));
             }
         }
@@ -99,16 +122,17 @@ impl Classifier {
             .as_ref()
             .ok_or_else(|| ModelError::Unsupported("the file holds no graph".into()))?;
         let (input_name, input_shape) = sample_input(graph)?;
-        let backbone = Backbone::build(&onnx, &proto, path, &input_shape, &head.embedding)?;
-        if backbone.embedding_dim() != head.weight.ncols() {
+        let backbone = Backbone::build(&onnx, &proto, path, &input_shape, &trainable.embedding)?;
+        if backbone.embedding_dim() != trainable.input_dim() {
             return Err(ModelError::Unsupported(format!(
-                "embedding '{}' has {} features but the head's weights expect {}",
-                head.embedding,
+                "embedding '{}' has {} features but {} expects {}",
+                trainable.embedding,
                 backbone.embedding_dim(),
-                head.weight.ncols()
+                trainable.layers[0].label(),
+                trainable.input_dim()
             )));
         }
-        let classes = head.weight.nrows();
+        let classes = trainable.classes();
         let class_names = class_names(&proto, classes);
         let parameters = graph
             .initializer
@@ -120,7 +144,7 @@ impl Classifier {
             input_name,
             input_shape,
             embedding_dim: backbone.embedding_dim(),
-            head,
+            trainable,
             class_names,
             fingerprint: fnv1a(&bytes),
             backbone,
@@ -129,14 +153,20 @@ impl Classifier {
         })
     }
 
-    /// The pretrained trainable part, as lifted out of the graph.
+    /// The pretrained trainable layers as an [`Mlp`](crate::nn::Mlp), first layer first.
     pub fn pretrained(&self) -> crate::nn::Mlp {
-        crate::nn::Mlp::new(vec![(self.head.weight.clone(), self.head.bias.clone())])
-            .expect("head shapes were checked at load")
+        crate::nn::Mlp::new(
+            self.trainable
+                .layers
+                .iter()
+                .map(|l| (l.weight.clone(), l.bias.clone()))
+                .collect(),
+        )
+        .expect("layer shapes were checked to chain when the model was loaded")
     }
 
     pub fn classes(&self) -> usize {
-        self.head.weight.nrows()
+        self.trainable.classes()
     }
 
     /// Values in one sample (product of the input shape).
@@ -160,7 +190,7 @@ impl Classifier {
         shape.extend(&self.input_shape);
         let model = tract_onnx::onnx()
             .model_for_proto_model(&self.proto)
-            .and_then(|m| m.with_outputs_by_name([self.head.output.as_str()]))
+            .and_then(|m| m.with_outputs_by_name([self.trainable.output.as_str()]))
             .and_then(|m| m.with_input_fact(0, f32::fact(&shape).into()))
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())

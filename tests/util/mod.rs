@@ -45,15 +45,53 @@ pub struct Reference {
 }
 
 pub fn references() -> Vec<Reference> {
+    references_in("tests/data/models/reference.json")
+}
+
+/// Reference outputs from another file of the same format as reference.json.
+pub fn references_in(rel: &str) -> Vec<Reference> {
     #[derive(serde::Deserialize)]
     struct File {
         models: Vec<Reference>,
     }
-    let text =
-        std::fs::read_to_string(path("tests/data/models/reference.json")).expect("reference.json");
+    let text = std::fs::read_to_string(path(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
     serde_json::from_str::<File>(&text)
-        .expect("reference.json parses")
+        .unwrap_or_else(|e| panic!("{rel} parses: {e}"))
         .models
+}
+
+/// The model at `rel`, loaded with its last `layers` learned layers trainable.
+pub fn classifier_with_layers(rel: &str, layers: usize) -> edgemt::model::Classifier {
+    let sel = edgemt::model::HeadSelection {
+        trainable_layers: layers,
+        ..Default::default()
+    };
+    edgemt::model::Classifier::load(&path(rel), &sel)
+        .unwrap_or_else(|e| panic!("{rel} with {layers} trainable layer(s): {e}"))
+}
+
+/// The tools venv's Python (numpy, onnx, onnxruntime), if it is set up (tools/setup.sh).
+pub fn venv_python() -> Option<PathBuf> {
+    let p = path("tools/.venv/bin/python");
+    p.exists().then_some(p)
+}
+
+/// Largest absolute difference between two equally long sequences.
+pub fn max_abs_diff<'a>(
+    a: impl IntoIterator<Item = &'a f32>,
+    b: impl IntoIterator<Item = &'a f32>,
+) -> f32 {
+    let (a, b): (Vec<f32>, Vec<f32>) = (
+        a.into_iter().copied().collect(),
+        b.into_iter().copied().collect(),
+    );
+    assert_eq!(a.len(), b.len(), "compared sequences differ in length");
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        // NaN must fail a tolerance check, not vanish in `max`.
+        .map(|d| if d.is_nan() { f32::INFINITY } else { d })
+        .fold(0.0, f32::max)
 }
 
 /// A scratch directory removed when dropped.
