@@ -241,10 +241,22 @@ fn an_adapted_network_of_the_wrong_depth_or_shape_is_refused() {
 
 #[test]
 fn exported_model_loads_in_onnxruntime_and_matches_within_1e_5() {
+    adapt_export_and_compare_in_onnxruntime(1);
+}
+
+#[test]
+fn two_layers_adapted_by_a_replay_export_and_match_in_onnxruntime_within_1e_5() {
+    adapt_export_and_compare_in_onnxruntime(2);
+}
+
+/// Replays the target stream training `layers` layers, exports the checkpoint (without a
+/// config: the manifest names the model and the layer count) and compares onnxruntime's
+/// logits with the adapted teacher's.
+fn adapt_export_and_compare_in_onnxruntime(layers: usize) {
     let python = util::venv_python().unwrap_or_else(|| "python3".into());
     let dir = tempdir();
     let ck = dir.path().join("ck");
-    let cfg = util::config_with(dir.path(), "");
+    let cfg = util::config_with(dir.path(), &format!("trainable_layers = {layers}\n"));
     run_ok(
         edgemt()
             .args(["replay", "--config"])
@@ -263,9 +275,22 @@ fn exported_model_loads_in_onnxruntime_and_matches_within_1e_5() {
     );
 
     // The adapted teacher's logits, from the checkpoint, on real inputs.
-    let mut c = util::shipped_classifier();
+    let mut c = classifier_with_layers("models/hapt_mlp.onnx", layers);
     let store = CheckpointStore::open(&ck, 5, Identity::new(&c, &LearnConfig::default())).unwrap();
-    let (_, state) = store.latest_valid().unwrap();
+    let (m, state) = store.latest_valid().unwrap();
+    assert_eq!(m.layers, layers);
+    for l in 0..layers {
+        // Every adapted layer moved away from the pretrained weights.
+        let name = format!("{l}.weight");
+        let i = state.teacher.index_of(&name).unwrap();
+        let moved = state
+            .teacher
+            .values(i)
+            .iter()
+            .zip(state.source.values(i))
+            .fold(0.0f32, |a, (t, s)| a.max((t - s).abs()));
+        assert!(moved > 1e-4, "layer {l} of {layers} did not adapt ({moved})");
+    }
     let r = &util::references()[0];
     let emb = c
         .backbone

@@ -454,3 +454,31 @@ fn a_tensor_file_left_without_its_manifest_is_removed_on_open() {
     assert_eq!(store.manifests().len(), 1);
     assert!(dir.path().join("ckpt-0000000001.safetensors").exists());
 }
+
+#[test]
+fn two_trainable_layers_adapt_on_a_matmul_add_model_as_well() {
+    let rel = "tests/data/models/skl_mlp_softmax.onnx";
+    let c = util::classifier_with_layers(rel, 2);
+    let mut cfg = Config::for_model(&util::path(rel));
+    cfg.model.trainable_layers = 2;
+    let out = replay(
+        &c,
+        &cfg,
+        &util::path("data/target_stream.jsonl"),
+        Some(&util::path("data/target_holdout.jsonl")),
+        &ReplayOptions::default(),
+        |_| {},
+    )
+    .unwrap();
+    let l = out.session.learner();
+    assert_eq!(l.teacher().layers(), 2);
+    assert!(l.counters().train_steps > 100);
+    for layer in 0..2 {
+        let moved = (&l.teacher().weight(layer) - &l.source().weight(layer))
+            .iter()
+            .fold(0.0f32, |a, d| a.max(d.abs()));
+        assert!(moved > 1e-4, "layer {layer} did not adapt ({moved})");
+    }
+    let eval = out.report.eval.unwrap();
+    assert!(eval.teacher_accuracy > 0.3 && eval.source_accuracy > 0.3, "{eval:?}");
+}
