@@ -311,10 +311,6 @@ pub fn replay(
                     });
                     row += 1;
                     samples += 1;
-                    if samples % cfg.replay.timeline_every == 0 {
-                        timeline.push(window.point(samples));
-                        window = Window::default();
-                    }
                 }
                 Line::Feedback { id, label } => {
                     session.feedback(&id, label);
@@ -323,6 +319,12 @@ pub fn replay(
             if let Some(step) = session.maybe_step()? {
                 window.add(&step);
                 pseudo.add(&step);
+            }
+            // A timeline point closes after the step its last sample triggered.
+            let closed = timeline.last().map_or(0, |p: &TimelinePoint| p.sample);
+            if samples % cfg.replay.timeline_every == 0 && samples > closed {
+                timeline.push(window.point(samples));
+                window = Window::default();
             }
             if let Some(store) = store.as_mut() {
                 if let Some(state) = session.take_checkpoint(Instant::now()) {
@@ -348,7 +350,7 @@ pub fn replay(
             rejected,
         });
     }
-    if samples % cfg.replay.timeline_every != 0 {
+    if timeline.last().map_or(0, |p| p.sample) < samples {
         timeline.push(window.point(samples));
     }
     let elapsed = started.elapsed().as_secs_f64();

@@ -289,7 +289,10 @@ fn adapt_export_and_compare_in_onnxruntime(layers: usize) {
             .iter()
             .zip(state.source.values(i))
             .fold(0.0f32, |a, (t, s)| a.max((t - s).abs()));
-        assert!(moved > 1e-4, "layer {l} of {layers} did not adapt ({moved})");
+        assert!(
+            moved > 1e-4,
+            "layer {l} of {layers} did not adapt ({moved})"
+        );
     }
     let r = &util::references()[0];
     let emb = c

@@ -480,5 +480,8 @@ fn two_trainable_layers_adapt_on_a_matmul_add_model_as_well() {
         assert!(moved > 1e-4, "layer {layer} did not adapt ({moved})");
     }
     let eval = out.report.eval.unwrap();
-    assert!(eval.teacher_accuracy > 0.3 && eval.source_accuracy > 0.3, "{eval:?}");
+    assert!(
+        eval.teacher_accuracy > 0.3 && eval.source_accuracy > 0.3,
+        "{eval:?}"
+    );
 }
