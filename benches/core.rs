@@ -77,6 +77,7 @@ fn train_step(c: &mut Criterion) {
         &LearnConfig::default(),
         &Default::default(),
         &Default::default(),
+        &Default::default(),
         0,
     );
     // Fill the buffers from the recording, as a replay would.

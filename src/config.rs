@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::CheckpointConfig;
-use crate::learn::{AugmentConfig, GuardConfig, LearnConfig};
+use crate::learn::{AugmentConfig, GateConfig, GuardConfig, LearnConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +46,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub guard: GuardConfig,
+    #[serde(default)]
+    pub gate: GateConfig,
 }
 
 /// `[mqtt]`: the broker connection and topic layout of `edgemt run`.
@@ -238,6 +240,7 @@ impl Config {
             metrics: Default::default(),
             checkpoint: Default::default(),
             guard: Default::default(),
+            gate: Default::default(),
         }
     }
 
@@ -295,7 +298,8 @@ impl Config {
         self.input.validate()?;
         self.metrics.validate()?;
         self.checkpoint.validate()?;
-        self.guard.validate()
+        self.guard.validate()?;
+        self.gate.validate()
     }
 }
 
@@ -338,6 +342,7 @@ impl Section for LearnConfig {
         check("learn.adam_beta2", l.adam_beta2, 0.0..=0.999_999_9)?;
         check("learn.adam_eps", l.adam_eps, 1e-12..=1.0)?;
         check("learn.anchor", l.anchor, 0.0..=1e6)?;
+        check("learn.diversity", l.diversity, 0.0..=1e6)?;
         check("learn.max_grad_norm", l.max_grad_norm, 0.0..=1e9)?;
         check("learn.ema_decay", l.ema_decay, 0.0..=1.0)?;
         check(
@@ -492,6 +497,18 @@ impl Section for GuardConfig {
         check("guard.collapse_ratio", self.collapse_ratio, 0.0..=1.0)?;
         positive("guard.check_every_steps", self.check_every_steps)?;
         positive("guard.capacity", self.capacity as u64)
+    }
+}
+
+impl Section for GateConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.alpha.is_finite() && self.alpha > 0.0 && self.alpha < 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "gate.alpha",
+                message: format!("must be in (0, 1), got {}", self.alpha),
+            });
+        }
+        positive("gate.window", self.window as u64)
     }
 }
 

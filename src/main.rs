@@ -327,19 +327,31 @@ fn print_summary(r: &edgemt::replay::Report) {
         r.samples, r.labeled, r.scored, r.rejected
     );
     println!(
-        "prequential accuracy: teacher {:.4}, pretrained {:.4}",
-        r.prequential_accuracy.teacher, r.prequential_accuracy.source
+        "prequential accuracy: served {:.4}, teacher {:.4}, pretrained {:.4}",
+        r.prequential_accuracy.served,
+        r.prequential_accuracy.teacher,
+        r.prequential_accuracy.source
     );
     if let Some(e) = &r.eval {
         println!(
-            "holdout ({} samples): teacher {:.4}, student {:.4}, pretrained {:.4} ({:+.1} points)",
+            "holdout ({} samples): served {:.4} ({:+.1} points), teacher {:.4}, student {:.4}, pretrained {:.4}",
             e.samples,
+            e.served_accuracy,
+            100.0 * (e.served_accuracy - e.source_accuracy),
             e.teacher_accuracy,
             e.student_accuracy,
             e.source_accuracy,
-            100.0 * (e.teacher_accuracy - e.source_accuracy)
         );
     }
+    let g = &r.gate;
+    println!(
+        "serving gate: {:?} (wins {}, losses {}, p = {:.4}, {} switches)",
+        g.serving,
+        g.wins,
+        g.losses,
+        g.p,
+        g.switches.len()
+    );
     let p = &r.pseudo_labels;
     println!(
         "pseudo-labels: {} offered, {} accepted ({:.1}%), {} of those correct",

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::checkpoint::{CheckpointError, CheckpointStore, Identity};
 use crate::config::Config;
-use crate::learn::StepReport;
+use crate::learn::{Serving, StepReport};
 use crate::metrics::peak_rss_bytes;
 use crate::model::{Classifier, ModelError};
 use crate::nn::{Mlp, Workspace};
@@ -60,6 +60,8 @@ pub struct Report {
     /// Times the rollback guard reverted to the last good teacher.
     pub rollbacks: u64,
     pub skipped_nonfinite: u64,
+    /// The serving gate: which model answers at the end, its evidence and when it switched.
+    pub gate: GateReport,
     /// The checkpoint this replay resumed from, if any (`--checkpoint`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
@@ -74,6 +76,8 @@ pub struct Report {
 pub struct Accuracy {
     pub teacher: f64,
     pub source: f64,
+    /// Of the model the gate served at each sample: what a device's users saw.
+    pub served: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -82,6 +86,26 @@ pub struct Eval {
     pub teacher_accuracy: f64,
     pub student_accuracy: f64,
     pub source_accuracy: f64,
+    /// The model the gate serves at the end of the replay.
+    pub served_accuracy: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GateReport {
+    pub serving: Serving,
+    /// Discordant labels in the gate's window: the teacher alone right / the pretrained
+    /// model alone right, and the sign test's p-value on them.
+    pub wins: u64,
+    pub losses: u64,
+    pub p: f64,
+    /// Every change of the served model, at the sample count it happened.
+    pub switches: Vec<Switch>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Switch {
+    pub sample: usize,
+    pub serving: Serving,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -264,7 +288,9 @@ pub fn replay(
         (Workspace::default(), Array2::zeros((0, 0)), Vec::new());
     let mut rejected = 0usize;
     let mut samples = 0usize;
-    let (mut scored, mut teacher_correct, mut source_correct) = (0usize, 0usize, 0usize);
+    let (mut scored, mut teacher_correct, mut source_correct, mut served_correct) =
+        (0usize, 0usize, 0usize, 0usize);
+    let mut switches = Vec::new();
     let mut pseudo = PseudoLabels::default();
     let mut window = Window::default();
     let mut timeline = Vec::new();
@@ -285,9 +311,13 @@ pub fn replay(
                 Line::Sample(s) => {
                     let e = emb.row(row);
                     let p = session.predict(e);
+                    let served = match session.serving() {
+                        Serving::Adapted => p,
+                        Serving::Pretrained => source_preds[row],
+                    };
                     on_progress(Progress::Prediction {
                         sample: samples,
-                        prediction: p,
+                        prediction: served,
                     });
                     if let Some(truth) = s.truth {
                         let (t, src) = (
@@ -297,6 +327,7 @@ pub fn replay(
                         scored += 1;
                         teacher_correct += t;
                         source_correct += src;
+                        served_correct += (served.class == truth) as usize;
                         window.scored += 1;
                         window.teacher_correct += t;
                         window.source_correct += src;
@@ -319,6 +350,16 @@ pub fn replay(
             if let Some(step) = session.maybe_step()? {
                 window.add(&step);
                 pseudo.add(&step);
+            }
+            let serving = session.serving();
+            let before = switches
+                .last()
+                .map_or(Serving::Pretrained, |s: &Switch| s.serving);
+            if serving != before {
+                switches.push(Switch {
+                    sample: samples,
+                    serving,
+                });
             }
             // A timeline point closes after the step its last sample triggered.
             let closed = timeline.last().map_or(0, |p: &TimelinePoint| p.sample);
@@ -379,6 +420,7 @@ pub fn replay(
         prequential_accuracy: Accuracy {
             teacher: frac(teacher_correct, scored),
             source: frac(source_correct, scored),
+            served: frac(served_correct, scored),
         },
         eval,
         pseudo_labels: pseudo,
@@ -389,6 +431,16 @@ pub fn replay(
         restored_from,
         checkpoints_written,
         skipped_nonfinite: counters.skipped_nonfinite,
+        gate: {
+            let g = session.learner().gate();
+            GateReport {
+                serving: g.serving(),
+                wins: g.wins(),
+                losses: g.losses(),
+                p: g.p_value(),
+                switches,
+            }
+        },
         throughput_samples_per_s: if elapsed > 0.0 {
             samples as f64 / elapsed
         } else {
@@ -412,9 +464,9 @@ pub fn evaluate(
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
     let mut reader = RecordingReader::open(path, &decoder)?;
     let l = session.learner();
-    let heads: [&Mlp; 3] = [l.teacher(), l.student(), l.source()];
+    let heads: [&Mlp; 4] = [l.teacher(), l.student(), l.source(), l.served()];
     let mut backbone = classifier.backbone.clone();
-    let mut correct = [0usize; 3];
+    let mut correct = [0usize; 4];
     let mut total = 0usize;
     let (mut inputs, mut truths) = (Vec::new(), Vec::new());
     let mut emb = Array2::zeros((0, classifier.embedding_dim));
@@ -458,5 +510,6 @@ pub fn evaluate(
         teacher_accuracy: correct[0] as f64 / n,
         student_accuracy: correct[1] as f64 / n,
         source_accuracy: correct[2] as f64 / n,
+        served_accuracy: correct[3] as f64 / n,
     })
 }

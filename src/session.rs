@@ -15,7 +15,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::checkpoint::{CheckpointStore, Restored};
 use crate::config::{duration_s, Config};
-use crate::learn::{Embed, EmbedError, LearnError, Learner, LearnerState, StepReport};
+use crate::learn::{Embed, EmbedError, LearnError, Learner, LearnerState, Serving, StepReport};
 use crate::model::{Backbone, Classifier, ModelError};
 use crate::nn::{argmax, Mlp, Workspace};
 use crate::stream::Layout;
@@ -265,6 +265,7 @@ impl Session {
             &cfg.learn,
             &cfg.augment,
             &cfg.guard,
+            &cfg.gate,
             seed,
         );
         Session {
@@ -298,6 +299,16 @@ impl Session {
 
     pub fn teacher(&self) -> &Mlp {
         self.learner.teacher()
+    }
+
+    /// Which model the serving gate lets answer.
+    pub fn serving(&self) -> Serving {
+        self.learner.serving()
+    }
+
+    /// The model that answers (the adapted teacher or the pretrained model).
+    pub fn served(&self) -> &Mlp {
+        self.learner.served()
     }
 
     pub fn teacher_version(&self) -> u64 {

@@ -51,6 +51,7 @@ fn learner_for(c: &Classifier, cfg: &LearnConfig) -> Learner {
         cfg,
         &Default::default(),
         &no_guard,
+        &Default::default(),
         0,
     )
 }

@@ -56,10 +56,12 @@ fn loss_parts_match_hand_computed_values() {
         pseudo: &[Some(1), None],
         aug_a: aug_a.view(),
         aug_b: aug_b.view(),
+        present: &[],
     };
     let w = LossWeights {
         lambda: 2.0,
         alpha: 4.0,
+        beta: 0.0,
         consistency: ConsistencyMode::Student,
     };
     let head = identity_head();
@@ -98,12 +100,14 @@ fn the_mean_teacher_consistency_compares_the_student_with_the_teacher_by_hand() 
         pseudo: &[],
         aug_a: aug.view(),
         aug_b: aug.view(),
+        present: &[],
     };
     let student = identity_head();
     let teacher = linear(Array2::zeros((2, 2)), array![0.0, 0.0]);
     let w = |consistency| LossWeights {
         lambda: 0.0,
         alpha: 1.0,
+        beta: 0.0,
         consistency,
     };
     let (own, _) = grad_of(&student, &teacher, &batch, &w(ConsistencyMode::Student));
@@ -127,6 +131,7 @@ struct Problem {
     pseudo: Vec<Option<usize>>,
     aug_a: Array2<f32>,
     aug_b: Array2<f32>,
+    present: Vec<bool>,
 }
 
 fn random(rng: &mut Rng, rows: usize, cols: usize) -> Array2<f32> {
@@ -165,6 +170,7 @@ fn problem(seed: u64, layers: usize) -> (Mlp, Mlp, Problem) {
         pseudo: vec![Some(1), None, Some(0), Some(2), None, Some(1)],
         aug_a: random(&mut rng, 6, 5),
         aug_b: random(&mut rng, 6, 5),
+        present: Vec::new(),
     };
     (student, teacher, p)
 }
@@ -178,6 +184,7 @@ impl Problem {
             pseudo: &self.pseudo,
             aug_a: self.aug_a.view(),
             aug_b: self.aug_b.view(),
+            present: &self.present,
         }
     }
 }
@@ -187,10 +194,24 @@ fn total(student: &Mlp, teacher: &Mlp, p: &Problem, w: &LossWeights) -> f32 {
 }
 
 fn check_gradient(layers: usize, mode: ConsistencyMode) {
-    let (student, teacher, p) = problem(7, layers);
+    check_gradient_with(layers, mode, 0.0, &[]);
+}
+
+/// Finite differences of the whole loss, with diversity weight `beta` and the L_sup softmax
+/// restricted to `present` classes.
+fn check_gradient_with(layers: usize, mode: ConsistencyMode, beta: f32, present: &[bool]) {
+    let (student, teacher, mut p) = problem(7, layers);
+    p.present = present.to_vec();
+    // A masked class is one the labeled buffer has no sample of: relabel its rows.
+    for y in p.labels.iter_mut() {
+        if !present.is_empty() && !present[*y] {
+            *y = 0;
+        }
+    }
     let w = LossWeights {
         lambda: 0.7,
         alpha: 3.0,
+        beta,
         consistency: mode,
     };
     let mut grad = student.params().zeros_like();
@@ -203,6 +224,9 @@ fn check_gradient(layers: usize, mode: ConsistencyMode) {
         &mut grad,
     );
     assert!(parts.consistency > 0.0 && parts.pseudo > 0.0 && parts.sup > 0.0);
+    if beta > 0.0 {
+        assert!(parts.diversity < 0.0 && parts.diversity >= -(3f32.ln()) - 1e-6);
+    }
 
     // Central differences in f32 with a step of 2e-3. Where a nudge moves some hidden
     // pre-activation across Relu's kink the loss is not differentiable along it, so those
@@ -264,6 +288,100 @@ fn gradients_match_finite_differences_with_mean_teacher_consistency() {
 }
 
 #[test]
+fn the_diversity_gradient_matches_finite_differences() {
+    for layers in [1, 2] {
+        check_gradient_with(layers, ConsistencyMode::Student, 0.8, &[]);
+    }
+}
+
+#[test]
+fn masking_absent_classes_keeps_the_gradient_exact() {
+    // Class 1 is declared absent, as if the buffer held none of it.
+    check_gradient_with(1, ConsistencyMode::Student, 0.5, &[true, true, true]);
+    check_gradient_with(2, ConsistencyMode::Teacher, 0.5, &[true, false, true]);
+}
+
+#[test]
+fn the_diversity_term_is_the_negative_entropy_of_the_mean_prediction_by_hand() {
+    // Two unlabeled rows with probabilities [3/4, 1/4] and [1/4, 3/4]: p̄ = [1/2, 1/2], so
+    // Σ p̄ log p̄ = −ln 2, and the gradient vanishes (uniform is the optimum).
+    let ln3 = 3f32.ln();
+    let unlabeled = array![[ln3, 0.0], [0.0, ln3]];
+    let empty = Array2::<f32>::zeros((0, 2));
+    let batch = Batch {
+        labeled: empty.view(),
+        labels: &[],
+        unlabeled: unlabeled.view(),
+        pseudo: &[None, None],
+        aug_a: empty.view(),
+        aug_b: empty.view(),
+        present: &[],
+    };
+    let w = LossWeights {
+        lambda: 1.0,
+        alpha: 0.0,
+        beta: 2.0,
+        consistency: ConsistencyMode::Student,
+    };
+    let head = identity_head();
+    let mut grad = head.params().zeros_like();
+    let parts = loss_and_grad(&head, &head, &batch, &w, &mut Scratch::default(), &mut grad);
+    assert!(
+        close(parts.diversity, -(2f32.ln()), 1e-6),
+        "{}",
+        parts.diversity
+    );
+    assert!(close(parts.total, -2.0 * 2f32.ln(), 1e-6));
+    assert!(grad.norm() < 1e-6, "{grad:?}");
+    // Both rows favouring class 0: p̄ = [3/4, 1/4]; the gradient pushes class 0 down.
+    let skewed = array![[ln3, 0.0], [ln3, 0.0]];
+    let batch = Batch {
+        unlabeled: skewed.view(),
+        ..batch
+    };
+    let parts = loss_and_grad(&head, &head, &batch, &w, &mut Scratch::default(), &mut grad);
+    let expected = 0.75f32 * 0.75f32.ln() + 0.25 * 0.25f32.ln();
+    assert!(close(parts.diversity, expected, 1e-6));
+    assert!(
+        grad.values(1)[0] > 0.0 && grad.values(1)[1] < 0.0,
+        "{grad:?}"
+    );
+}
+
+#[test]
+fn a_masked_class_takes_no_supervised_loss() {
+    // Label 0 with logits [ln 3, 0, 5]: unmasked p_0 is tiny; with class 2 masked out
+    // p = [3/4, 1/4, 0] and L_sup = −ln(3/4), and class 2 gets no gradient.
+    let ln3 = 3f32.ln();
+    let labeled = array![[ln3, 0.0, 5.0]];
+    let empty = Array2::<f32>::zeros((0, 3));
+    let head = linear(Array2::eye(3), Array1::zeros(3));
+    let batch = Batch {
+        labeled: labeled.view(),
+        labels: &[0],
+        unlabeled: empty.view(),
+        pseudo: &[],
+        aug_a: empty.view(),
+        aug_b: empty.view(),
+        present: &[true, true, false],
+    };
+    let w = LossWeights {
+        lambda: 0.0,
+        alpha: 0.0,
+        beta: 0.0,
+        consistency: ConsistencyMode::Student,
+    };
+    let mut grad = head.params().zeros_like();
+    let parts = loss_and_grad(&head, &head, &batch, &w, &mut Scratch::default(), &mut grad);
+    assert!(close(parts.sup, -(0.75f32.ln()), 1e-6), "{}", parts.sup);
+    assert_eq!(
+        grad.matrix(0).row(2).iter().map(|v| v.abs()).sum::<f32>(),
+        0.0
+    );
+    assert_eq!(grad.values(1)[2], 0.0);
+}
+
+#[test]
 fn gradients_of_two_layers_match_finite_differences() {
     check_gradient(2, ConsistencyMode::Student);
     check_gradient(2, ConsistencyMode::Teacher);
@@ -281,6 +399,7 @@ fn rejected_pseudo_labels_add_no_loss_but_still_count_in_the_denominator() {
     let w = LossWeights {
         lambda: 1.0,
         alpha: 0.0,
+        beta: 0.0,
         consistency: ConsistencyMode::Student,
     };
     let with_all = total(&student, &teacher, &p, &w);

@@ -8,6 +8,7 @@ mod checkpoints;
 mod config_file;
 mod daemon;
 mod export;
+mod gate;
 mod learning;
 mod model_loading;
 mod packaging;

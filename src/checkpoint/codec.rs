@@ -51,6 +51,8 @@ pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
     for (role, p) in state.optimizer.state() {
         add_params(&mut t, &format!("optim.{role}"), p)?;
     }
+    let gate: Vec<f32> = state.gate.iter().map(|&w| w as u8 as f32).collect();
+    t.push(named("gate.outcomes".into(), vec![gate.len()], &gate)?);
     t.push(named(
         "pseudo.running".into(),
         vec![state.running.len()],
@@ -155,6 +157,12 @@ pub fn decode(bytes: &[u8], want: &Expected) -> Result<LearnerState, String> {
             t,
         },
     };
+    let (shape, gate) = read("gate.outcomes")?;
+    if shape.len() != 1 || gate.iter().any(|&v| v != 0.0 && v != 1.0) {
+        return Err(format!(
+            "tensor gate.outcomes has shape {shape:?} or values other than 0/1"
+        ));
+    }
     let (shape, running) = read("pseudo.running")?;
     if shape != [want.classes] {
         return Err(format!(
@@ -192,5 +200,6 @@ pub fn decode(bytes: &[u8], want: &Expected) -> Result<LearnerState, String> {
         counters: want.counters,
         labeled,
         running: Array1::from(running),
+        gate: gate.iter().map(|&v| v == 1.0).collect(),
     })
 }

@@ -125,6 +125,7 @@ pub async fn run(
             trainable: classifier.trainable.clone(),
             fingerprint: classifier.fingerprint,
         },
+        published: crate::learn::Serving::Pretrained,
     };
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()

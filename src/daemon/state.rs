@@ -10,14 +10,17 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::learn::Serving;
 use crate::metrics::LatencyWindow;
 use crate::nn::Mlp;
 
-/// The teacher head in service and its version.
+/// The model in service (the adapted teacher or the pretrained model, as the serving gate
+/// decides) and the teacher's version.
 #[derive(Debug, Clone)]
 pub struct TeacherSnapshot {
     pub head: Mlp,
     pub version: u64,
+    pub serving: Serving,
 }
 
 /// Monotonic counters (atomics, so any thread bumps them without a lock).
@@ -57,6 +60,10 @@ pub struct TrainStats {
     pub accepted: u64,
     pub resets: u64,
     pub rollbacks: u64,
+    pub gate_wins: u64,
+    pub gate_losses: u64,
+    pub gate_p: f64,
+    pub gate_switches: u64,
 }
 
 pub struct Shared {
@@ -94,6 +101,7 @@ impl Shared {
             teacher: RwLock::new(Arc::new(TeacherSnapshot {
                 head: teacher,
                 version: 0,
+                serving: Serving::Pretrained,
             })),
             paused: AtomicBool::new(false),
             reset_requested: AtomicBool::new(false),
@@ -173,6 +181,11 @@ impl Shared {
                 0.0
             },
             teacher_version: self.teacher().version,
+            serving_adapted: (self.teacher().serving == Serving::Adapted) as u8,
+            gate_wins: t.gate_wins,
+            gate_losses: t.gate_losses,
+            gate_p: t.gate_p,
+            gate_switches_total: t.gate_switches,
             ema_updates: t.ema_updates,
             train_steps: t.train_steps,
             skipped_nonfinite: t.skipped_nonfinite,
@@ -226,6 +239,12 @@ pub struct MetricsMessage {
     pub loss_consistency: f64,
     pub pseudo_acceptance: f64,
     pub teacher_version: u64,
+    /// 1 while the serving gate serves the adapted teacher, 0 while the pretrained model.
+    pub serving_adapted: u8,
+    pub gate_wins: u64,
+    pub gate_losses: u64,
+    pub gate_p: f64,
+    pub gate_switches_total: u64,
     pub ema_updates: u64,
     pub train_steps: u64,
     pub skipped_nonfinite: u64,
@@ -261,6 +280,8 @@ pub const DISCOVERED: &[(&str, &str)] = &[
     ("pseudo_acceptance", ""),
     ("feedback_accuracy", ""),
     ("teacher_version", ""),
+    ("serving_adapted", ""),
+    ("gate_p", ""),
     ("loss_sup", ""),
     ("loss_pseudo", ""),
     ("loss_consistency", ""),

@@ -16,7 +16,7 @@ use rumqttc::{AsyncClient, QoS};
 use super::queue::{BoundedQueue, Droppable};
 use super::state::{Shared, TeacherSnapshot};
 use crate::checkpoint::CheckpointStore;
-use crate::learn::{LearnerState, StepReport};
+use crate::learn::{LearnerState, Serving, StepReport};
 use crate::session::{embedding_ok, Observation, Prediction, Predictor, Session, SessionError};
 
 /// What the MQTT side hands to inference.
@@ -178,6 +178,7 @@ impl InferenceWorker {
                     name,
                     confidence: p.confidence,
                     teacher_version: teacher.version,
+                    serving: teacher.serving,
                 };
                 let payload = serde_json::to_vec(&message).unwrap_or_default();
                 if self
@@ -219,6 +220,8 @@ struct PredictionMessage<'a> {
     name: &'a str,
     confidence: f32,
     teacher_version: u64,
+    /// Which model made it: "adapted" or "pretrained" (the serving gate's choice).
+    serving: Serving,
 }
 
 pub struct TrainerWorker {
@@ -228,6 +231,8 @@ pub struct TrainerWorker {
     /// Where checkpoints (and exports) go, if anywhere.
     pub checkpoints: Option<CheckpointStore>,
     pub exporter: Exporter,
+    /// What the inference thread was last handed.
+    pub published: Serving,
 }
 
 /// What `export` needs to write the teacher back into the original graph.
@@ -238,10 +243,13 @@ pub struct Exporter {
 }
 
 impl TrainerWorker {
-    fn publish_teacher(&self) {
+    /// Hands the inference thread the model the gate serves.
+    fn publish_teacher(&mut self) {
+        self.published = self.session.serving();
         self.shared.publish_teacher(TeacherSnapshot {
-            head: self.session.teacher().clone(),
+            head: self.session.served().clone(),
             version: self.session.teacher_version(),
+            serving: self.published,
         });
     }
 
@@ -289,6 +297,9 @@ impl TrainerWorker {
             for item in items.drain(..) {
                 let result = train_on(&mut self.session, &item);
                 self.after_step(result);
+                if self.session.serving() != self.published {
+                    self.publish_teacher();
+                }
                 if let Some(tx) = &writer_tx {
                     if let Some(state) = self.session.take_checkpoint(Instant::now()) {
                         // A full writer queue means a save is already on its way.
@@ -394,6 +405,11 @@ impl TrainerWorker {
         t.labeled_buffer = l.labeled_counts().iter().sum();
         t.unlabeled_buffer = l.unlabeled_len();
         t.teacher_finite = l.teacher().is_finite() && l.student().is_finite();
+        let g = l.gate();
+        t.gate_wins = g.wins();
+        t.gate_losses = g.losses();
+        t.gate_p = g.p_value();
+        t.gate_switches = g.switches();
     }
 }
 

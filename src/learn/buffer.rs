@@ -129,6 +129,11 @@ impl LabeledBuffer {
         self.len() == 0
     }
 
+    /// True when at least one sample of `class` is held.
+    pub fn has(&self, class: usize) -> bool {
+        !self.per_class[class].is_empty()
+    }
+
     /// Number of labeled samples held per class.
     pub fn class_counts(&self) -> Vec<usize> {
         self.per_class.iter().map(SampleRing::len).collect()

@@ -11,6 +11,7 @@ use ndarray::{Array1, Array2, ArrayView1};
 
 use super::augment::{AugmentConfig, Augmenter};
 use super::buffer::{LabeledBuffer, SampleRing};
+use super::gate::{Gate, GateConfig, Serving};
 use super::guard::{GuardConfig, RollbackGuard, Verdict};
 use super::loss::{loss_and_grad, Batch, ConsistencyMode, LossParts, LossWeights, Scratch};
 use super::optim::{
@@ -18,7 +19,7 @@ use super::optim::{
 };
 use super::pseudo::{Balance, PseudoLabeler};
 use super::rng::Rng;
-use crate::nn::{Mlp, Params, Workspace};
+use crate::nn::{argmax, Mlp, Params, Workspace};
 use crate::stream::Layout;
 
 /// `[learn]`: the method's knobs. Defaults are the ones the README's numbers were made with.
@@ -42,8 +43,15 @@ pub struct LearnConfig {
     pub adam_beta1: f32,
     pub adam_beta2: f32,
     pub adam_eps: f32,
-    /// L2 pull of the student toward the pretrained weights (0 = off).
+    /// L2 pull of the student toward the pretrained weights (0 = off). Small, but it keeps an
+    /// update that the labels do not ask for from drifting far from a good model.
     pub anchor: f32,
+    /// β, weight of the diversity term Σ_k p̄_k log p̄_k on the student's mean prediction over
+    /// the unlabeled batch (ramped like λ; 0 = off): what stops updates from merging classes.
+    pub diversity: f32,
+    /// Leave classes with no label in the buffer out of L_sup's softmax, so labels of a few
+    /// classes do not push the others' scores down.
+    pub mask_absent_classes: bool,
     /// Gradients with a larger global norm are scaled down to it (0 = no clipping).
     pub max_grad_norm: f32,
     /// EMA decay m.
@@ -77,7 +85,9 @@ impl Default for LearnConfig {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_eps: 1e-8,
-            anchor: 0.0,
+            anchor: 0.1,
+            diversity: 1.0,
+            mask_absent_classes: true,
             max_grad_norm: 5.0,
             ema_decay: 0.99,
             ema_every: 1,
@@ -145,6 +155,9 @@ pub struct LearnerState {
     pub labeled: LabeledBuffer,
     /// Distribution alignment's running class distribution.
     pub running: Array1<f32>,
+    /// The serving gate's discordant outcomes, oldest first (`true`: the teacher alone was
+    /// right).
+    pub gate: Vec<bool>,
 }
 
 /// What the learner needs from the frozen backbone: embeddings of augmented inputs.
@@ -198,6 +211,8 @@ pub struct Learner {
     pseudo: PseudoLabeler,
     counters: Counters,
     guard: RollbackGuard,
+    gate: Gate,
+    gate_cfg: GateConfig,
     good: Option<GoodState>,
     augmenter: Augmenter,
     rng: Rng,
@@ -212,7 +227,9 @@ pub struct Learner {
     aug_emb: Array2<f32>,
     teacher_probs: Array2<f32>,
     ws: Workspace,
+    test_logits: Array2<f32>,
     pseudo_labels: Vec<Option<usize>>,
+    present: Vec<bool>,
     grad: Params,
     scratch: Scratch,
 }
@@ -225,6 +242,7 @@ impl Learner {
         cfg: &LearnConfig,
         augment: &AugmentConfig,
         guard: &GuardConfig,
+        gate: &GateConfig,
         seed: u64,
     ) -> Self {
         let classes = pretrained.classes();
@@ -248,6 +266,8 @@ impl Learner {
             source: pretrained,
             counters: Counters::default(),
             guard: RollbackGuard::new(guard.clone()),
+            gate: Gate::new(gate.clone()),
+            gate_cfg: gate.clone(),
             good: None,
             since_step: 0,
             picks: Vec::new(),
@@ -259,7 +279,9 @@ impl Learner {
             aug_emb: Array2::zeros((0, dim)),
             teacher_probs: Array2::zeros((0, classes)),
             ws: Workspace::default(),
+            test_logits: Array2::zeros((1, classes)),
             pseudo_labels: Vec::new(),
+            present: Vec::with_capacity(classes),
             scratch: Scratch::default(),
             cfg: cfg.clone(),
             augment: augment.clone(),
@@ -293,6 +315,23 @@ impl Learner {
         &self.guard
     }
 
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Which model the gate serves.
+    pub fn serving(&self) -> Serving {
+        self.gate.serving()
+    }
+
+    /// The model that should answer: the adapted teacher or the pretrained model.
+    pub fn served(&self) -> &Mlp {
+        match self.gate.serving() {
+            Serving::Adapted => &self.teacher,
+            Serving::Pretrained => &self.source,
+        }
+    }
+
     /// Labeled samples held, per class.
     pub fn labeled_counts(&self) -> Vec<usize> {
         self.labeled.class_counts()
@@ -307,7 +346,9 @@ impl Learner {
         &self.pseudo.running
     }
 
-    /// Files one sample. `truth` is kept only to score pseudo-labels, never to learn.
+    /// Files one sample. A label is first a test of the teacher against the pretrained model
+    /// for the serving gate (test-then-train), then learned from. `truth` is kept only to
+    /// score pseudo-labels, never to learn.
     pub fn observe(
         &mut self,
         input: &[f32],
@@ -319,6 +360,7 @@ impl Learner {
         self.since_step += 1;
         match label {
             Some(y) => {
+                self.test_label(embedding, y);
                 if !self.guard.hold_out(embedding, y) {
                     self.labeled.push(input, embedding, y)
                 }
@@ -326,6 +368,29 @@ impl Learner {
             None => {
                 self.unlabeled.push(input, embedding, truth);
             }
+        }
+    }
+
+    /// Scores one label against the current teacher and the pretrained model.
+    fn test_label(&mut self, embedding: ArrayView1<f32>, label: usize) {
+        let row = embedding.insert_axis(ndarray::Axis(0));
+        self.teacher
+            .logits_into(row, &mut self.ws, &mut self.test_logits);
+        let teacher = argmax(self.test_logits.row(0)).0;
+        self.source
+            .logits_into(row, &mut self.ws, &mut self.test_logits);
+        let source = argmax(self.test_logits.row(0)).0;
+        if let Some(now) = self.gate.record(teacher == label, source == label) {
+            tracing::info!(
+                "serving gate: now serving the {} model (wins {}, losses {}, p = {:.4})",
+                match now {
+                    Serving::Adapted => "adapted",
+                    Serving::Pretrained => "pretrained",
+                },
+                self.gate.wins(),
+                self.gate.losses(),
+                self.gate.p_value()
+            );
         }
     }
 
@@ -380,8 +445,15 @@ impl Learner {
         let weights = LossWeights {
             lambda: self.cfg.lambda_pseudo * ramp,
             alpha: self.cfg.alpha_consistency * ramp,
+            beta: self.cfg.diversity * ramp,
             consistency: self.cfg.consistency,
         };
+        self.present.clear();
+        if self.cfg.mask_absent_classes {
+            let labeled = &self.labeled;
+            self.present
+                .extend((0..labeled.classes()).map(|k| labeled.has(k)));
+        }
 
         // Two augmentations of each unlabeled sample, embedded in one backbone pass.
         let n_aug = if weights.alpha > 0.0 { n_u } else { 0 };
@@ -404,6 +476,7 @@ impl Learner {
             pseudo: &self.pseudo_labels,
             aug_a,
             aug_b,
+            present: &self.present,
         };
         let mut losses = loss_and_grad(
             &self.student,
@@ -514,6 +587,8 @@ impl Learner {
                 self.labeled = good.labeled;
                 self.pseudo.running = good.running;
                 self.guard.discard_pending();
+                // The evidence was about the teacher that was just thrown away.
+                self.gate.clear();
                 self.counters.rollbacks += 1;
                 self.counters.teacher_version += 1;
                 Some(verdict)
@@ -540,6 +615,7 @@ impl Learner {
             &self.cfg,
             &self.augment,
             &self.guard_cfg,
+            &self.gate_cfg,
             self.seed,
         );
         self.counters.teacher_version = version;
@@ -555,6 +631,7 @@ impl Learner {
             counters: self.counters,
             labeled: self.labeled.clone(),
             running: self.pseudo.running.clone(),
+            gate: self.gate.outcomes().collect(),
         }
     }
 
@@ -601,6 +678,7 @@ impl Learner {
         self.counters = state.counters;
         self.labeled = labeled;
         self.pseudo.running = state.running;
+        self.gate.restore(state.gate);
         self.good = None;
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod buffer;
+pub mod gate;
 pub mod guard;
 pub mod learner;
 pub mod loss;
@@ -13,6 +14,7 @@ pub mod pseudo;
 pub mod rng;
 
 pub use augment::AugmentConfig;
+pub use gate::{GateConfig, Serving};
 pub use guard::GuardConfig;
 pub use learner::{
     Counters, Embed, EmbedError, LearnConfig, LearnError, Learner, LearnerState, StepReport,

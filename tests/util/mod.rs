@@ -132,6 +132,7 @@ pub fn stepping_learner(c: &edgemt::model::Classifier, ema_every: u64) -> edgemt
             enabled: false,
             ..Default::default()
         },
+        &Default::default(),
         0,
     )
 }
