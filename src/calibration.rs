@@ -129,7 +129,14 @@ impl SignedPerm {
     /// The 48 signed permutations: permutations in lexicographic order, each with its 8 sign
     /// patterns (`+++` first), so [`SignedPerm::IDENTITY`] comes first and wins ties.
     pub fn all() -> Vec<SignedPerm> {
-        const PERMS: [[u8; 3]; 6] = [[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]];
+        const PERMS: [[u8; 3]; 6] = [
+            [0, 1, 2],
+            [0, 2, 1],
+            [1, 0, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+        ];
         let mut out = Vec::with_capacity(48);
         for perm in PERMS {
             for mask in 0..8u8 {
@@ -238,7 +245,11 @@ fn effective_signs(r: &SignedPerm, axial: bool) -> [f32; 3] {
 
 /// Writes `x` re-oriented by `r` into `out` (same length; ungrouped channels copied).
 fn transform(groups: &[Group], layout: &Layout, r: &SignedPerm, x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), out.len(), "mounting input and output lengths differ");
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "mounting input and output lengths differ"
+    );
     out.copy_from_slice(x);
     if *r == SignedPerm::IDENTITY {
         return;
@@ -461,7 +472,9 @@ impl Calibrator {
         if self.adopted == SignedPerm::IDENTITY {
             self.cfg.search_every
         } else {
-            self.cfg.search_every.saturating_mul(ADOPTED_SEARCH_SLOWDOWN)
+            self.cfg
+                .search_every
+                .saturating_mul(ADOPTED_SEARCH_SLOWDOWN)
         }
     }
 
@@ -506,17 +519,17 @@ impl Calibrator {
         let identity_infomax = find(SignedPerm::IDENTITY);
         let adopted_infomax = find(self.adopted);
         // First strictly best: identity (listed first) wins ties.
-        let (best, best_infomax) = self
-            .scores
-            .iter()
-            .copied()
-            .fold((SignedPerm::IDENTITY, f32::NEG_INFINITY), |b, s| {
-                if s.1 > b.1 {
-                    s
-                } else {
-                    b
-                }
-            });
+        let (best, best_infomax) =
+            self.scores
+                .iter()
+                .copied()
+                .fold((SignedPerm::IDENTITY, f32::NEG_INFINITY), |b, s| {
+                    if s.1 > b.1 {
+                        s
+                    } else {
+                        b
+                    }
+                });
         if best == self.adopted || best_infomax <= adopted_infomax {
             self.candidate = None;
             return Ok(None);

@@ -243,7 +243,11 @@ fn float_type(dims: &[usize]) -> TypeProto {
 
 /// Every tensor and node name in the graph and its subgraphs.
 fn collect_names(graph: &GraphProto, names: &mut HashSet<String>) {
-    let values = graph.input.iter().chain(&graph.output).chain(&graph.value_info);
+    let values = graph
+        .input
+        .iter()
+        .chain(&graph.output)
+        .chain(&graph.value_info);
     names.extend(values.map(|v| v.name.clone()));
     names.extend(graph.initializer.iter().map(|t| t.name.clone()));
     for node in &graph.node {
