@@ -257,7 +257,7 @@ fn transform(groups: &[Group], layout: &Layout, r: &SignedPerm, x: &[f32], out: 
     let cs = layout.channel_stride;
     for g in groups {
         let signs = effective_signs(r, g.axial);
-        // Source channel of output axis i, and its sign.
+        // Output axis i reads input axis perm[i] (offsets within a step), times signs[i].
         let from = [0, 1, 2].map(|i| g.channels[r.perm[i] as usize] * cs);
         let to = g.channels.map(|c| c * cs);
         for t in 0..layout.steps {
