@@ -6,7 +6,9 @@
 //! [`learn`] buffers -> the student head trains on L_sup + λ·L_pseudo + α·L_consistency ->
 //! every k steps the teacher is refreshed by EMA. [`replay`] drives this over a recording,
 //! prequentially; [`config`] holds the knobs; [`metrics`] measures the process.
+//! [`calibration`] undoes a sensor worn rotated or mirrored before the model sees a sample.
 
+pub mod calibration;
 pub mod checkpoint;
 pub mod config;
 pub mod daemon;

@@ -4,6 +4,7 @@
 
 mod util;
 
+mod calibration;
 mod checkpoints;
 mod config_file;
 mod daemon;

@@ -5,10 +5,19 @@
 //! so the graph computes exactly the adapted network's outputs. Everything else, including
 //! opsets and metadata, is kept; a few `edgemt.*` metadata entries record where the weights
 //! came from.
+//!
+//! An adopted sensor mounting (`calibration`) is folded in front of the graph by
+//! [`fold_input_transform`], so the exported file takes the device's raw data.
+
+use std::collections::HashSet;
 
 use ndarray::{ArrayView1, ArrayView2};
 use prost::Message;
-use tract_onnx::pb::{GraphProto, ModelProto, StringStringEntryProto, TensorProto};
+use tract_onnx::pb::tensor_shape_proto::{dimension, Dimension};
+use tract_onnx::pb::{
+    type_proto, GraphProto, ModelProto, NodeProto, StringStringEntryProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
 
 use super::{LayerSpec, ModelError, TrainableSpec, WeightLayout};
 use crate::nn::Mlp;
@@ -114,4 +123,169 @@ fn replace(graph: &mut GraphProto, name: &str, values: &[f32]) -> Result<(), Mod
     t.data_location = None;
     t.raw_data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
     Ok(())
+}
+
+/// Returns `proto` taking RAW device data: a `MatMul` with the constant `channel_matrix`
+/// (`M`, C×C over the channel axis, e.g. `Mounting::channel_matrix`) runs first, so the
+/// original graph sees `x'_t = M · x_t` at every time step.
+///
+/// The new raw input keeps the original input's name (users' code does not change); the
+/// tensor the original graph reads is renamed. `input_shape` is the per-sample shape, which
+/// must be rank 2; `channel_axis` is its channel axis: for channels-last samples
+/// (`[N, T, C]`) the node computes `x · Mᵀ`, for channels-first (`[N, C, T]`) `M · x`, which
+/// ONNX MatMul broadcasts over the batch. Record which mounting this was with an
+/// `edgemt.mounting` metadata entry (e.g. through [`export_trainable`]'s `metadata`).
+pub fn fold_input_transform(
+    proto: &ModelProto,
+    channel_matrix: ArrayView2<f32>,
+    channel_axis: usize,
+    input_shape: &[usize],
+) -> Result<ModelProto, ModelError> {
+    if input_shape.len() != 2 {
+        return Err(ModelError::Unsupported(format!(
+            "an input transform folds only into samples of rank 2 (time and channels); this input has shape {input_shape:?}"
+        )));
+    }
+    if channel_axis > 1 {
+        return Err(ModelError::Unsupported(format!(
+            "channel axis {channel_axis} is not an axis of a rank-2 sample"
+        )));
+    }
+    let channels = input_shape[channel_axis];
+    if channel_matrix.dim() != (channels, channels) {
+        return Err(ModelError::Unsupported(format!(
+            "the channel matrix is {:?} but the input has {channels} channels on axis {channel_axis}",
+            channel_matrix.dim()
+        )));
+    }
+    let mut proto = proto.clone();
+    let ir_version = proto.ir_version;
+    let graph = proto
+        .graph
+        .as_mut()
+        .ok_or_else(|| ModelError::Unsupported("the file holds no graph".into()))?;
+    let (input, declared) = super::sample_input(graph)?;
+    if declared != input_shape {
+        return Err(ModelError::Unsupported(format!(
+            "input '{input}' has samples of shape {declared:?}, not {input_shape:?}"
+        )));
+    }
+
+    let mut taken = HashSet::new();
+    collect_names(graph, &mut taken);
+    let mounted = unique(&format!("{input}.mounted"), &taken);
+    taken.insert(mounted.clone());
+    let matrix = unique("edgemt.mounting_matrix", &taken);
+
+    // Every reader of the input now reads the transformed tensor.
+    rename_uses(graph, &input, &mounted);
+    for v in graph.value_info.iter_mut().filter(|v| v.name == input) {
+        v.name = mounted.clone();
+    }
+
+    // Channels-last multiplies from the right by Mᵀ, channels-first from the left by M.
+    let (values, inputs): (Vec<f32>, _) = if channel_axis == 1 {
+        (
+            channel_matrix.t().iter().copied().collect(),
+            vec![input.clone(), matrix.clone()],
+        )
+    } else {
+        (
+            channel_matrix.iter().copied().collect(),
+            vec![matrix.clone(), input.clone()],
+        )
+    };
+    graph.initializer.push(TensorProto {
+        name: matrix.clone(),
+        dims: vec![channels as i64; 2],
+        data_type: 1, // FLOAT
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    });
+    if ir_version < 4 {
+        // Before IR 4 every initializer must also be listed as a graph input.
+        graph.input.push(ValueInfoProto {
+            name: matrix.clone(),
+            r#type: Some(float_type(&[channels, channels])),
+            ..Default::default()
+        });
+    }
+    graph.node.insert(
+        0,
+        NodeProto {
+            name: unique("edgemt.mounting", &taken),
+            op_type: "MatMul".into(),
+            input: inputs,
+            output: vec![mounted],
+            ..Default::default()
+        },
+    );
+    Ok(proto)
+}
+
+fn float_type(dims: &[usize]) -> TypeProto {
+    TypeProto {
+        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+            elem_type: 1,
+            shape: Some(TensorShapeProto {
+                dim: dims
+                    .iter()
+                    .map(|&d| Dimension {
+                        value: Some(dimension::Value::DimValue(d as i64)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+        })),
+        ..Default::default()
+    }
+}
+
+/// Every tensor and node name in the graph and its subgraphs.
+fn collect_names(graph: &GraphProto, names: &mut HashSet<String>) {
+    let values = graph
+        .input
+        .iter()
+        .chain(&graph.output)
+        .chain(&graph.value_info);
+    names.extend(values.map(|v| v.name.clone()));
+    names.extend(graph.initializer.iter().map(|t| t.name.clone()));
+    for node in &graph.node {
+        names.insert(node.name.clone());
+        names.extend(node.input.iter().chain(&node.output).cloned());
+        for a in &node.attribute {
+            for g in a.g.iter().chain(&a.graphs) {
+                collect_names(g, names);
+            }
+        }
+    }
+}
+
+/// `base`, or `base_1`, `base_2`, ... if that is already a name in the graph.
+fn unique(base: &str, taken: &HashSet<String>) -> String {
+    (0..)
+        .map(|i| {
+            if i == 0 {
+                base.to_string()
+            } else {
+                format!("{base}_{i}")
+            }
+        })
+        .find(|n| !taken.contains(n))
+        .expect("some suffix is free")
+}
+
+/// Points every node input named `from` at `to`, also inside subgraphs (which may read
+/// outer-scope tensors).
+fn rename_uses(graph: &mut GraphProto, from: &str, to: &str) {
+    for node in &mut graph.node {
+        for i in node.input.iter_mut().filter(|i| *i == from) {
+            *i = to.to_string();
+        }
+        for a in &mut node.attribute {
+            for g in a.g.iter_mut().chain(a.graphs.iter_mut()) {
+                rename_uses(g, from, to);
+            }
+        }
+    }
 }

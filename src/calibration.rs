@@ -1,0 +1,638 @@
+//! Mounting calibration: undoing a sensor worn rotated, flipped or on the other side of the
+//! body by re-orienting every declared 3-axis channel group with one of the 48 signed axis
+//! permutations (90° rotations and mirrors), before the model sees the sample.
+//!
+//! This module owns the candidates ([`SignedPerm`]), applying one to a flat sample
+//! ([`Mounting`]), the label-free score ([`infomax`]) and the search/adoption state machine
+//! ([`Calibrator`]). It never runs a model: the caller hands [`Calibrator::search`] and
+//! [`Calibrator::label`] a closure that predicts a batch with the *frozen pretrained* model,
+//! so the score measures the mounting and not whatever the adapting head has learned.
+//!
+//! Accelerometer-like groups are polar vectors (`v' = R·v`); gyroscope and magnetometer
+//! groups are axial vectors, which a mirror flips once more (`v' = det(R)·R·v`). A search
+//! proposes the candidate whose predictions carry the most information about the class
+//! (information maximization); only labels adopt it, since a label is a clean test of a
+//! frozen model: the log-likelihood ratio against the current mounting must reach
+//! `adopt_log_ratio`. An adopted mounting is reverted to identity when the same statistic
+//! against identity later falls below `-adopt_log_ratio`.
+
+use ndarray::{Array2, ArrayView2};
+
+use crate::stream::Layout;
+
+/// Fewer recent samples than this make the information score meaningless (streams arrive in
+/// long single-activity segments).
+pub const MIN_WINDOW: usize = 32;
+
+/// Once a mounting is adopted, searches (which only watch for a re-mounted device) run this
+/// many times less often than `search_every`: a search costs 48 × `window` backbone runs.
+pub const ADOPTED_SEARCH_SLOWDOWN: usize = 16;
+
+/// Probabilities are clamped here before a logarithm, so one confident mistake costs at most
+/// ln(1e7) ≈ 16 of evidence instead of infinity.
+const PROB_FLOOR: f32 = 1e-7;
+
+/// `[calibration]`: which channels are 3-axis vectors and how eagerly to re-orient them.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CalibrationConfig {
+    /// Channel indices (into the input's channel axis) of accelerometer-like groups.
+    pub polar: Vec<[usize; 3]>,
+    /// Channel indices of gyroscope/magnetometer groups.
+    pub axial: Vec<[usize; 3]>,
+    /// Recent samples a search scores.
+    pub window: usize,
+    /// New samples between searches while nothing is adopted.
+    pub search_every: usize,
+    /// Log-likelihood ratio (nats) the labels must show to adopt, or against, to revert.
+    pub adopt_log_ratio: f32,
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        CalibrationConfig {
+            polar: Vec::new(),
+            axial: Vec::new(),
+            window: 256,
+            search_every: 256,
+            // ≈ ln 20: the labels make the candidate 20 times likelier than the current one.
+            adopt_log_ratio: 3.0,
+        }
+    }
+}
+
+impl CalibrationConfig {
+    /// Calibration runs only when at least one group is declared.
+    pub fn enabled(&self) -> bool {
+        !self.polar.is_empty() || !self.axial.is_empty()
+    }
+
+    /// Checks the groups against an input with `channels` channels and the numeric knobs.
+    pub fn validate(&self, channels: usize) -> Result<(), String> {
+        let mut seen: Vec<(usize, String)> = Vec::new();
+        let groups = self
+            .polar
+            .iter()
+            .map(|g| ("polar", g))
+            .chain(self.axial.iter().map(|g| ("axial", g)));
+        for (kind, group) in groups {
+            let label = format!("{kind} group {group:?}");
+            for &c in group {
+                if c >= channels {
+                    return Err(format!(
+                        "{label} names channel {c}, but the input has {channels} channels (0..{channels})"
+                    ));
+                }
+                if let Some((_, first)) = seen.iter().find(|(s, _)| *s == c) {
+                    return Err(if *first == label {
+                        format!("{label} names channel {c} twice")
+                    } else {
+                        format!("channel {c} is in both {first} and {label}")
+                    });
+                }
+                seen.push((c, label.clone()));
+            }
+        }
+        if self.window < MIN_WINDOW {
+            return Err(format!(
+                "window must be at least {MIN_WINDOW} samples, got {}",
+                self.window
+            ));
+        }
+        if self.search_every < 1 {
+            return Err("search_every must be at least 1".into());
+        }
+        if !(self.adopt_log_ratio.is_finite() && self.adopt_log_ratio > 0.0) {
+            return Err(format!(
+                "adopt_log_ratio must be finite and positive, got {}",
+                self.adopt_log_ratio
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A signed permutation matrix `R`: row `i` has `signs[i]` at column `perm[i]`, so
+/// `(R·v)[i] = signs[i] · v[perm[i]]`. Exact in f32: applying one only moves and negates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct SignedPerm {
+    pub perm: [u8; 3],
+    pub signs: [i8; 3],
+}
+
+impl SignedPerm {
+    pub const IDENTITY: SignedPerm = SignedPerm {
+        perm: [0, 1, 2],
+        signs: [1, 1, 1],
+    };
+
+    /// The 48 signed permutations: permutations in lexicographic order, each with its 8 sign
+    /// patterns (`+++` first), so [`SignedPerm::IDENTITY`] comes first and wins ties.
+    pub fn all() -> Vec<SignedPerm> {
+        const PERMS: [[u8; 3]; 6] = [
+            [0, 1, 2],
+            [0, 2, 1],
+            [1, 0, 2],
+            [1, 2, 0],
+            [2, 0, 1],
+            [2, 1, 0],
+        ];
+        let mut out = Vec::with_capacity(48);
+        for perm in PERMS {
+            for mask in 0..8u8 {
+                let signs = [0, 1, 2].map(|i| if mask >> (2 - i) & 1 == 1 { -1 } else { 1 });
+                out.push(SignedPerm { perm, signs });
+            }
+        }
+        out
+    }
+
+    /// +1 for a proper rotation, -1 for a mirror.
+    pub fn det(&self) -> i8 {
+        let p = self.perm;
+        let inversions = (p[0] > p[1]) as u8 + (p[0] > p[2]) as u8 + (p[1] > p[2]) as u8;
+        let parity = if inversions % 2 == 0 { 1 } else { -1 };
+        parity * self.signs[0] * self.signs[1] * self.signs[2]
+    }
+
+    pub fn matrix(&self) -> [[f32; 3]; 3] {
+        let mut m = [[0.0; 3]; 3];
+        for (i, row) in m.iter_mut().enumerate() {
+            row[self.perm[i] as usize] = self.signs[i] as f32;
+        }
+        m
+    }
+
+    /// `R·v`.
+    pub fn apply(&self, v: [f32; 3]) -> [f32; 3] {
+        [0, 1, 2].map(|i| self.signs[i] as f32 * v[self.perm[i] as usize])
+    }
+
+    /// `R⁻¹ = Rᵀ`.
+    pub fn inverse(&self) -> SignedPerm {
+        let mut inv = SignedPerm::IDENTITY;
+        for i in 0..3 {
+            let j = self.perm[i] as usize;
+            inv.perm[j] = i as u8;
+            inv.signs[j] = self.signs[i];
+        }
+        inv
+    }
+
+    /// `other ∘ self`: `self` applied first, then `other`.
+    pub fn then(&self, other: &SignedPerm) -> SignedPerm {
+        let mut out = SignedPerm::IDENTITY;
+        for i in 0..3 {
+            let j = other.perm[i] as usize;
+            out.perm[i] = self.perm[j];
+            out.signs[i] = other.signs[i] * self.signs[j];
+        }
+        out
+    }
+
+    /// What each output axis reads, e.g. `x,-z,y` for 90° about x; `x,y,z` is identity.
+    pub fn name(&self) -> String {
+        let axis = |i: usize| {
+            let sign = if self.signs[i] < 0 { "-" } else { "" };
+            format!("{sign}{}", ["x", "y", "z"][self.perm[i] as usize])
+        };
+        format!("{},{},{}", axis(0), axis(1), axis(2))
+    }
+}
+
+impl std::fmt::Display for SignedPerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// One declared 3-channel group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Group {
+    channels: [usize; 3],
+    axial: bool,
+}
+
+fn groups_of(cfg: &CalibrationConfig, layout: &Layout) -> Vec<Group> {
+    let groups: Vec<Group> = cfg
+        .polar
+        .iter()
+        .map(|&channels| Group {
+            channels,
+            axial: false,
+        })
+        .chain(cfg.axial.iter().map(|&channels| Group {
+            channels,
+            axial: true,
+        }))
+        .collect();
+    for g in &groups {
+        assert!(
+            g.channels.iter().all(|&c| c < layout.channels),
+            "calibration group {:?} is outside the {} channels (validate the config first)",
+            g.channels,
+            layout.channels
+        );
+    }
+    groups
+}
+
+/// The signs a group actually gets: axial vectors flip once more under a mirror.
+fn effective_signs(r: &SignedPerm, axial: bool) -> [f32; 3] {
+    let d = if axial { r.det() as f32 } else { 1.0 };
+    r.signs.map(|s| s as f32 * d)
+}
+
+/// Writes `x` re-oriented by `r` into `out` (same length; ungrouped channels copied).
+fn transform(groups: &[Group], layout: &Layout, r: &SignedPerm, x: &[f32], out: &mut [f32]) {
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "mounting input and output lengths differ"
+    );
+    out.copy_from_slice(x);
+    if *r == SignedPerm::IDENTITY {
+        return;
+    }
+    let cs = layout.channel_stride;
+    for g in groups {
+        let signs = effective_signs(r, g.axial);
+        // Output axis i reads input axis perm[i] (offsets within a step), times signs[i].
+        let from = [0, 1, 2].map(|i| g.channels[r.perm[i] as usize] * cs);
+        let to = g.channels.map(|c| c * cs);
+        for t in 0..layout.steps {
+            let base = t * layout.step_stride;
+            for i in 0..3 {
+                out[base + to[i]] = signs[i] * x[base + from[i]];
+            }
+        }
+    }
+}
+
+/// Applies R to every declared group at every time step of a flat sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mounting {
+    groups: Vec<Group>,
+    layout: Layout,
+    r: SignedPerm,
+}
+
+impl Mounting {
+    /// Panics if a group names a channel the layout does not have (see
+    /// [`CalibrationConfig::validate`]).
+    pub fn new(cfg: &CalibrationConfig, layout: Layout, r: SignedPerm) -> Self {
+        Mounting {
+            groups: groups_of(cfg, &layout),
+            layout,
+            r,
+        }
+    }
+
+    pub fn r(&self) -> SignedPerm {
+        self.r
+    }
+
+    /// `out.len() == x.len()`; channels outside any group are copied unchanged.
+    pub fn apply(&self, x: &[f32], out: &mut [f32]) {
+        transform(&self.groups, &self.layout, &self.r, x, out);
+    }
+
+    /// The C×C matrix M over the channel axis with x'_t = M · x_t for every step t (block R for
+    /// polar groups, det(R)·R for axial groups, identity elsewhere) — what export folds in.
+    pub fn channel_matrix(&self) -> Array2<f32> {
+        let mut m = Array2::eye(self.layout.channels);
+        for g in &self.groups {
+            let signs = effective_signs(&self.r, g.axial);
+            for &c in &g.channels {
+                m[[c, c]] = 0.0;
+            }
+            for i in 0..3 {
+                m[[g.channels[i], g.channels[self.r.perm[i] as usize]]] = signs[i];
+            }
+        }
+        m
+    }
+}
+
+/// -p·ln p, with 0·ln 0 = 0.
+fn neg_plogp(p: f64) -> f64 {
+    if p > 0.0 {
+        -p * p.ln()
+    } else {
+        0.0
+    }
+}
+
+/// H(mean p) − mean H(p) over the rows of a probability matrix (natural log; 0·log 0 = 0).
+/// High when each prediction is confident *and* the predictions differ between samples.
+pub fn infomax(probs: ArrayView2<f32>) -> f32 {
+    let n = probs.nrows();
+    if n == 0 {
+        return 0.0;
+    }
+    let marginal: f64 = probs
+        .columns()
+        .into_iter()
+        .map(|col| neg_plogp(col.iter().map(|&p| p as f64).sum::<f64>() / n as f64))
+        .sum();
+    let conditional: f64 = probs.iter().map(|&p| neg_plogp(p as f64)).sum::<f64>() / n as f64;
+    (marginal - conditional) as f32
+}
+
+/// What happened in [`Calibrator::search`] or [`Calibrator::label`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CalibrationEvent {
+    /// A search found `r` more informative than the adopted mounting; labels decide.
+    Proposed {
+        r: SignedPerm,
+        infomax: f32,
+        identity_infomax: f32,
+    },
+    /// Labels confirmed `r` by `log_ratio` nats over the mounting it replaces.
+    Adopted { r: SignedPerm, log_ratio: f32 },
+    /// Labels since adoption made `r` worse than identity by `-log_ratio` nats.
+    Reverted { r: SignedPerm, log_ratio: f32 },
+}
+
+/// A proposed mounting and the label evidence gathered since it was proposed.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    r: SignedPerm,
+    /// Σ log p_r(y|x) − log p_adopted(y|x).
+    vs_adopted: f64,
+    /// Σ log p_r(y|x) − log p_identity(y|x): carried over on adoption as the revert statistic.
+    vs_identity: f64,
+}
+
+/// The search/adoption state machine (see the module docs). It never runs a model itself:
+/// the caller passes a scoring closure that embeds and predicts a batch with the FROZEN
+/// pretrained model.
+///
+/// Schedule: a search is due once the ring holds `window` samples and `search_every` samples
+/// arrived since the last one; after adoption only every
+/// [`ADOPTED_SEARCH_SLOWDOWN`]` × search_every`, to notice a device that was re-mounted.
+/// A search that proposes the pending candidate again keeps its evidence; one that proposes
+/// another resets it; one that finds nothing better than the adopted mounting drops it.
+pub struct Calibrator {
+    cfg: CalibrationConfig,
+    layout: Layout,
+    groups: Vec<Group>,
+    candidates: Vec<SignedPerm>,
+    /// The last `window` raw samples, back to back, oldest overwritten first.
+    ring: Vec<f32>,
+    ring_len: usize,
+    ring_next: usize,
+    since_search: usize,
+    /// The ring transformed by one candidate: what the scoring closure sees.
+    batch: Vec<f32>,
+    probs: Array2<f32>,
+    /// Up to three transforms of one labelled sample.
+    label_batch: Vec<f32>,
+    label_probs: Array2<f32>,
+    scores: Vec<(SignedPerm, f32)>,
+    adopted: SignedPerm,
+    candidate: Option<Pending>,
+    /// Σ log p_adopted(y|x) − log p_identity(y|x), from the labels that adopted it on.
+    adopted_vs_identity: f64,
+}
+
+impl Calibrator {
+    /// Panics if a group names a channel the layout does not have (see
+    /// [`CalibrationConfig::validate`]).
+    pub fn new(cfg: CalibrationConfig, layout: Layout) -> Self {
+        let groups = groups_of(&cfg, &layout);
+        let len = layout.sample_len();
+        let window = cfg.window.max(1);
+        Calibrator {
+            groups,
+            layout,
+            candidates: SignedPerm::all(),
+            ring: vec![0.0; window * len],
+            ring_len: 0,
+            ring_next: 0,
+            since_search: 0,
+            batch: vec![0.0; window * len],
+            probs: Array2::zeros((0, 0)),
+            label_batch: vec![0.0; 3 * len],
+            label_probs: Array2::zeros((0, 0)),
+            scores: Vec::with_capacity(48),
+            adopted: SignedPerm::IDENTITY,
+            candidate: None,
+            adopted_vs_identity: 0.0,
+            cfg,
+        }
+    }
+
+    /// IDENTITY until labels confirm a candidate.
+    pub fn adopted(&self) -> SignedPerm {
+        self.adopted
+    }
+
+    /// Proposed by a search, not yet adopted.
+    pub fn candidate(&self) -> Option<SignedPerm> {
+        self.candidate.map(|p| p.r)
+    }
+
+    /// Label evidence for the candidate over the adopted mounting so far (nats).
+    pub fn candidate_log_ratio(&self) -> Option<f32> {
+        self.candidate.map(|p| p.vs_adopted as f32)
+    }
+
+    /// Every candidate's information score in the last search (empty before the first).
+    pub fn last_scores(&self) -> &[(SignedPerm, f32)] {
+        &self.scores
+    }
+
+    /// The adopted mounting, to apply to every sample before the model.
+    pub fn mounting(&self) -> Mounting {
+        Mounting {
+            groups: self.groups.clone(),
+            layout: self.layout,
+            r: self.adopted,
+        }
+    }
+
+    /// A new raw (uncalibrated) sample: kept in a ring of `window` samples (preallocated).
+    /// Panics if its length is not the layout's sample length.
+    pub fn observe(&mut self, raw: &[f32]) {
+        let len = self.layout.sample_len();
+        assert_eq!(raw.len(), len, "calibration sample length");
+        let window = self.ring.len() / len.max(1);
+        if window == 0 {
+            return;
+        }
+        let at = self.ring_next * len;
+        self.ring[at..at + len].copy_from_slice(raw);
+        self.ring_next = (self.ring_next + 1) % window;
+        self.ring_len = (self.ring_len + 1).min(window);
+        self.since_search = self.since_search.saturating_add(1);
+    }
+
+    fn search_interval(&self) -> usize {
+        if self.adopted == SignedPerm::IDENTITY {
+            self.cfg.search_every
+        } else {
+            self.cfg
+                .search_every
+                .saturating_mul(ADOPTED_SEARCH_SLOWDOWN)
+        }
+    }
+
+    /// The ring is full and the schedule says so (see the type docs).
+    pub fn search_due(&self) -> bool {
+        self.ring_len >= self.cfg.window && self.since_search >= self.search_interval()
+    }
+
+    /// Scores every candidate on the ring with `score(inputs, n, probs_out)` (inputs: n
+    /// transformed samples back to back; fills probs_out `[n, classes]`), one batched call
+    /// per candidate, and proposes the best if it beats the adopted mounting's score.
+    ///
+    /// The schedule restarts before scoring, so a failing model is retried at the next
+    /// scheduled search, not on every sample.
+    pub fn search<E>(
+        &mut self,
+        mut score: impl FnMut(&[f32], usize, &mut Array2<f32>) -> Result<(), E>,
+    ) -> Result<Option<CalibrationEvent>, E> {
+        self.since_search = 0;
+        self.scores.clear();
+        let len = self.layout.sample_len();
+        let n = self.ring_len;
+        if n == 0 {
+            return Ok(None);
+        }
+        for r in &self.candidates {
+            for (x, out) in self.ring[..n * len]
+                .chunks_exact(len)
+                .zip(self.batch.chunks_exact_mut(len))
+            {
+                transform(&self.groups, &self.layout, r, x, out);
+            }
+            score(&self.batch[..n * len], n, &mut self.probs)?;
+            self.scores.push((*r, infomax(self.probs.view())));
+        }
+        let find = |want: SignedPerm| {
+            self.scores
+                .iter()
+                .find(|(r, _)| *r == want)
+                .map_or(0.0, |s| s.1)
+        };
+        let identity_infomax = find(SignedPerm::IDENTITY);
+        let adopted_infomax = find(self.adopted);
+        // First strictly best: identity (listed first) wins ties.
+        let (best, best_infomax) =
+            self.scores
+                .iter()
+                .copied()
+                .fold((SignedPerm::IDENTITY, f32::NEG_INFINITY), |b, s| {
+                    if s.1 > b.1 {
+                        s
+                    } else {
+                        b
+                    }
+                });
+        if best == self.adopted || best_infomax <= adopted_infomax {
+            self.candidate = None;
+            return Ok(None);
+        }
+        if self.candidate.map(|p| p.r) != Some(best) {
+            self.candidate = Some(Pending {
+                r: best,
+                vs_adopted: 0.0,
+                vs_identity: 0.0,
+            });
+        }
+        Ok(Some(CalibrationEvent::Proposed {
+            r: best,
+            infomax: best_infomax,
+            identity_infomax,
+        }))
+    }
+
+    /// A label for raw sample `raw`: adds log p_cand(y|x) − log p_adopted(y|x) to the
+    /// candidate's evidence (and log p_adopted − log p_identity to the revert statistic),
+    /// scoring up to three transforms of the sample in one call. Returns Adopted/Reverted
+    /// when a threshold is crossed. Labels outside the scored classes are ignored.
+    pub fn label<E>(
+        &mut self,
+        raw: &[f32],
+        label: usize,
+        mut score: impl FnMut(&[f32], usize, &mut Array2<f32>) -> Result<(), E>,
+    ) -> Result<Option<CalibrationEvent>, E> {
+        let identity = SignedPerm::IDENTITY;
+        let watch_adopted = self.adopted != identity;
+        if self.candidate.is_none() && !watch_adopted {
+            return Ok(None);
+        }
+        // Slot 0: adopted; then the candidate and identity, where they apply.
+        let mut rs = [self.adopted; 3];
+        let mut n = 1;
+        let cand_slot = self.candidate.map(|p| {
+            rs[n] = p.r;
+            n += 1;
+            n - 1
+        });
+        let ident_slot = if watch_adopted {
+            rs[n] = identity;
+            n += 1;
+            n - 1
+        } else {
+            0
+        };
+        let len = self.layout.sample_len();
+        for (r, out) in rs[..n].iter().zip(self.label_batch.chunks_exact_mut(len)) {
+            transform(&self.groups, &self.layout, r, raw, out);
+        }
+        score(&self.label_batch[..n * len], n, &mut self.label_probs)?;
+        if label >= self.label_probs.ncols() || self.label_probs.nrows() < n {
+            return Ok(None);
+        }
+        let logp = |i: usize| (self.label_probs[[i, label]].max(PROB_FLOOR) as f64).ln();
+        let (adopted, ident) = (logp(0), logp(ident_slot));
+        let cand = cand_slot.map(logp);
+        let threshold = self.cfg.adopt_log_ratio as f64;
+
+        if let (Some(p), Some(cand)) = (self.candidate.as_mut(), cand) {
+            p.vs_adopted += cand - adopted;
+            p.vs_identity += cand - ident;
+            if p.vs_adopted >= threshold {
+                let p = *p;
+                self.adopted = p.r;
+                self.candidate = None;
+                // The revert statistic continues from the labels that adopted it, so
+                // reverting needs the evidence to swing by 2× the threshold.
+                self.adopted_vs_identity = p.vs_identity;
+                self.since_search = 0;
+                return Ok(Some(CalibrationEvent::Adopted {
+                    r: p.r,
+                    log_ratio: p.vs_adopted as f32,
+                }));
+            }
+        }
+        if watch_adopted {
+            self.adopted_vs_identity += adopted - ident;
+            if self.adopted_vs_identity <= -threshold {
+                let r = self.adopted;
+                let log_ratio = self.adopted_vs_identity as f32;
+                self.adopted = identity;
+                self.candidate = None;
+                self.adopted_vs_identity = 0.0;
+                self.since_search = 0;
+                return Ok(Some(CalibrationEvent::Reverted { r, log_ratio }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Restore an adopted R (from a checkpoint). Its evidence is not stored, so it is taken
+    /// as just adopted: `adopt_log_ratio` over identity.
+    pub fn set_adopted(&mut self, r: SignedPerm) {
+        self.adopted = r;
+        self.candidate = None;
+        self.adopted_vs_identity = if r == SignedPerm::IDENTITY {
+            0.0
+        } else {
+            self.cfg.adopt_log_ratio as f64
+        };
+        self.since_search = 0;
+    }
+}
