@@ -383,6 +383,9 @@ pub struct Calibrator {
     ring_len: usize,
     ring_next: usize,
     since_search: usize,
+    /// Searches that found nothing double the wait for the next one (up to
+    /// [`ADOPTED_SEARCH_SLOWDOWN`]), so a well-mounted device stops paying for them.
+    backoff: usize,
     /// The ring transformed by one candidate: what the scoring closure sees.
     batch: Vec<f32>,
     probs: Array2<f32>,
@@ -411,6 +414,7 @@ impl Calibrator {
             ring_len: 0,
             ring_next: 0,
             since_search: 0,
+            backoff: 1,
             batch: vec![0.0; window * len],
             probs: Array2::zeros((0, 0)),
             label_batch: vec![0.0; 3 * len],
@@ -470,7 +474,7 @@ impl Calibrator {
 
     fn search_interval(&self) -> usize {
         if self.adopted == SignedPerm::IDENTITY {
-            self.cfg.search_every
+            self.cfg.search_every.saturating_mul(self.backoff)
         } else {
             self.cfg
                 .search_every
@@ -532,8 +536,10 @@ impl Calibrator {
                 });
         if best == self.adopted || best_infomax <= adopted_infomax {
             self.candidate = None;
+            self.backoff = (self.backoff * 2).min(ADOPTED_SEARCH_SLOWDOWN);
             return Ok(None);
         }
+        self.backoff = 1;
         if self.candidate.map(|p| p.r) != Some(best) {
             self.candidate = Some(Pending {
                 r: best,
@@ -591,9 +597,12 @@ impl Calibrator {
         let cand = cand_slot.map(logp);
         let threshold = self.cfg.adopt_log_ratio as f64;
 
+        // One label moves the evidence by at most half the threshold: at least two labels
+        // must agree before a mounting is adopted or reverted.
+        let cap = |d: f64| d.clamp(-threshold / 2.0, threshold / 2.0);
         if let (Some(p), Some(cand)) = (self.candidate.as_mut(), cand) {
-            p.vs_adopted += cand - adopted;
-            p.vs_identity += cand - ident;
+            p.vs_adopted += cap(cand - adopted);
+            p.vs_identity += cap(cand - ident);
             if p.vs_adopted >= threshold {
                 let p = *p;
                 self.adopted = p.r;
@@ -609,7 +618,7 @@ impl Calibrator {
             }
         }
         if watch_adopted {
-            self.adopted_vs_identity += adopted - ident;
+            self.adopted_vs_identity += cap(adopted - ident);
             if self.adopted_vs_identity <= -threshold {
                 let r = self.adopted;
                 let log_ratio = self.adopted_vs_identity as f32;
@@ -623,16 +632,13 @@ impl Calibrator {
         Ok(None)
     }
 
-    /// Restore an adopted R (from a checkpoint). Its evidence is not stored, so it is taken
-    /// as just adopted: `adopt_log_ratio` over identity.
+    /// Restore an adopted R (from a checkpoint).
     pub fn set_adopted(&mut self, r: SignedPerm) {
         self.adopted = r;
         self.candidate = None;
-        self.adopted_vs_identity = if r == SignedPerm::IDENTITY {
-            0.0
-        } else {
-            self.cfg.adopt_log_ratio as f64
-        };
+        // Its evidence is not stored: it starts from zero, so labels that contradict it
+        // revert it after a swing of one threshold.
+        self.adopted_vs_identity = 0.0;
         self.since_search = 0;
     }
 }

@@ -466,7 +466,7 @@ fn a_wrong_mounting_restored_on_the_control_stream_is_reverted_by_its_labels() {
 }
 
 #[test]
-fn searches_are_due_once_the_ring_is_full_then_every_search_every_and_16_times_rarer_once_adopted()
+fn searches_are_due_once_the_ring_is_full_then_back_off_when_fruitless_and_are_16_times_rarer_once_adopted()
 {
     let cfg = CalibrationConfig {
         window: 32,
@@ -490,12 +490,13 @@ fn searches_are_due_once_the_ring_is_full_then_every_search_every_and_16_times_r
     assert_eq!(cal.search(&mut uniform).unwrap(), None, "all tie: identity");
     assert_eq!(cal.last_scores().len(), 48);
     assert!(!cal.search_due());
-    for _ in 0..7 {
+    // A search that found nothing doubles the wait: 16 samples, not 8.
+    for _ in 0..15 {
         cal.observe(&x);
     }
     assert!(!cal.search_due());
     cal.observe(&x);
-    assert!(cal.search_due(), "8 more samples");
+    assert!(cal.search_due(), "16 more samples");
 
     cal.set_adopted(ROT_X90);
     for _ in 0..127 {

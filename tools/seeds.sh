@@ -23,12 +23,18 @@ python3 - "$OUT" $SEEDS <<'PY'
 import json, sys, statistics as st
 out, seeds = sys.argv[1], sys.argv[2:]
 gains = []
-print("seed  pretrained  teacher  student  gain(points)  samples/s  peak_rss_MiB")
+tgains = []
+print("seed  pretrained  served  serving     teacher  student  served gain  teacher gain  samples/s  peak_rss_MiB")
 for s in seeds:
     r = json.load(open(f"{out}/{s}.json"))
     e = r["eval"]
-    g = 100 * (e["teacher_accuracy"] - e["source_accuracy"])
+    served = e.get("served_accuracy", e["teacher_accuracy"])
+    g = 100 * (served - e["source_accuracy"])
+    tg = 100 * (e["teacher_accuracy"] - e["source_accuracy"])
     gains.append(g)
-    print(f"{s:>4}  {e['source_accuracy']:.4f}      {e['teacher_accuracy']:.4f}   {e['student_accuracy']:.4f}   {g:+6.1f}        {r['throughput_samples_per_s']:7.0f}    {r['peak_rss_bytes']/2**20:.1f}")
-print(f"gain: mean {st.mean(gains):+.1f}, min {min(gains):+.1f}, max {max(gains):+.1f} points over {len(gains)} seeds")
+    tgains.append(tg)
+    serving = r.get("gate", {}).get("serving", "-")
+    print(f"{s:>4}  {e['source_accuracy']:.4f}      {served:.4f}  {serving:<10}  {e['teacher_accuracy']:.4f}   {e['student_accuracy']:.4f}   {g:+6.1f}       {tg:+6.1f}        {r['throughput_samples_per_s']:7.0f}    {r['peak_rss_bytes']/2**20:.1f}")
+print(f"served gain: mean {st.mean(gains):+.1f}, min {min(gains):+.1f}, max {max(gains):+.1f} points over {len(gains)} seeds")
+print(f"teacher gain: mean {st.mean(tgains):+.1f}, min {min(tgains):+.1f}, max {max(tgains):+.1f} points")
 PY
