@@ -120,6 +120,13 @@ pub struct SignedPerm {
     pub signs: [i8; 3],
 }
 
+impl Default for SignedPerm {
+    /// The identity: the device's own axes.
+    fn default() -> Self {
+        SignedPerm::IDENTITY
+    }
+}
+
 impl SignedPerm {
     pub const IDENTITY: SignedPerm = SignedPerm {
         perm: [0, 1, 2],
@@ -288,6 +295,11 @@ impl Mounting {
         }
     }
 
+    /// Values in one sample.
+    pub fn sample_len(&self) -> usize {
+        self.layout.sample_len()
+    }
+
     pub fn r(&self) -> SignedPerm {
         self.r
     }
@@ -425,6 +437,10 @@ impl Calibrator {
             adopted_vs_identity: 0.0,
             cfg,
         }
+    }
+
+    pub fn config(&self) -> &CalibrationConfig {
+        &self.cfg
     }
 
     /// IDENTITY until labels confirm a candidate.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::calibration::CalibrationConfig;
 use crate::checkpoint::CheckpointConfig;
 use crate::learn::{AugmentConfig, GateConfig, GuardConfig, LearnConfig};
 
@@ -48,6 +49,8 @@ pub struct Config {
     pub guard: GuardConfig,
     #[serde(default)]
     pub gate: GateConfig,
+    #[serde(default)]
+    pub calibration: CalibrationConfig,
 }
 
 /// `[mqtt]`: the broker connection and topic layout of `edgemt run`.
@@ -241,6 +244,7 @@ impl Config {
             checkpoint: Default::default(),
             guard: Default::default(),
             gate: Default::default(),
+            calibration: Default::default(),
         }
     }
 
@@ -299,7 +303,8 @@ impl Config {
         self.metrics.validate()?;
         self.checkpoint.validate()?;
         self.guard.validate()?;
-        self.gate.validate()
+        self.gate.validate()?;
+        self.calibration.validate_section()
     }
 }
 
@@ -497,6 +502,29 @@ impl Section for GuardConfig {
         check("guard.collapse_ratio", self.collapse_ratio, 0.0..=1.0)?;
         positive("guard.check_every_steps", self.check_every_steps)?;
         positive("guard.capacity", self.capacity as u64)
+    }
+}
+
+impl CalibrationConfig {
+    /// What can be checked without the model (channel indices are checked against the
+    /// model's input when the session starts).
+    fn validate_section(&self) -> Result<(), ConfigError> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let most = self
+            .polar
+            .iter()
+            .chain(&self.axial)
+            .flatten()
+            .copied()
+            .max()
+            .unwrap_or(0);
+        self.validate(most + 1)
+            .map_err(|message| ConfigError::Invalid {
+                key: "calibration",
+                message,
+            })
     }
 }
 

@@ -195,10 +195,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
             let teacher = classifier.pretrained().with_params(state.teacher)?;
-            let bytes = edgemt::model::export::export_trainable(
+            let bytes = edgemt::model::export::export_adapted(
                 classifier.proto(),
                 &classifier.trainable,
                 &teacher,
+                manifest.mounting.as_ref(),
+                &classifier.input_shape,
                 &[
                     (
                         "edgemt.adapted_from",

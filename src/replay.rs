@@ -15,6 +15,7 @@ use std::time::Instant;
 use ndarray::Array2;
 use serde::Serialize;
 
+use crate::calibration::SignedPerm;
 use crate::checkpoint::{CheckpointError, CheckpointStore, Identity};
 use crate::config::Config;
 use crate::learn::{Serving, StepReport};
@@ -62,6 +63,9 @@ pub struct Report {
     pub skipped_nonfinite: u64,
     /// The serving gate: which model answers at the end, its evidence and when it switched.
     pub gate: GateReport,
+    /// Mounting calibration (with `[calibration]` channels): what was adopted, and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<CalibrationReport>,
     /// The checkpoint this replay resumed from, if any (`--checkpoint`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
@@ -100,6 +104,19 @@ pub struct GateReport {
     pub p: f64,
     /// Every change of the served model, at the sample count it happened.
     pub switches: Vec<Switch>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CalibrationReport {
+    /// The adopted signed axis permutation, e.g. `x,z,-y` (`x,y,z`: the device's own axes).
+    pub adopted: String,
+    pub proposals: u64,
+    pub changes: u64,
+    /// Sample counts at which the adopted mounting changed, and to what.
+    pub adoptions: Vec<(usize, String)>,
+    /// Samples (or labels) not learned from because a new mounting replaced the one they
+    /// were embedded under.
+    pub stale: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -260,7 +277,7 @@ pub fn replay(
 ) -> Result<Outcome, ReplayError> {
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
     let seed = opts.seed.unwrap_or(cfg.replay.seed);
-    let mut session = Session::new(classifier, cfg, seed);
+    let mut session = Session::new(classifier, cfg, seed)?;
     let mut store = match &opts.checkpoint {
         Some(dir) => Some(CheckpointStore::open(
             dir,
@@ -276,6 +293,7 @@ pub fn replay(
     let mut checkpoints_written = 0;
 
     let started = Instant::now();
+    // The pretrained model as the gate serves it: behind the adopted mounting.
     let source = session.learner().source().clone();
     let mut reader = RecordingReader::open(recording, &decoder)?;
     let mut chunk = Chunk {
@@ -291,6 +309,7 @@ pub fn replay(
     let (mut scored, mut teacher_correct, mut source_correct, mut served_correct) =
         (0usize, 0usize, 0usize, 0usize);
     let mut switches = Vec::new();
+    let mut adoptions = Vec::new();
     let mut pseudo = PseudoLabels::default();
     let mut window = Window::default();
     let mut timeline = Vec::new();
@@ -303,6 +322,7 @@ pub fn replay(
     while chunk.fill(&mut reader, cfg.replay.batch, |r| {
         log_rejected(r, &mut rejected)
     })? {
+        let mounting = session.mounting_r();
         session.embed(&chunk.inputs, chunk.samples, &mut emb)?;
         predict_rows(&source, emb.view(), &mut ws, &mut probs, &mut source_preds);
         let mut row = 0;
@@ -336,20 +356,29 @@ pub fn replay(
                         id: s.id.as_deref(),
                         x: &s.x,
                         embedding: e,
+                        mounting,
                         label: s.label,
                         truth: s.truth,
                         predicted: p.class,
-                    });
+                    })?;
                     row += 1;
                     samples += 1;
                 }
                 Line::Feedback { id, label } => {
-                    session.feedback(&id, label);
+                    session.feedback(&id, label)?;
                 }
             }
             if let Some(step) = session.maybe_step()? {
                 window.add(&step);
                 pseudo.add(&step);
+            }
+            let mounted = session.mounting_r();
+            if adoptions
+                .last()
+                .map_or(SignedPerm::IDENTITY, |a: &(usize, SignedPerm)| a.1)
+                != mounted
+            {
+                adoptions.push((samples, mounted));
             }
             let serving = session.serving();
             let before = switches
@@ -441,6 +470,13 @@ pub fn replay(
                 switches,
             }
         },
+        calibration: session.calibrator().map(|c| CalibrationReport {
+            adopted: c.adopted().name(),
+            proposals: stats.calibration_proposals,
+            changes: stats.calibration_changes,
+            adoptions: adoptions.iter().map(|(n, r)| (*n, r.name())).collect(),
+            stale: stats.stale_mounting,
+        }),
         throughput_samples_per_s: if elapsed > 0.0 {
             samples as f64 / elapsed
         } else {
@@ -464,9 +500,13 @@ pub fn evaluate(
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
     let mut reader = RecordingReader::open(path, &decoder)?;
     let l = session.learner();
+    // The pretrained baseline sees the raw holdout; the adapted and served models see it
+    // through the adopted mounting, as on the device.
     let heads: [&Mlp; 4] = [l.teacher(), l.student(), l.source(), l.served()];
     let mut backbone = classifier.backbone.clone();
     let mut correct = [0usize; 4];
+    let mut mounted = Vec::new();
+    let mut emb_mounted = Array2::zeros((0, classifier.embedding_dim));
     let mut total = 0usize;
     let (mut inputs, mut truths) = (Vec::new(), Vec::new());
     let mut emb = Array2::zeros((0, classifier.embedding_dim));
@@ -491,8 +531,23 @@ pub fn evaluate(
             break;
         }
         backbone.embed_into(&inputs, truths.len(), &mut emb)?;
+        if let Some(m) = session.mounting() {
+            mounted.resize(inputs.len(), 0.0);
+            for (x, out) in inputs
+                .chunks_exact(m.sample_len())
+                .zip(mounted.chunks_exact_mut(m.sample_len()))
+            {
+                m.apply(x, out);
+            }
+            backbone.embed_into(&mounted, truths.len(), &mut emb_mounted)?;
+        }
         for (h, head) in heads.iter().enumerate() {
-            predict_rows(head, emb.view(), &mut ws, &mut probs, &mut preds);
+            let e = if h == 2 || session.mounting().is_none() {
+                emb.view()
+            } else {
+                emb_mounted.view()
+            };
+            predict_rows(head, e, &mut ws, &mut probs, &mut preds);
             correct[h] += preds
                 .iter()
                 .zip(&truths)

@@ -13,15 +13,18 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array2, ArrayView1, ArrayView2};
 
-use crate::checkpoint::{CheckpointStore, Restored};
+use crate::calibration::{CalibrationEvent, Calibrator, Mounting, SignedPerm};
+use crate::checkpoint::{CheckpointStore, MountingRecord, Restored, Saved};
 use crate::config::{duration_s, Config};
-use crate::learn::{Embed, EmbedError, LearnError, Learner, LearnerState, Serving, StepReport};
+use crate::learn::{Embed, EmbedError, LearnError, Learner, Serving, StepReport};
 use crate::model::{Backbone, Classifier, ModelError};
 use crate::nn::{argmax, Mlp, Workspace};
 use crate::stream::Layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    #[error("config key calibration: {0}")]
+    Calibration(String),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -73,6 +76,7 @@ pub fn predict_rows(
 /// it is handed (the daemon's inference thread holds a snapshot that training swaps).
 pub struct Predictor {
     backbone: Backbone,
+    calibrated: Vec<f32>,
     emb: Array2<f32>,
     probs: Array2<f32>,
     ws: Workspace,
@@ -83,21 +87,25 @@ impl Predictor {
         let dim = backbone.embedding_dim();
         Predictor {
             backbone,
+            calibrated: Vec::new(),
             emb: Array2::zeros((0, dim)),
             probs: Array2::zeros((0, 0)),
             ws: Workspace::default(),
         }
     }
 
-    /// Embeds a batch (`n` samples back to back) and predicts it with `head`; the
-    /// embeddings stay readable through [`Predictor::embeddings`] until the next call.
+    /// Embeds a batch of raw samples (`n`, back to back) through `mounting` (the adopted
+    /// calibration, if any) and predicts it with `head`; the embeddings stay readable through
+    /// [`Predictor::embeddings`] until the next call.
     pub fn run(
         &mut self,
         inputs: &[f32],
         n: usize,
+        mounting: Option<&Mounting>,
         head: &Mlp,
         out: &mut Vec<Prediction>,
     ) -> Result<(), ModelError> {
+        let inputs = mount_batch(mounting, inputs, &mut self.calibrated);
         self.backbone.embed_into(inputs, n, &mut self.emb)?;
         predict_rows(head, self.emb.view(), &mut self.ws, &mut self.probs, out);
         Ok(())
@@ -106,6 +114,24 @@ impl Predictor {
     pub fn embeddings(&self) -> ArrayView2<'_, f32> {
         self.emb.view()
     }
+}
+
+/// `inputs` (samples back to back) through `mounting` into `scratch`, or `inputs` itself
+/// when there is no mounting.
+fn mount_batch<'a>(
+    mounting: Option<&Mounting>,
+    inputs: &'a [f32],
+    scratch: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let Some(m) = mounting else {
+        return inputs;
+    };
+    scratch.resize(inputs.len(), 0.0);
+    let len = m.sample_len();
+    for (x, out) in inputs.chunks_exact(len).zip(scratch.chunks_exact_mut(len)) {
+        m.apply(x, out);
+    }
+    scratch
 }
 
 /// When to save: every `every_steps` student steps or `every` of wall time (whichever comes
@@ -174,6 +200,12 @@ pub struct SessionStats {
     pub late_labels: u64,
     /// Samples refused because their embedding was not finite or absurd.
     pub rejected_embeddings: u64,
+    /// Samples (or labels) not learned from because they were embedded under a mounting that
+    /// calibration has since replaced.
+    pub stale_mounting: u64,
+    /// Mountings proposed by calibration searches, and changes of the adopted one.
+    pub calibration_proposals: u64,
+    pub calibration_changes: u64,
 }
 
 /// Recently observed samples by id, in fixed memory: a ring of slots, with each id stored
@@ -182,6 +214,7 @@ struct RecentSamples {
     inputs: Array2<f32>,
     embeddings: Array2<f32>,
     predicted: Vec<usize>,
+    mountings: Vec<SignedPerm>,
     ids: Vec<Option<Arc<str>>>,
     index: HashMap<Arc<str>, usize>,
     next: usize,
@@ -193,13 +226,15 @@ impl RecentSamples {
             inputs: Array2::zeros((capacity, sample_len)),
             embeddings: Array2::zeros((capacity, dim)),
             predicted: vec![0; capacity],
+            mountings: vec![SignedPerm::IDENTITY; capacity],
             ids: vec![None; capacity],
             index: HashMap::with_capacity(capacity),
             next: 0,
         }
     }
 
-    fn insert(&mut self, id: &str, x: &[f32], embedding: ArrayView1<f32>, predicted: usize) {
+    fn insert(&mut self, id: &str, o: &Observation) {
+        let (x, embedding, predicted) = (o.x, o.embedding, o.predicted);
         if self.ids.is_empty() {
             return;
         }
@@ -215,6 +250,7 @@ impl RecentSamples {
         self.inputs.row_mut(slot).assign(&ArrayView1::from(x));
         self.embeddings.row_mut(slot).assign(&embedding);
         self.predicted[slot] = predicted;
+        self.mountings[slot] = o.mounting;
         self.ids[slot] = Some(id);
         self.next = (slot + 1) % self.ids.len();
     }
@@ -232,8 +268,12 @@ impl RecentSamples {
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
     pub id: Option<&'a str>,
+    /// The raw input, as the device sent it (before any calibration).
     pub x: &'a [f32],
+    /// Its embedding, computed through `mounting`.
     pub embedding: ArrayView1<'a, f32>,
+    /// The calibration the embedding was computed under ([`Session::mounting_r`] then).
+    pub mounting: SignedPerm,
     /// Supervision known on arrival.
     pub label: Option<usize>,
     /// Ground truth for scoring only (recordings), never learned from.
@@ -246,6 +286,14 @@ pub struct Observation<'a> {
 pub struct Session {
     learner: Learner,
     backbone: Backbone,
+    layout: Layout,
+    calibrator: Option<Calibrator>,
+    /// The adopted mounting; `None` while it is the identity (or calibration is off).
+    mounting: Option<Mounting>,
+    /// One raw sample, or a batch, through the mounting.
+    mounted: Vec<f32>,
+    cal_emb: Array2<f32>,
+    cal_ws: Workspace,
     recent: RecentSamples,
     policy: CheckpointPolicy,
     paused: bool,
@@ -257,8 +305,17 @@ pub struct Session {
 
 impl Session {
     /// A session on `classifier`'s pretrained trainable part, with `cfg`'s knobs and `seed`.
-    pub fn new(classifier: &Classifier, cfg: &Config, seed: u64) -> Self {
+    /// Fails when `[calibration]` names channels the model's input does not have.
+    pub fn new(classifier: &Classifier, cfg: &Config, seed: u64) -> Result<Self, SessionError> {
         let layout = Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis);
+        let calibrator = if cfg.calibration.enabled() {
+            cfg.calibration
+                .validate(layout.channels)
+                .map_err(SessionError::Calibration)?;
+            Some(Calibrator::new(cfg.calibration.clone(), layout))
+        } else {
+            None
+        };
         let learner = Learner::new(
             classifier.pretrained(),
             layout,
@@ -268,9 +325,15 @@ impl Session {
             &cfg.gate,
             seed,
         );
-        Session {
+        Ok(Session {
             learner,
             backbone: classifier.backbone.clone(),
+            layout,
+            calibrator,
+            mounting: None,
+            mounted: Vec::new(),
+            cal_emb: Array2::zeros((0, 0)),
+            cal_ws: Workspace::default(),
             recent: RecentSamples::new(
                 cfg.input.feedback_capacity,
                 layout.sample_len(),
@@ -286,7 +349,7 @@ impl Session {
             ws: Workspace::default(),
             probs: Array2::zeros((0, 0)),
             one: Vec::with_capacity(1),
-        }
+        })
     }
 
     pub fn learner(&self) -> &Learner {
@@ -315,13 +378,39 @@ impl Session {
         self.learner.counters().teacher_version
     }
 
-    /// Embeds `n` samples with the session's own backbone (replay's batched pass).
+    /// The adopted mounting, applied to every raw sample before the model (`None`: identity).
+    pub fn mounting(&self) -> Option<&Mounting> {
+        self.mounting.as_ref()
+    }
+
+    /// The adopted mounting's signed permutation (identity when none).
+    pub fn mounting_r(&self) -> SignedPerm {
+        self.mounting
+            .as_ref()
+            .map_or(SignedPerm::IDENTITY, Mounting::r)
+    }
+
+    /// The adopted mounting as a checkpoint and export record.
+    pub fn mounting_record(&self) -> Option<MountingRecord> {
+        self.mounting
+            .as_ref()
+            .map(|m| MountingRecord::of(m, &self.layout))
+    }
+
+    /// The calibrator, when `[calibration]` declares channels.
+    pub fn calibrator(&self) -> Option<&Calibrator> {
+        self.calibrator.as_ref()
+    }
+
+    /// Embeds `n` raw samples through the adopted mounting with the session's own backbone
+    /// (replay's batched pass).
     pub fn embed(
         &mut self,
         inputs: &[f32],
         n: usize,
         out: &mut Array2<f32>,
     ) -> Result<(), SessionError> {
+        let inputs = mount_batch(self.mounting.as_ref(), inputs, &mut self.mounted);
         Ok(self.backbone.embed_into(inputs, n, out)?)
     }
 
@@ -339,46 +428,140 @@ impl Session {
         self.one[0]
     }
 
-    /// Files a sample: remembered by id for later feedback, and given to the learner. A
-    /// sample whose embedding is not usable is refused (and counted) so it cannot poison the
-    /// buffers; returns whether it was taken.
-    pub fn observe(&mut self, o: Observation) -> bool {
+    /// Files a sample: shown to calibration, remembered by id for later feedback, and given
+    /// to the learner. A sample whose embedding is not usable is refused (and counted) so it
+    /// cannot poison the buffers; one embedded under a mounting calibration has since
+    /// replaced is not learned from. Returns whether the learner took it.
+    pub fn observe(&mut self, o: Observation) -> Result<bool, SessionError> {
         if !embedding_ok(o.embedding) {
             self.stats.rejected_embeddings += 1;
-            return false;
+            return Ok(false);
+        }
+        self.calibrate(o.x, o.label, true)?;
+        if o.mounting != self.mounting_r() {
+            self.stats.stale_mounting += 1;
+            return Ok(false);
         }
         if let Some(id) = o.id {
-            self.recent.insert(id, o.x, o.embedding, o.predicted);
+            self.recent.insert(id, &o);
         }
         if o.label.is_some() {
             self.stats.labels += 1;
         }
-        self.learner.observe(o.x, o.embedding, o.label, o.truth);
-        true
+        let x = mount_batch(self.mounting.as_ref(), o.x, &mut self.mounted);
+        self.learner.observe(x, o.embedding, o.label, o.truth);
+        Ok(true)
     }
 
     /// A label for an earlier sample, by id: scored against the prediction made for it, then
-    /// learned from.
-    pub fn feedback(&mut self, id: &str, label: usize) -> Feedback {
+    /// (a clean test for calibration as well) learned from.
+    pub fn feedback(&mut self, id: &str, label: usize) -> Result<Feedback, SessionError> {
         let Some(slot) = self.recent.take(id) else {
             self.stats.late_labels += 1;
-            return Feedback::Late;
+            return Ok(Feedback::Late);
         };
         let correct = self.recent.predicted[slot] == label;
         self.stats.feedback += 1;
         self.stats.feedback_correct += correct as u64;
+        let raw = self.recent.inputs.row(slot).to_vec();
+        self.calibrate(&raw, Some(label), false)?;
+        if self.recent.mountings[slot] != self.mounting_r() {
+            self.stats.stale_mounting += 1;
+            return Ok(Feedback::Matched { correct });
+        }
         self.stats.labels += 1;
-        let (x, e) = (
-            self.recent.inputs.row(slot),
-            self.recent.embeddings.row(slot),
-        );
-        self.learner.observe(
-            x.as_slice().expect("rows are contiguous"),
-            e,
-            Some(label),
-            None,
-        );
-        Feedback::Matched { correct }
+        let x = mount_batch(self.mounting.as_ref(), &raw, &mut self.mounted);
+        self.learner
+            .observe(x, self.recent.embeddings.row(slot), Some(label), None);
+        Ok(Feedback::Matched { correct })
+    }
+
+    /// Calibration's share of a raw sample: into its ring (`fresh`), its label as evidence,
+    /// and a search when one is due. Scoring uses the frozen pretrained model.
+    fn calibrate(
+        &mut self,
+        raw: &[f32],
+        label: Option<usize>,
+        fresh: bool,
+    ) -> Result<(), SessionError> {
+        let Session {
+            calibrator,
+            backbone,
+            learner,
+            cal_emb,
+            cal_ws,
+            ..
+        } = self;
+        let Some(cal) = calibrator.as_mut() else {
+            return Ok(());
+        };
+        if fresh {
+            cal.observe(raw);
+        }
+        let source = learner.source();
+        let mut score = |x: &[f32], n: usize, out: &mut Array2<f32>| -> Result<(), ModelError> {
+            backbone.embed_into(x, n, cal_emb)?;
+            source.probs_into(cal_emb.view(), cal_ws, out);
+            Ok(())
+        };
+        let mut events = Vec::new();
+        if let Some(y) = label {
+            events.extend(cal.label(raw, y, &mut score)?);
+        }
+        if fresh && cal.search_due() {
+            events.extend(cal.search(&mut score)?);
+        }
+        for event in events {
+            match event {
+                CalibrationEvent::Proposed {
+                    r,
+                    infomax,
+                    identity_infomax,
+                } => {
+                    self.stats.calibration_proposals += 1;
+                    tracing::info!(
+                        "calibration: proposing mounting {r} (information {infomax:.3} vs {identity_infomax:.3} as mounted); waiting for labels to confirm"
+                    );
+                }
+                CalibrationEvent::Adopted { r, log_ratio } => {
+                    tracing::info!(
+                        "calibration: labels confirm mounting {r} (log-likelihood ratio {log_ratio:.2}); adopting it"
+                    );
+                    self.adopt(r);
+                }
+                CalibrationEvent::Reverted { r, log_ratio } => {
+                    tracing::warn!(
+                        "calibration: labels contradict mounting {r} (log-likelihood ratio {log_ratio:.2}); back to the device's own axes"
+                    );
+                    self.adopt(SignedPerm::IDENTITY);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves `r` from now on. What was learned in the old frame does not carry over, so the
+    /// learner starts again from the pretrained model (which the gate serves behind the new
+    /// mounting) and the change is checkpointed at once.
+    fn adopt(&mut self, r: SignedPerm) {
+        self.set_mounting(r);
+        self.learner.reset();
+        self.policy.restart(0);
+        self.stats.calibration_changes += 1;
+    }
+
+    fn set_mounting(&mut self, r: SignedPerm) {
+        self.mounting = match &self.calibrator {
+            Some(cal) if r != SignedPerm::IDENTITY => {
+                Some(Mounting::new(cal.config(), self.layout, r))
+            }
+            _ => None,
+        };
+        if let Some(cal) = self.calibrator.as_mut() {
+            if cal.adopted() != r {
+                cal.set_adopted(r);
+            }
+        }
     }
 
     pub fn set_paused(&mut self, paused: bool) {
@@ -398,13 +581,16 @@ impl Session {
     }
 
     /// The state to save when the checkpoint policy says it is time (`None` otherwise).
-    pub fn take_checkpoint(&mut self, now: Instant) -> Option<LearnerState> {
+    pub fn take_checkpoint(&mut self, now: Instant) -> Option<Saved> {
         let steps = self.learner.counters().train_steps;
         if !self.policy.due(steps, now) {
             return None;
         }
         self.policy.saved(steps, now);
-        Some(self.learner.state())
+        Some(Saved {
+            learner: self.learner.state(),
+            mounting: self.mounting_record(),
+        })
     }
 
     /// Ask for a checkpoint at the next [`Session::take_checkpoint`].
@@ -412,16 +598,30 @@ impl Session {
         self.policy.request();
     }
 
-    /// Back to the pretrained model; the reset state is checkpointed at the next chance, so
-    /// a crash after a reset never brings back the teacher from before it.
+    /// Back to the pretrained model (behind the adopted mounting); the reset state is
+    /// checkpointed at the next chance, so a crash after a reset never brings back the
+    /// teacher from before it.
     pub fn reset(&mut self) {
         self.learner.reset();
         self.policy.restart(0);
     }
 
-    /// Restores the newest valid checkpoint in `store`, if any.
+    /// Restores the newest valid checkpoint in `store`, if any, with its mounting.
     pub fn restore(&mut self, store: &CheckpointStore) -> Option<Restored> {
         let restored = store.restore_latest(&mut self.learner)?;
+        let r = restored
+            .manifest
+            .mounting
+            .as_ref()
+            .map_or(SignedPerm::IDENTITY, |m| m.r);
+        if r != SignedPerm::IDENTITY && self.calibrator.is_none() {
+            tracing::warn!(
+                "checkpoint {} adopted mounting {r}, but [calibration] declares no channels now; ignoring it",
+                restored.name
+            );
+        } else {
+            self.set_mounting(r);
+        }
         self.policy
             .saved(self.learner.counters().train_steps, Instant::now());
         Some(restored)

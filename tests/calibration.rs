@@ -466,8 +466,8 @@ fn a_wrong_mounting_restored_on_the_control_stream_is_reverted_by_its_labels() {
 }
 
 #[test]
-fn searches_are_due_once_the_ring_is_full_then_back_off_when_fruitless_and_are_16_times_rarer_once_adopted()
-{
+fn searches_are_due_once_the_ring_is_full_then_back_off_when_fruitless_and_are_16_times_rarer_once_adopted(
+) {
     let cfg = CalibrationConfig {
         window: 32,
         search_every: 8,

@@ -56,6 +56,13 @@ fn learner_for(c: &Classifier, cfg: &LearnConfig) -> Learner {
     )
 }
 
+fn saved(learner: &Learner) -> edgemt::checkpoint::Saved {
+    edgemt::checkpoint::Saved {
+        learner: learner.state(),
+        mounting: None,
+    }
+}
+
 fn store(dir: &Path, c: &Classifier) -> CheckpointStore {
     CheckpointStore::open(dir, 5, Identity::new(c, &LearnConfig::default())).unwrap()
 }
@@ -70,7 +77,7 @@ fn a_checkpoint_restores_heads_optimizer_counters_and_labeled_buffer_exactly() {
     let learner = trained(&mut c, 120);
     let dir = tempdir();
     let mut s = store(dir.path(), &c);
-    let m = s.save(&learner.state()).unwrap();
+    let m = s.save(&saved(&learner)).unwrap();
     assert_eq!(m.counters.train_steps, learner.counters().train_steps);
 
     let mut back = fresh(&c);
@@ -94,7 +101,7 @@ fn only_the_last_k_checkpoints_are_kept() {
     let mut s =
         CheckpointStore::open(dir.path(), 2, Identity::new(&c, &LearnConfig::default())).unwrap();
     for _ in 0..5 {
-        s.save(&learner.state()).unwrap();
+        s.save(&saved(&learner)).unwrap();
     }
     let names: Vec<String> = s
         .manifests()
@@ -114,8 +121,8 @@ fn damaged_case(damage: impl FnOnce(&Path, &Path)) -> (String, Option<u64>) {
     let mut c = classifier("models/hapt_mlp.onnx");
     let dir = tempdir();
     let mut s = store(dir.path(), &c);
-    let older = s.save(&trained(&mut c, 40).state()).unwrap();
-    let newer = s.save(&trained(&mut c, 120).state()).unwrap();
+    let older = s.save(&saved(&trained(&mut c, 40))).unwrap();
+    let newer = s.save(&saved(&trained(&mut c, 120))).unwrap();
     assert!(newer.counters.teacher_version > older.counters.teacher_version);
     let manifest = dir.path().join(format!("ckpt-{:010}.json", newer.sequence));
     damage(&manifest, &manifest.with_extension("safetensors"));
@@ -183,7 +190,7 @@ fn a_checkpoint_of_another_model_is_refused_and_the_pretrained_model_used() {
     // Written by a store for the CNN, into the same directory.
     let mut foreign = store(dir.path(), &other);
     let learner = learner_for(&other, &LearnConfig::default());
-    foreign.save(&learner.state()).unwrap();
+    foreign.save(&saved(&learner)).unwrap();
     let s = store(dir.path(), &c);
     let err = s.load(&s.manifests()[0]).err().unwrap().to_string();
     assert!(err.contains("another model"), "{err}");
@@ -203,7 +210,7 @@ fn a_checkpoint_with_the_wrong_shapes_is_refused() {
     // The manifest claims this model, but the tensors come from a 32-feature head.
     let mut s = store(dir.path(), &c);
     let learner = learner_for(&skl, &LearnConfig::default());
-    s.save(&learner.state()).unwrap();
+    s.save(&saved(&learner)).unwrap();
     let err = s.load(&s.manifests()[0]).err().unwrap().to_string();
     assert!(
         err.contains("student")

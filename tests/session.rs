@@ -48,7 +48,7 @@ fn with_late_feedback(path: &Path, delay: usize) -> usize {
 /// applies `train_on` to every item in arrival order.
 fn daemon_path(cfg: &Config, recording: &Path, seed: u64) -> Session {
     let c = util::shipped_classifier();
-    let mut session = Session::new(&c, cfg, seed);
+    let mut session = Session::new(&c, cfg, seed).unwrap();
     let mut predictor = Predictor::new(c.backbone.clone());
     let decoder = SampleDecoder::new(&c.input_shape, c.classes());
     let mut reader = RecordingReader::open(recording, &decoder).unwrap();
@@ -74,7 +74,10 @@ fn daemon_path(cfg: &Config, recording: &Path, seed: u64) -> Session {
             .collect();
         let n = inputs.len() / c.sample_len();
         let teacher = session.teacher().clone();
-        predictor.run(&inputs, n, &teacher, &mut preds).unwrap();
+        let mounting = session.mounting().cloned();
+        predictor
+            .run(&inputs, n, mounting.as_ref(), &teacher, &mut preds)
+            .unwrap();
         let mut row = 0;
         for line in lines {
             let item = match line {
@@ -85,6 +88,7 @@ fn daemon_path(cfg: &Config, recording: &Path, seed: u64) -> Session {
                         embedding: predictor.embeddings().row(row).to_vec(),
                         label: s.label,
                         predicted: preds[row].class,
+                        mounting: session.mounting_r(),
                     };
                     row += 1;
                     item
@@ -147,7 +151,7 @@ fn replay_and_the_daemons_session_end_with_bit_identical_teacher_weights() {
 /// A session on the shipped model with the first `n` target samples observed (stepping).
 fn session_with(cfg: &Config, n: usize) -> (Session, Vec<edgemt::stream::Sample>) {
     let c = util::shipped_classifier();
-    let mut session = Session::new(&c, cfg, 0);
+    let mut session = Session::new(&c, cfg, 0).unwrap();
     let rec = edgemt::stream::Recording::read(
         &util::path("data/target_stream.jsonl"),
         &SampleDecoder::new(&c.input_shape, c.classes()),
@@ -157,10 +161,11 @@ fn session_with(cfg: &Config, n: usize) -> (Session, Vec<edgemt::stream::Sample>
     for s in rec.samples.iter().take(n) {
         session.embed(&s.x, 1, &mut emb).unwrap();
         let predicted = session.predict(emb.row(0)).class;
-        session.observe(Observation {
+        let _ = session.observe(Observation {
             id: s.id.as_deref(),
             x: &s.x,
             embedding: emb.row(0),
+            mounting: Default::default(),
             label: s.label,
             truth: None,
             predicted,
@@ -180,31 +185,32 @@ fn periodic_checkpoints_continue_after_a_reset() {
     let before = session
         .take_checkpoint(now)
         .expect("130 steps: a checkpoint is due");
-    assert!(before.counters.train_steps >= 120);
+    assert!(before.learner.counters.train_steps >= 120);
     assert!(session.take_checkpoint(now).is_none(), "nothing new since");
 
     session.reset();
     let reset = session
         .take_checkpoint(now)
         .expect("the reset is saved at once");
-    assert_eq!(reset.counters.train_steps, 0);
-    assert_eq!(reset.teacher, *session.learner().source().params());
+    assert_eq!(reset.learner.counters.train_steps, 0);
+    assert_eq!(reset.learner.teacher, *session.learner().source().params());
     // Steps count from zero again, and the periodic saves go on from there.
     let mut emb = ndarray::Array2::zeros((0, 0));
     let mut saved_at = Vec::new();
     for s in samples.iter().take(50) {
         session.embed(&s.x, 1, &mut emb).unwrap();
-        session.observe(Observation {
+        let _ = session.observe(Observation {
             id: None,
             x: &s.x,
             embedding: emb.row(0),
+            mounting: Default::default(),
             label: s.label,
             truth: None,
             predicted: 0,
         });
         session.maybe_step().unwrap();
         if let Some(state) = session.take_checkpoint(now) {
-            saved_at.push(state.counters.train_steps);
+            saved_at.push(state.learner.counters.train_steps);
         }
     }
     assert_eq!(
@@ -236,15 +242,16 @@ fn checkpoints_are_also_due_by_time_but_only_when_something_changed() {
 fn feedback_scores_the_prediction_made_for_the_sample_and_then_learns_the_label() {
     let cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
     let c = util::shipped_classifier();
-    let mut session = Session::new(&c, &cfg, 0);
+    let mut session = Session::new(&c, &cfg, 0).unwrap();
     let x = vec![0.1f32; c.sample_len()];
     let mut emb = ndarray::Array2::zeros((0, 0));
     session.embed(&x, 1, &mut emb).unwrap();
     for (id, predicted) in [("a", 2), ("b", 4)] {
-        session.observe(Observation {
+        let _ = session.observe(Observation {
             id: Some(id),
             x: &x,
             embedding: emb.row(0),
+            mounting: Default::default(),
             label: None,
             truth: Some(5),
             predicted,
@@ -252,15 +259,19 @@ fn feedback_scores_the_prediction_made_for_the_sample_and_then_learns_the_label(
     }
     // Scored against what was predicted for each id, not against anything else stored.
     assert_eq!(
-        session.feedback("a", 2),
+        session.feedback("a", 2).unwrap(),
         Feedback::Matched { correct: true }
     );
     assert_eq!(
-        session.feedback("b", 2),
+        session.feedback("b", 2).unwrap(),
         Feedback::Matched { correct: false }
     );
-    assert_eq!(session.feedback("a", 2), Feedback::Late, "labeled once");
-    assert_eq!(session.feedback("zzz", 1), Feedback::Late);
+    assert_eq!(
+        session.feedback("a", 2).unwrap(),
+        Feedback::Late,
+        "labeled once"
+    );
+    assert_eq!(session.feedback("zzz", 1).unwrap(), Feedback::Late);
     let s = session.stats();
     assert_eq!(
         (s.feedback, s.feedback_correct, s.late_labels, s.labels),
@@ -277,23 +288,26 @@ fn feedback_scores_the_prediction_made_for_the_sample_and_then_learns_the_label(
 fn an_embedding_that_is_not_finite_is_refused_and_counted() {
     let cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
     let c = util::shipped_classifier();
-    let mut session = Session::new(&c, &cfg, 0);
+    let mut session = Session::new(&c, &cfg, 0).unwrap();
     let x = vec![0.1f32; c.sample_len()];
     let mut bad = ndarray::Array1::zeros(c.embedding_dim);
     bad[5] = f32::NAN;
-    let taken = session.observe(Observation {
-        id: Some("p"),
-        x: &x,
-        embedding: bad.view(),
-        label: Some(1),
-        truth: None,
-        predicted: 0,
-    });
+    let taken = session
+        .observe(Observation {
+            id: Some("p"),
+            x: &x,
+            embedding: bad.view(),
+            mounting: Default::default(),
+            label: Some(1),
+            truth: None,
+            predicted: 0,
+        })
+        .unwrap();
     assert!(!taken);
     assert_eq!(session.stats().rejected_embeddings, 1);
     assert_eq!(session.learner().labeled_counts().iter().sum::<usize>(), 0);
     assert_eq!(
-        session.feedback("p", 1),
+        session.feedback("p", 1).unwrap(),
         Feedback::Late,
         "not remembered either"
     );
@@ -443,9 +457,14 @@ fn a_tensor_file_left_without_its_manifest_is_removed_on_open() {
     let c = util::shipped_classifier();
     let id = || Identity::new(&c, &Default::default());
     let cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
-    let session = Session::new(&c, &cfg, 0);
+    let session = Session::new(&c, &cfg, 0).unwrap();
     let mut store = CheckpointStore::open(dir.path(), 3, id()).unwrap();
-    store.save(&session.learner().state()).unwrap();
+    store
+        .save(&edgemt::checkpoint::Saved {
+            learner: session.learner().state(),
+            mounting: None,
+        })
+        .unwrap();
     // A kill between the tensor file and its manifest leaves an orphan.
     let orphan = dir.path().join("ckpt-0000000002.safetensors");
     std::fs::write(&orphan, b"partial").unwrap();

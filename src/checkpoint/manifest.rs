@@ -30,6 +30,9 @@ pub struct Manifest {
     pub layers: usize,
     pub counters: Counters,
     pub optimizer: OptimizerMeta,
+    /// The mounting calibration had adopted (none: the device's own axes).
+    #[serde(default)]
+    pub mounting: Option<super::MountingRecord>,
 }
 
 /// The optimizer's scalars (its tensors are in the tensor file).

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 use super::codec::{self, Expected};
 use super::manifest::{hex, Manifest, OptimizerMeta, FORMAT};
-use super::{CheckpointError, Identity};
+use super::{CheckpointError, Identity, Saved};
 use crate::learn::{Learner, LearnerState};
 
 pub struct CheckpointStore {
@@ -80,7 +80,8 @@ impl CheckpointStore {
 
     /// Writes `state` atomically as the next checkpoint and prunes old ones. A state with a
     /// non-finite value is refused, so a poisoned learner never replaces a good checkpoint.
-    pub fn save(&mut self, state: &LearnerState) -> Result<Manifest, CheckpointError> {
+    pub fn save(&mut self, saved: &Saved) -> Result<Manifest, CheckpointError> {
+        let state = &saved.learner;
         let bytes = codec::encode(state).map_err(CheckpointError::Unwritable)?;
         let seq = self.next_sequence;
         self.next_sequence += 1;
@@ -106,6 +107,7 @@ impl CheckpointStore {
             layers: id.params.len() / 2,
             counters: state.counters,
             optimizer: OptimizerMeta::of(&state.optimizer),
+            mounting: saved.mounting.clone(),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         write_atomically(&self.dir, &format!("{stem}.json"), &json)?;

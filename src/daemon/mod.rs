@@ -117,15 +117,20 @@ pub async fn run(
     };
     let trainer = TrainerWorker {
         shared: shared.clone(),
-        session: Session::new(&classifier, &cfg, cfg.daemon.seed),
+        session: Session::new(&classifier, &cfg, cfg.daemon.seed)
+            .map_err(|e| DaemonError::Setup(crate::report(&e)))?,
         queue: train.clone(),
         checkpoints,
         exporter: workers::Exporter {
             proto: classifier.proto().clone(),
             trainable: classifier.trainable.clone(),
+            input_shape: classifier.input_shape.clone(),
             fingerprint: classifier.fingerprint,
         },
-        published: crate::learn::Serving::Pretrained,
+        published: (
+            crate::learn::Serving::Pretrained,
+            crate::calibration::SignedPerm::IDENTITY,
+        ),
     };
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::calibration::Mounting;
 use crate::learn::Serving;
 use crate::metrics::LatencyWindow;
 use crate::nn::Mlp;
@@ -21,6 +22,8 @@ pub struct TeacherSnapshot {
     pub head: Mlp,
     pub version: u64,
     pub serving: Serving,
+    /// The adopted calibration, applied to raw samples before the model.
+    pub mounting: Option<Mounting>,
 }
 
 /// Monotonic counters (atomics, so any thread bumps them without a lock).
@@ -102,6 +105,7 @@ impl Shared {
                 head: teacher,
                 version: 0,
                 serving: Serving::Pretrained,
+                mounting: None,
             })),
             paused: AtomicBool::new(false),
             reset_requested: AtomicBool::new(false),

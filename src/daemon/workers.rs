@@ -15,8 +15,10 @@ use rumqttc::{AsyncClient, QoS};
 
 use super::queue::{BoundedQueue, Droppable};
 use super::state::{Shared, TeacherSnapshot};
+use crate::calibration::SignedPerm;
 use crate::checkpoint::CheckpointStore;
-use crate::learn::{LearnerState, Serving, StepReport};
+use crate::checkpoint::Saved;
+use crate::learn::{Serving, StepReport};
 use crate::session::{embedding_ok, Observation, Prediction, Predictor, Session, SessionError};
 
 /// What the MQTT side hands to inference.
@@ -49,6 +51,8 @@ pub enum TrainItem {
         embedding: Vec<f32>,
         label: Option<usize>,
         predicted: usize,
+        /// The calibration the embedding was computed under.
+        mounting: SignedPerm,
     },
     /// A label for an earlier sample.
     Feedback { id: String, label: usize },
@@ -73,18 +77,20 @@ pub fn train_on(
             embedding,
             label,
             predicted,
+            mounting,
         } => {
             session.observe(Observation {
                 id: Some(id),
                 x,
                 embedding: ArrayView1::from(embedding.as_slice()),
+                mounting: *mounting,
                 label: *label,
                 truth: None,
                 predicted: *predicted,
-            });
+            })?;
         }
         TrainItem::Feedback { id, label } => {
-            session.feedback(id, *label);
+            session.feedback(id, *label)?;
         }
     }
     session.maybe_step()
@@ -125,10 +131,13 @@ impl InferenceWorker {
             }
             let teacher = self.shared.teacher();
             let embedded = samples == 0
-                || match self
-                    .predictor
-                    .run(&inputs, samples, &teacher.head, &mut preds)
-                {
+                || match self.predictor.run(
+                    &inputs,
+                    samples,
+                    teacher.mounting.as_ref(),
+                    &teacher.head,
+                    &mut preds,
+                ) {
                     Ok(()) => true,
                     Err(e) => {
                         tracing::error!(
@@ -195,6 +204,10 @@ impl InferenceWorker {
                     embedding: embedding.to_vec(),
                     label,
                     predicted: p.class,
+                    mounting: teacher
+                        .mounting
+                        .as_ref()
+                        .map_or(SignedPerm::IDENTITY, |m| m.r()),
                 });
                 counters.dropped_total.fetch_add(dropped as u64, Relaxed);
             }
@@ -232,24 +245,26 @@ pub struct TrainerWorker {
     pub checkpoints: Option<CheckpointStore>,
     pub exporter: Exporter,
     /// What the inference thread was last handed.
-    pub published: Serving,
+    pub published: (Serving, SignedPerm),
 }
 
 /// What `export` needs to write the teacher back into the original graph.
 pub struct Exporter {
     pub proto: tract_onnx::pb::ModelProto,
     pub trainable: crate::model::TrainableSpec,
+    pub input_shape: Vec<usize>,
     pub fingerprint: u64,
 }
 
 impl TrainerWorker {
-    /// Hands the inference thread the model the gate serves.
+    /// Hands the inference thread the model the gate serves, behind the adopted mounting.
     fn publish_teacher(&mut self) {
-        self.published = self.session.serving();
+        self.published = (self.session.serving(), self.session.mounting_r());
         self.shared.publish_teacher(TeacherSnapshot {
             head: self.session.served().clone(),
             version: self.session.teacher_version(),
-            serving: self.published,
+            serving: self.published.0,
+            mounting: self.session.mounting().cloned(),
         });
     }
 
@@ -260,7 +275,7 @@ impl TrainerWorker {
         self.publish_teacher();
         let (writer_tx, writer) = match self.checkpoints.take() {
             Some(store) => {
-                let (tx, rx) = std::sync::mpsc::sync_channel::<LearnerState>(2);
+                let (tx, rx) = std::sync::mpsc::sync_channel::<Saved>(2);
                 let shared = self.shared.clone();
                 let handle = std::thread::Builder::new()
                     .name("checkpoints".into())
@@ -297,7 +312,7 @@ impl TrainerWorker {
             for item in items.drain(..) {
                 let result = train_on(&mut self.session, &item);
                 self.after_step(result);
-                if self.session.serving() != self.published {
+                if (self.session.serving(), self.session.mounting_r()) != self.published {
                     self.publish_teacher();
                 }
                 if let Some(tx) = &writer_tx {
@@ -366,10 +381,12 @@ impl TrainerWorker {
             ("edgemt.teacher_version", version.to_string()),
         ];
         let path = dir.join("adapted.onnx");
-        let result = crate::model::export::export_trainable(
+        let result = crate::model::export::export_adapted(
             &e.proto,
             &e.trainable,
             self.session.teacher(),
+            self.session.mounting_record().as_ref(),
+            &e.input_shape,
             &meta,
         )
         .map_err(|err| crate::report(&err))
@@ -416,7 +433,7 @@ impl TrainerWorker {
 /// The checkpoint writer thread: saves what it is sent, so the trainer never waits on disk.
 fn write_checkpoints(
     mut store: CheckpointStore,
-    rx: std::sync::mpsc::Receiver<LearnerState>,
+    rx: std::sync::mpsc::Receiver<Saved>,
     shared: Arc<Shared>,
 ) {
     while let Ok(state) = rx.recv() {

@@ -289,3 +289,27 @@ fn rename_uses(graph: &mut GraphProto, from: &str, to: &str) {
         }
     }
 }
+
+/// The adapted model as device users need it: every adapted layer written back and, when a
+/// mounting was adopted, its channel matrix folded in front of the graph (`edgemt.mounting`
+/// names it), so the file takes raw device data.
+pub fn export_adapted(
+    proto: &ModelProto,
+    spec: &TrainableSpec,
+    adapted: &Mlp,
+    mounting: Option<&crate::checkpoint::MountingRecord>,
+    input_shape: &[usize],
+    metadata: &[(&str, String)],
+) -> Result<Vec<u8>, ModelError> {
+    let Some(m) = mounting else {
+        return export_trainable(proto, spec, adapted, metadata);
+    };
+    let c = m.channel_matrix.len();
+    let flat: Vec<f32> = m.channel_matrix.iter().flatten().copied().collect();
+    let matrix = ndarray::Array2::from_shape_vec((c, flat.len() / c.max(1)), flat)
+        .map_err(|e| ModelError::Unsupported(format!("mounting matrix: {e}")))?;
+    let folded = fold_input_transform(proto, matrix.view(), m.channel_axis, input_shape)?;
+    let mut meta: Vec<(&str, String)> = metadata.to_vec();
+    meta.push(("edgemt.mounting", m.name.clone()));
+    export_trainable(&folded, spec, adapted, &meta)
+}
