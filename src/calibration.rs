@@ -28,6 +28,9 @@ pub const MIN_WINDOW: usize = 32;
 /// many times less often than `search_every`: a search costs 48 × `window` backbone runs.
 pub const ADOPTED_SEARCH_SLOWDOWN: usize = 16;
 
+/// Labeled samples kept so that a newly proposed mounting is weighed on past labels too.
+pub const LABELED_KEPT: usize = 64;
+
 /// Probabilities are clamped here before a logarithm, so one confident mistake costs at most
 /// ln(1e7) ≈ 16 of evidence instead of infinity.
 const PROB_FLOOR: f32 = 1e-7;
@@ -404,6 +407,11 @@ pub struct Calibrator {
     /// Up to three transforms of one labelled sample.
     label_batch: Vec<f32>,
     label_probs: Array2<f32>,
+    /// The last [`LABELED_KEPT`] labeled raw samples: the frozen model's answer on them does
+    /// not change with time, so a candidate proposed later is weighed on them at once.
+    labeled: Vec<f32>,
+    labeled_y: Vec<usize>,
+    labeled_next: usize,
     scores: Vec<(SignedPerm, f32)>,
     adopted: SignedPerm,
     candidate: Option<Pending>,
@@ -431,6 +439,9 @@ impl Calibrator {
             probs: Array2::zeros((0, 0)),
             label_batch: vec![0.0; 3 * len],
             label_probs: Array2::zeros((0, 0)),
+            labeled: Vec::with_capacity(LABELED_KEPT * len),
+            labeled_y: Vec::with_capacity(LABELED_KEPT),
+            labeled_next: 0,
             scores: Vec::with_capacity(48),
             adopted: SignedPerm::IDENTITY,
             candidate: None,
@@ -562,6 +573,23 @@ impl Calibrator {
                 vs_adopted: 0.0,
                 vs_identity: 0.0,
             });
+            // Labels that came before the proposal are as clean a test of a frozen model
+            // as the ones after it.
+            let len = self.layout.sample_len();
+            let past = std::mem::take(&mut self.labeled);
+            let past_y = std::mem::take(&mut self.labeled_y);
+            let mut adopted = Ok(None);
+            for (x, &y) in past.chunks_exact(len).zip(&past_y) {
+                adopted = self.weigh(x, y, false, &mut score);
+                if !matches!(adopted, Ok(None)) {
+                    break;
+                }
+            }
+            self.labeled = past;
+            self.labeled_y = past_y;
+            if !matches!(adopted, Ok(None)) {
+                return adopted;
+            }
         }
         Ok(Some(CalibrationEvent::Proposed {
             r: best,
@@ -578,6 +606,28 @@ impl Calibrator {
         &mut self,
         raw: &[f32],
         label: usize,
+        mut score: impl FnMut(&[f32], usize, &mut Array2<f32>) -> Result<(), E>,
+    ) -> Result<Option<CalibrationEvent>, E> {
+        let len = self.layout.sample_len();
+        if self.labeled_y.len() < LABELED_KEPT {
+            self.labeled.extend_from_slice(raw);
+            self.labeled_y.push(label);
+        } else {
+            let at = self.labeled_next;
+            self.labeled[at * len..(at + 1) * len].copy_from_slice(raw);
+            self.labeled_y[at] = label;
+        }
+        self.labeled_next = (self.labeled_next + 1) % LABELED_KEPT;
+        self.weigh(raw, label, true, &mut score)
+    }
+
+    /// One label's evidence (see [`Calibrator::label`]); `fresh` labels also count toward
+    /// reverting the adopted mounting (past ones already did).
+    fn weigh<E>(
+        &mut self,
+        raw: &[f32],
+        label: usize,
+        fresh: bool,
         mut score: impl FnMut(&[f32], usize, &mut Array2<f32>) -> Result<(), E>,
     ) -> Result<Option<CalibrationEvent>, E> {
         let identity = SignedPerm::IDENTITY;
@@ -633,7 +683,7 @@ impl Calibrator {
                 }));
             }
         }
-        if watch_adopted {
+        if watch_adopted && fresh {
             self.adopted_vs_identity += cap(adopted - ident);
             if self.adopted_vs_identity <= -threshold {
                 let r = self.adopted;

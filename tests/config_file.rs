@@ -50,9 +50,28 @@ fn the_shipped_commented_config_parses_and_matches_the_defaults() {
             toml::to_string(&cfg.metrics).unwrap(),
             toml::to_string(&defaults.metrics).unwrap(),
         ),
+        (
+            toml::to_string(&cfg.gate).unwrap(),
+            toml::to_string(&defaults.gate).unwrap(),
+        ),
+        (
+            toml::to_string(&cfg.daemon).unwrap(),
+            toml::to_string(&defaults.daemon).unwrap(),
+        ),
     ] {
         assert_eq!(a, b);
     }
+    // [calibration] is off by default; the shipped config declares the shipped model's
+    // channels (the rest of the section at its defaults).
+    assert!(!defaults.calibration.enabled());
+    assert_eq!(cfg.calibration.polar, vec![[0, 1, 2]]);
+    assert_eq!(cfg.calibration.axial, vec![[3, 4, 5]]);
+    let declared = edgemt::calibration::CalibrationConfig {
+        polar: vec![[0, 1, 2]],
+        axial: vec![[3, 4, 5]],
+        ..Default::default()
+    };
+    assert_eq!(cfg.calibration, declared);
     assert!(cfg.model.path.ends_with("models/hapt_mlp.onnx") && cfg.model.path.exists());
 }
 

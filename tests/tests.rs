@@ -4,6 +4,7 @@
 
 mod util;
 
+mod adaptation;
 mod calibration;
 mod checkpoints;
 mod config_file;

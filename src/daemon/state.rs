@@ -67,6 +67,7 @@ pub struct TrainStats {
     pub gate_losses: u64,
     pub gate_p: f64,
     pub gate_switches: u64,
+    pub calibration_changes: u64,
 }
 
 pub struct Shared {
@@ -190,6 +191,8 @@ impl Shared {
             gate_losses: t.gate_losses,
             gate_p: t.gate_p,
             gate_switches_total: t.gate_switches,
+            mounting_adopted: self.teacher().mounting.is_some() as u8,
+            calibration_changes_total: t.calibration_changes,
             ema_updates: t.ema_updates,
             train_steps: t.train_steps,
             skipped_nonfinite: t.skipped_nonfinite,
@@ -249,6 +252,9 @@ pub struct MetricsMessage {
     pub gate_losses: u64,
     pub gate_p: f64,
     pub gate_switches_total: u64,
+    /// 1 while calibration has a mounting other than the device's own axes adopted.
+    pub mounting_adopted: u8,
+    pub calibration_changes_total: u64,
     pub ema_updates: u64,
     pub train_steps: u64,
     pub skipped_nonfinite: u64,

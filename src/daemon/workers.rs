@@ -427,6 +427,7 @@ impl TrainerWorker {
         t.gate_losses = g.losses();
         t.gate_p = g.p_value();
         t.gate_switches = g.switches();
+        t.calibration_changes = s.calibration_changes;
     }
 }
 
