@@ -45,6 +45,11 @@ const METRIC_KEYS: &[&str] = &[
     "dropped_total",
     "rejected_total",
     "feedback_accuracy",
+    "serving_adapted",
+    "gate_wins",
+    "gate_losses",
+    "gate_p",
+    "mounting_adopted",
     "rss_bytes",
     "uptime_s",
 ];
@@ -168,6 +173,10 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
         let c = p["confidence"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&c));
         assert!(p["teacher_version"].is_u64());
+        assert!(
+            p["serving"] == "adapted" || p["serving"] == "pretrained",
+            "which model answered: {p}"
+        );
     }
 
     let m = last_metrics(&all, &metrics_topic).expect("metrics arrive");
