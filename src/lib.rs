@@ -1,12 +1,15 @@
 //! edgemt keeps an ONNX classifier accurate on an edge device by learning from the device's
-//! own, mostly unlabeled, sensor stream.
+//! own, mostly unlabeled, sensor stream, and never serves a model the evidence shows worse
+//! than the pretrained one.
 //!
-//! Data flows: [`stream`] decodes and validates samples -> [`model`] embeds them with the
-//! frozen backbone (tract) -> the deployed teacher head predicts -> the sample goes into the
-//! [`learn`] buffers -> the student head trains on L_sup + λ·L_pseudo + α·L_consistency ->
-//! every k steps the teacher is refreshed by EMA. [`replay`] drives this over a recording,
-//! prequentially; [`config`] holds the knobs; [`metrics`] measures the process.
-//! [`calibration`] undoes a sensor worn rotated or mirrored before the model sees a sample.
+//! Data flows: [`stream`] decodes and validates samples -> [`calibration`] re-orients the
+//! sensor axes once labels confirm a mounting -> [`model`] embeds them with the frozen
+//! backbone (tract) -> the model the serving gate chooses predicts -> the sample goes into the
+//! [`learn`] buffers -> the student ([`nn::Mlp`], the lifted last layers) trains on
+//! L_sup + λ·L_pseudo + α·L_consistency (+ do-no-harm terms) -> every k steps the teacher is
+//! refreshed by EMA. One [`session::Session`] holds these rules; [`replay`] drives it over a
+//! recording, prequentially, and [`daemon`] drives it from MQTT. [`checkpoint`] makes it
+//! durable, [`config`] holds the knobs, [`metrics`] measures the process.
 
 pub mod calibration;
 pub mod checkpoint;
