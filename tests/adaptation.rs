@@ -9,7 +9,7 @@ use edgemt::config::Config;
 use edgemt::replay::{replay, ReplayOptions};
 use serde_json::Value;
 
-use crate::util::{self, edgemt, run_ok, tempdir, venv_python};
+use crate::util::{self, tempdir, venv_python};
 
 /// `rel` with every step's accelerometer turned by `r` and its gyroscope by det(r)·r
 /// (an axial vector), as a sensor mounted that way would record it.
@@ -148,26 +148,9 @@ fn on_the_shipped_rotated_target_the_served_model_beats_todays_adapted_teacher()
 #[test]
 fn a_calibrated_export_takes_raw_device_data_and_matches_in_onnxruntime() {
     let dir = tempdir();
-    let ck = dir.path().join("ck");
-    let cfg = util::config_with(
+    let (ck, out) = util::replay_then_export(
         dir.path(),
         "[calibration]\npolar = [[0, 1, 2]]\naxial = [[3, 4, 5]]\n",
-    );
-    run_ok(
-        edgemt()
-            .args(["replay", "--config"])
-            .arg(&cfg)
-            .arg(util::path("data/target_stream.jsonl"))
-            .arg("--checkpoint")
-            .arg(&ck),
-    );
-    let out = dir.path().join("adapted.onnx");
-    run_ok(
-        edgemt()
-            .args(["export", "--checkpoint"])
-            .arg(&ck)
-            .arg("-o")
-            .arg(&out),
     );
     // In memory: the checkpoint's teacher behind its mounting, on raw (rotated) samples.
     let mut c = util::shipped_classifier();

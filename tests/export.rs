@@ -10,7 +10,7 @@ use edgemt::model::{Classifier, OutputKind};
 use edgemt::nn::Mlp;
 use ndarray::Array2;
 
-use crate::util::{self, classifier_with_layers, edgemt, max_abs_diff, run_ok, tempdir};
+use crate::util::{self, classifier_with_layers, max_abs_diff, tempdir};
 
 /// `mlp` with `0.01 * sin(i)` added to its i-th parameter: every weight and bias of every
 /// layer moves, deterministically.
@@ -255,25 +255,7 @@ fn two_layers_adapted_by_a_replay_export_and_match_in_onnxruntime_within_1e_5() 
 fn adapt_export_and_compare_in_onnxruntime(layers: usize) {
     let python = util::venv_python().unwrap_or_else(|| "python3".into());
     let dir = tempdir();
-    let ck = dir.path().join("ck");
-    let cfg = util::config_with(dir.path(), &format!("trainable_layers = {layers}\n"));
-    run_ok(
-        edgemt()
-            .args(["replay", "--config"])
-            .arg(&cfg)
-            .arg(util::path("data/target_stream.jsonl"))
-            .arg("--checkpoint")
-            .arg(&ck),
-    );
-    let out = dir.path().join("adapted.onnx");
-    run_ok(
-        edgemt()
-            .args(["export", "--checkpoint"])
-            .arg(&ck)
-            .arg("-o")
-            .arg(&out),
-    );
-
+    let (ck, out) = util::replay_then_export(dir.path(), &format!("trainable_layers = {layers}\n"));
     // The adapted teacher's logits, from the checkpoint, on real inputs.
     let mut c = classifier_with_layers("models/hapt_mlp.onnx", layers);
     let store = CheckpointStore::open(&ck, 5, Identity::new(&c, &LearnConfig::default())).unwrap();

@@ -136,3 +136,28 @@ pub fn stepping_learner(c: &edgemt::model::Classifier, ema_every: u64) -> edgemt
         0,
     )
 }
+
+/// Replays the shipped target stream with a config holding `extra` (after `[model] path`)
+/// into a checkpoint directory in `dir`, then runs `edgemt export` on it without a config
+/// (the manifest names the model); returns the checkpoint directory and the exported file.
+pub fn replay_then_export(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+    let ck = dir.join("ck");
+    let cfg = config_with(dir, extra);
+    run_ok(
+        edgemt()
+            .args(["replay", "--config"])
+            .arg(&cfg)
+            .arg(path("data/target_stream.jsonl"))
+            .arg("--checkpoint")
+            .arg(&ck),
+    );
+    let out = dir.join("adapted.onnx");
+    run_ok(
+        edgemt()
+            .args(["export", "--checkpoint"])
+            .arg(&ck)
+            .arg("-o")
+            .arg(&out),
+    );
+    (ck, out)
+}
