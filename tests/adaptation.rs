@@ -198,19 +198,7 @@ fn a_calibrated_export_takes_raw_device_data_and_matches_in_onnxruntime() {
         x = np.array(json.load(open(sys.argv[2])), dtype=np.float32).reshape(-1, 64, 6)\n\
         meta = s.get_modelmeta().custom_metadata_map\n\
         print(json.dumps({'logits': s.run(['logits'], {'input': x})[0].tolist(), 'mounting': meta.get('edgemt.mounting')}))\n";
-    let result = std::process::Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(&out)
-        .arg(&inputs)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let got: Value = serde_json::from_slice(&result.stdout).unwrap();
+    let got: Value = util::python_json(&python, script, &[&out, &inputs]);
     assert_eq!(got["mounting"], "x,z,-y");
     let ort: Vec<f32> = got["logits"]
         .as_array()

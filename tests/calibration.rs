@@ -634,18 +634,7 @@ fn onnxruntime(
         s = ort.InferenceSession(j['model'], providers=['CPUExecutionProvider'])\n\
         x = np.array(j['values'], dtype=np.float32).reshape(j['shape'])\n\
         print(json.dumps(s.run([j['output']], {j['input']: x})[0].ravel().tolist()))\n";
-    let result = std::process::Command::new(python)
-        .arg("-c")
-        .arg(script)
-        .arg(&job)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "onnxruntime failed: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    Some(serde_json::from_slice(&result.stdout).unwrap())
+    Some(util::python_json(&python, script, &[&job]))
 }
 
 #[test]

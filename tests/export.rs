@@ -152,18 +152,7 @@ fn check_in_onnxruntime(exports: &[Exported], dir: &Path) {
         \x20   x = np.array(j['values'], dtype=np.float32).reshape(j['shape'])\n\
         \x20   out.append(s.run([j['output']], {j['input']: x})[0].ravel().tolist())\n\
         print(json.dumps(out))\n";
-    let result = std::process::Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(&job_file)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "onnxruntime failed: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let ort: Vec<Vec<f32>> = serde_json::from_slice(&result.stdout).unwrap();
+    let ort: Vec<Vec<f32>> = util::python_json(&python, script, &[&job_file]);
     assert_eq!(ort.len(), exports.len());
     for (e, got) in exports.iter().zip(&ort) {
         let diff = max_abs_diff(got, &e.expected);
@@ -293,19 +282,7 @@ fn adapt_export_and_compare_in_onnxruntime(layers: usize) {
         s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n\
         x = np.array(json.load(open(sys.argv[2])), dtype=np.float32).reshape(-1, 64, 6)\n\
         print(json.dumps(s.run(['logits'], {'input': x})[0].tolist()))\n";
-    let result = std::process::Command::new(&python)
-        .arg("-c")
-        .arg(script)
-        .arg(&out)
-        .arg(&inputs)
-        .output()
-        .unwrap();
-    assert!(
-        result.status.success(),
-        "onnxruntime must be installed (tools/setup.sh does it): {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
-    let ort: Vec<Vec<f32>> = serde_json::from_slice(&result.stdout).unwrap();
+    let ort: Vec<Vec<f32>> = util::python_json(&python, script, &[&out, &inputs]);
     let diff = max_abs_diff(&ort.concat(), &expected);
     assert!(diff < 1e-5, "onnxruntime vs adapted teacher: {diff}");
 }

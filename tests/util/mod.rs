@@ -161,3 +161,25 @@ pub fn replay_then_export(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
     );
     (ck, out)
 }
+
+/// Runs `script` with `python` (tools/.venv's, which has numpy and onnxruntime) and `args`,
+/// and returns what it printed, parsed as JSON; fails the test with Python's stderr if it
+/// does not succeed.
+pub fn python_json<T: serde::de::DeserializeOwned>(
+    python: &Path,
+    script: &str,
+    args: &[&Path],
+) -> T {
+    let result = Command::new(python)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        result.status.success(),
+        "python (onnxruntime is installed by tools/setup.sh) failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    serde_json::from_slice(&result.stdout).expect("python printed JSON")
+}
