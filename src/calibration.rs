@@ -464,11 +464,6 @@ impl Calibrator {
         self.candidate.map(|p| p.r)
     }
 
-    /// Label evidence for the candidate over the adopted mounting so far (nats).
-    pub fn candidate_log_ratio(&self) -> Option<f32> {
-        self.candidate.map(|p| p.vs_adopted as f32)
-    }
-
     /// Every candidate's information score in the last search (empty before the first).
     pub fn last_scores(&self) -> &[(SignedPerm, f32)] {
         &self.scores

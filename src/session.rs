@@ -568,10 +568,6 @@ impl Session {
         self.paused = paused;
     }
 
-    pub fn paused(&self) -> bool {
-        self.paused
-    }
-
     /// One student step if enough new samples arrived (and training is not paused).
     pub fn maybe_step(&mut self) -> Result<Option<StepReport>, SessionError> {
         if self.paused || !self.learner.due() {

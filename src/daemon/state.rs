@@ -171,6 +171,7 @@ impl Shared {
             }
         };
         let feedback = c.feedback_total.load(Relaxed);
+        let served = self.teacher();
         let msg = MetricsMessage {
             samples_total,
             samples_per_s,
@@ -185,13 +186,13 @@ impl Shared {
             } else {
                 0.0
             },
-            teacher_version: self.teacher().version,
-            serving_adapted: (self.teacher().serving == Serving::Adapted) as u8,
+            teacher_version: served.version,
+            serving_adapted: (served.serving == Serving::Adapted) as u8,
             gate_wins: t.gate_wins,
             gate_losses: t.gate_losses,
             gate_p: t.gate_p,
             gate_switches_total: t.gate_switches,
-            mounting_adopted: self.teacher().mounting.is_some() as u8,
+            mounting_adopted: served.mounting.is_some() as u8,
             calibration_changes_total: t.calibration_changes,
             ema_updates: t.ema_updates,
             train_steps: t.train_steps,

@@ -185,16 +185,6 @@ pub enum LearnError {
     State(String),
 }
 
-/// The last state the rollback guard accepted.
-#[derive(Debug, Clone)]
-struct GoodState {
-    student: Params,
-    teacher: Params,
-    optimizer: Optimizer,
-    labeled: LabeledBuffer,
-    running: Array1<f32>,
-}
-
 pub struct Learner {
     cfg: LearnConfig,
     augment: AugmentConfig,
@@ -213,7 +203,9 @@ pub struct Learner {
     guard: RollbackGuard,
     gate: Gate,
     gate_cfg: GateConfig,
-    good: Option<GoodState>,
+    /// The last state the rollback guard accepted (weights, optimizer, labels, alignment
+    /// are what a rollback puts back).
+    good: Option<LearnerState>,
     augmenter: Augmenter,
     rng: Rng,
     since_step: usize,
@@ -309,10 +301,6 @@ impl Learner {
 
     pub fn counters(&self) -> &Counters {
         &self.counters
-    }
-
-    pub fn guard(&self) -> &RollbackGuard {
-        &self.guard
     }
 
     pub fn gate(&self) -> &Gate {
@@ -540,21 +528,11 @@ impl Learner {
         Ok(Some(report))
     }
 
-    fn good_state(&self) -> GoodState {
-        GoodState {
-            student: self.student.params().clone(),
-            teacher: self.teacher.params().clone(),
-            optimizer: self.optimizer.clone(),
-            labeled: self.labeled.clone(),
-            running: self.pseudo.running.clone(),
-        }
-    }
-
     /// Runs one guard check; returns the verdict when it rolled back.
     fn check_guard(&mut self) -> Option<Verdict> {
         if self.good.is_none() {
             // Until a check passes, the pretrained model is the last good state.
-            let mut first = self.good_state();
+            let mut first = self.state();
             first.student = self.source.params().clone();
             first.teacher = self.source.params().clone();
             first.optimizer = Optimizer::new(self.cfg.optimizer_settings(), self.source.params());
@@ -574,7 +552,7 @@ impl Learner {
                 self.guard.promote();
                 // NaN (no trusted labels yet) counts as "at least as good".
                 if teacher.is_nan() || good.is_nan() || teacher >= good {
-                    self.good = Some(self.good_state());
+                    self.good = Some(self.state());
                 }
                 None
             }

@@ -213,13 +213,6 @@ impl Params {
         self.data.iter().all(|v| v.is_finite())
     }
 
-    /// The first tensor holding a non-finite value, if any.
-    pub fn first_non_finite(&self) -> Option<&str> {
-        self.iter()
-            .find(|(_, _, v)| v.iter().any(|x| !x.is_finite()))
-            .map(|(n, _, _)| n)
-    }
-
     /// Global L2 norm over every tensor.
     pub fn norm(&self) -> f32 {
         self.data.iter().map(|v| v * v).sum::<f32>().sqrt()
