@@ -40,6 +40,8 @@ pub struct Config {
     #[serde(default)]
     pub mqtt: MqttConfig,
     #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
     pub input: InputConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
@@ -89,6 +91,11 @@ pub struct MqttConfig {
     pub reconnect_max_ms: u64,
     /// Capacity of the client's request queue; publishes beyond it are dropped and counted.
     pub request_queue: usize,
+    /// With `qos = 1`, how long the broker keeps our session (subscriptions and queued
+    /// messages) while we are away; 0 means a clean session on every connect.
+    pub session_expiry_s: u32,
+    /// How long one connection attempt may take.
+    pub connect_timeout_s: u64,
 }
 
 impl Default for MqttConfig {
@@ -113,6 +120,8 @@ impl Default for MqttConfig {
             reconnect_min_ms: 250,
             reconnect_max_ms: 30_000,
             request_queue: 4096,
+            session_expiry_s: 86_400,
+            connect_timeout_s: 10,
         }
     }
 }
@@ -142,6 +151,9 @@ pub struct InputConfig {
     pub max_batch: usize,
     /// Recent samples kept so that label feedback can find them by id.
     pub feedback_capacity: usize,
+    /// Input values beyond ±this are rejected: a finite but absurd value (3e38) would drive
+    /// the backbone to infinities. Generous by default, since units differ by sensor.
+    pub max_abs: f32,
 }
 
 impl Default for InputConfig {
@@ -153,6 +165,7 @@ impl Default for InputConfig {
             queue_capacity: 1024,
             max_batch: 32,
             feedback_capacity: 2048,
+            max_abs: 1e6,
         }
     }
 }
@@ -215,11 +228,24 @@ impl Default for ReplayConfig {
 }
 
 /// `[daemon]`: what `edgemt run` needs beyond the broker.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
     /// Seed for the learner's batch sampling and augmentation in the daemon.
     pub seed: u64,
+    /// systemd hears READY=1 at the first broker connection, or after this many seconds
+    /// without one (with a STATUS= line saying what is missing), so a missing broker does
+    /// not make systemd kill a daemon that would serve once the broker is back.
+    pub ready_timeout_s: f64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            seed: 0,
+            ready_timeout_s: 30.0,
+        }
+    }
 }
 
 impl Config {
@@ -239,6 +265,7 @@ impl Config {
             replay: Default::default(),
             daemon: Default::default(),
             mqtt: Default::default(),
+            control: Default::default(),
             input: Default::default(),
             metrics: Default::default(),
             checkpoint: Default::default(),
@@ -299,6 +326,7 @@ impl Config {
         self.replay.validate()?;
         self.daemon.validate()?;
         self.mqtt.validate()?;
+        self.control.validate()?;
         self.input.validate()?;
         self.metrics.validate()?;
         self.checkpoint.validate()?;
@@ -398,6 +426,64 @@ impl Section for ReplayConfig {
 
 impl Section for DaemonConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        seconds("daemon.ready_timeout_s", self.ready_timeout_s, 0.0)
+    }
+}
+
+/// A command on `{prefix}/cmd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    Pause,
+    Resume,
+    Checkpoint,
+    Export,
+    Reset,
+}
+
+impl Command {
+    pub const ALL: [Command; 5] = [
+        Command::Pause,
+        Command::Resume,
+        Command::Checkpoint,
+        Command::Export,
+        Command::Reset,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Pause => "pause",
+            Command::Resume => "resume",
+            Command::Checkpoint => "checkpoint",
+            Command::Export => "export",
+            Command::Reset => "reset",
+        }
+    }
+}
+
+/// `[control]`: which commands `{prefix}/cmd` may give. `reset` throws away everything
+/// learned, so it is opt-in; an empty list turns remote control off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub allow: Vec<Command>,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            allow: vec![
+                Command::Pause,
+                Command::Resume,
+                Command::Checkpoint,
+                Command::Export,
+            ],
+        }
+    }
+}
+
+impl Section for ControlConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
         Ok(())
     }
 }
@@ -455,6 +541,12 @@ impl Section for MqttConfig {
             });
         }
         positive("mqtt.request_queue", m.request_queue as u64)?;
+        if !(1..=600).contains(&m.connect_timeout_s) {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.connect_timeout_s",
+                message: format!("must be between 1 and 600, got {}", m.connect_timeout_s),
+            });
+        }
         positive("mqtt.reconnect_min_ms", m.reconnect_min_ms)?;
         if m.reconnect_max_ms < m.reconnect_min_ms {
             return Err(ConfigError::Invalid {
@@ -471,6 +563,13 @@ impl Section for InputConfig {
         positive("input.queue_capacity", self.queue_capacity as u64)?;
         positive("input.max_batch", self.max_batch as u64)?;
         positive("input.feedback_capacity", self.feedback_capacity as u64)?;
+        if !(self.max_abs.is_finite() && self.max_abs > 0.0) {
+            return Err(ConfigError::Invalid {
+                key: "input.max_abs",
+                message: format!("must be a positive finite number, got {}", self.max_abs),
+            });
+        }
+
         if let Some(w) = self.window {
             positive("input.window", w as u64)?;
         }

@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod daemon;
 pub mod learn;
+pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod nn;

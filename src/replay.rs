@@ -275,7 +275,8 @@ pub fn replay(
     opts: &ReplayOptions,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<Outcome, ReplayError> {
-    let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
+    let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
+        .with_max_abs(cfg.input.max_abs);
     let seed = opts.seed.unwrap_or(cfg.replay.seed);
     let mut session = Session::new(classifier, cfg, seed)?;
     let mut store = match &opts.checkpoint {

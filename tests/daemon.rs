@@ -13,7 +13,7 @@ use crate::util::broker::{
 use crate::util::{self, tempdir};
 
 /// The first `n` lines of the shipped target stream, as parsed JSON.
-fn stream(n: usize) -> Vec<Value> {
+pub(crate) fn stream(n: usize) -> Vec<Value> {
     std::fs::read_to_string(util::path("data/target_stream.jsonl"))
         .unwrap()
         .lines()
@@ -22,7 +22,7 @@ fn stream(n: usize) -> Vec<Value> {
         .collect()
 }
 
-fn num(v: &Value, key: &str) -> f64 {
+pub(crate) fn num(v: &Value, key: &str) -> f64 {
     v.get(key)
         .and_then(Value::as_f64)
         .unwrap_or_else(|| panic!("metrics lack {key}: {v}"))
@@ -427,7 +427,12 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
     let broker = Broker::start();
     let prefix = "edgemt-test/cmd";
     let mut daemon = Daemon::start(
-        &daemon_config(dir.path(), &broker, prefix, "[learn]\ntrain_every = 1\n"),
+        &daemon_config(
+            dir.path(),
+            &broker,
+            prefix,
+            "[learn]\ntrain_every = 1\n[control]\nallow = [\"pause\", \"resume\", \"reset\"]\n",
+        ),
         &[],
     );
     let metrics = format!("{prefix}/metrics");
@@ -470,6 +475,7 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
         last_metrics(m, &metrics).is_some_and(|v| num(&v, "resets_total") >= 1.0)
     });
     let m = last_metrics(&got, &metrics).unwrap();
+    assert_eq!(num(&m, "resets_total"), 1.0, "{m}");
     assert!(
         num(&m, "teacher_version") > version,
         "a reset teacher gets a new version"

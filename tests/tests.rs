@@ -5,6 +5,7 @@
 mod util;
 
 mod adaptation;
+mod broker_abuse;
 mod calibration;
 mod checkpoints;
 mod config_file;

@@ -1,9 +1,13 @@
 //! Routing of incoming MQTT messages: samples, raw rows, label feedback and commands.
 //!
 //! Runs on the MQTT task, so everything here is quick and never blocks: a message is
-//! validated (size, JSON, length, finiteness, class range), turned into queue items, and
-//! pushed with the drop-oldest-unlabeled policy. Anything malformed is counted, logged at a
-//! limited rate, and goes no further.
+//! validated (size, JSON, length, finiteness, magnitude, id length, class range), turned
+//! into queue items, and pushed with the queue's overload policy. Anything malformed is
+//! counted, logged at a limited rate, and goes no further.
+//!
+//! Everything on the broker is treated as possibly hostile: a retained message on an input
+//! topic is stale or planted (a retained `reset` would reset the model at every reconnect),
+//! so it is counted and ignored; commands outside `[control] allow` are refused.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::queue::BoundedQueue;
 use super::state::Shared;
 use super::workers::Incoming;
-use crate::config::InputFormat;
+use crate::config::{Command, InputFormat};
 use crate::stream::sample::id_of;
 use crate::stream::window::{decode_f32le, rows_from_f32le, rows_from_json};
 use crate::stream::{DecodeError, SampleDecoder, WindowAssembler};
@@ -96,13 +100,16 @@ pub struct Ingest {
     max_payload: usize,
     next_id: u64,
     rows: Vec<f32>,
+    allow: Vec<Command>,
     log: RateLimitedLog,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum Rejection {
-    #[error("payload of {0} bytes is over the limit of {1}")]
+    #[error("payload of {0} bytes is over the limit of {1} (mqtt.max_payload_bytes)")]
     Oversized(usize, usize),
+    #[error("command {0:?} is not in [control] allow")]
+    NotAllowed(&'static str),
     #[error(transparent)]
     Decode(#[from] DecodeError),
     #[error("not UTF-8 text")]
@@ -112,6 +119,7 @@ enum Rejection {
 }
 
 impl Ingest {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         topics: Topics,
         shared: Arc<Shared>,
@@ -120,6 +128,7 @@ impl Ingest {
         format: InputFormat,
         windows: WindowAssembler,
         max_payload: usize,
+        allow: Vec<Command>,
     ) -> Self {
         Ingest {
             topics,
@@ -131,13 +140,25 @@ impl Ingest {
             max_payload,
             next_id: 0,
             rows: Vec::new(),
+            allow,
             log: RateLimitedLog::new(5, Duration::from_secs(10)),
         }
     }
 
     /// Handles one message; never panics, never blocks.
-    pub fn handle(&mut self, topic: &str, payload: &[u8]) {
-        if self.shared.stopping.load(Relaxed) {
+    pub fn handle(&mut self, topic: &str, payload: &[u8], retained: bool) {
+        if self.shared.stopping.load(Relaxed) || !self.topics.inputs().contains(&topic) {
+            return;
+        }
+        if retained {
+            self.shared
+                .counters
+                .retained_ignored_total
+                .fetch_add(1, Relaxed);
+            self.log.warn(format_args!(
+                "ignored a retained message on {topic}: input topics take live messages only \
+                 (clear it with: mosquitto_pub -r -n -t {topic})"
+            ));
             return;
         }
         let result = if payload.len() > self.max_payload {
@@ -154,7 +175,17 @@ impl Ingest {
             return;
         };
         if let Err(e) = result {
-            self.shared.counters.rejected_total.fetch_add(1, Relaxed);
+            let c = &self.shared.counters;
+            match e {
+                Rejection::Oversized(..) => {
+                    c.oversized_total.fetch_add(1, Relaxed);
+                }
+                Rejection::NotAllowed(_) => {
+                    c.commands_refused_total.fetch_add(1, Relaxed);
+                }
+                _ => {}
+            }
+            c.rejected_total.fetch_add(1, Relaxed);
             self.log
                 .warn(format_args!("rejected a message on {topic}: {e}"));
         }
@@ -174,10 +205,23 @@ impl Ingest {
             label,
             received: Instant::now(),
         });
-        self.shared
-            .counters
-            .dropped_total
-            .fetch_add(dropped as u64, Relaxed);
+        self.count_drop(dropped);
+    }
+
+    fn count_drop(&self, dropped: Option<Incoming>) {
+        let c = &self.shared.counters;
+        match dropped {
+            None => {}
+            Some(Incoming::Sample { label, .. }) => {
+                c.dropped_total.fetch_add(1, Relaxed);
+                if label.is_some() {
+                    c.labeled_dropped_total.fetch_add(1, Relaxed);
+                }
+            }
+            Some(Incoming::Feedback { .. }) => {
+                c.labeled_dropped_total.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     fn sample(&mut self, payload: &[u8]) -> Result<(), Rejection> {
@@ -210,6 +254,11 @@ impl Ingest {
             },
             InputFormat::F32le => rows_from_f32le(payload, channels, &mut rows),
         };
+        let decoded = decoded.and_then(|n| {
+            self.decoder
+                .check_magnitude(&rows[..n * channels])
+                .map(|()| n)
+        });
         let result = decoded.map(|n| {
             for r in 0..n {
                 if let Some(window) = self
@@ -233,29 +282,43 @@ impl Ingest {
             .decoder
             .class(v.get("label"), "label")?
             .ok_or_else(|| Rejection::Other("label feedback needs a \"label\"".into()))?;
-        self.queue.push(Incoming::Feedback { id, label });
+        let dropped = self.queue.push(Incoming::Feedback { id, label });
+        self.count_drop(dropped);
         Ok(())
     }
 
+    /// `{"cmd": "pause"}` or the bare word (`pause`, as a Home Assistant button sends it).
     fn command(&mut self, payload: &[u8]) -> Result<(), Rejection> {
-        let v: serde_json::Value =
-            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        let cmd = v.get("cmd").and_then(|c| c.as_str()).unwrap_or("");
+        let text = std::str::from_utf8(payload).map_err(|_| Rejection::NotText)?;
+        let word = match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => v
+                .get("cmd")
+                .and_then(|c| c.as_str())
+                .unwrap_or("")
+                .to_string(),
+            Err(_) => text.trim().to_string(),
+        };
+        let Some(cmd) = Command::ALL
+            .into_iter()
+            .find(|c| c.name().eq_ignore_ascii_case(&word))
+        else {
+            return Err(Rejection::Other(format!(
+                "unknown command {word:?}; expected pause, resume, checkpoint, export or reset"
+            )));
+        };
+        if !self.allow.contains(&cmd) {
+            return Err(Rejection::NotAllowed(cmd.name()));
+        }
         let s = &self.shared;
         match cmd {
-            "pause" => s.paused.store(true, Relaxed),
-            "resume" => s.paused.store(false, Relaxed),
-            "reset" => s.reset_requested.store(true, Relaxed),
-            "checkpoint" => s.checkpoint_requested.store(true, Relaxed),
-            "export" => s.export_requested.store(true, Relaxed),
-            other => {
-                return Err(Rejection::Other(format!(
-                    "unknown command {other:?}; expected pause, resume, reset, checkpoint, export"
-                )))
-            }
+            Command::Pause => s.paused.store(true, Relaxed),
+            Command::Resume => s.paused.store(false, Relaxed),
+            Command::Reset => s.reset_requested.store(true, Relaxed),
+            Command::Checkpoint => s.checkpoint_requested.store(true, Relaxed),
+            Command::Export => s.export_requested.store(true, Relaxed),
         }
         s.counters.commands_total.fetch_add(1, Relaxed);
-        tracing::info!("command: {cmd}");
+        tracing::info!("command: {}", cmd.name());
         Ok(())
     }
 }

@@ -19,7 +19,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
 
 use crate::checkpoint::{CheckpointStore, Identity};
 use crate::config::Config;
@@ -92,7 +93,8 @@ pub async fn run(
         )));
     }
     let hop = cfg.input.hop.unwrap_or((window / 2).max(1));
-    let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
+    let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
+        .with_max_abs(cfg.input.max_abs);
     let ingest = Ingest::new(
         topics.clone(),
         shared.clone(),
@@ -101,6 +103,7 @@ pub async fn run(
         cfg.input.format,
         WindowAssembler::new(layout, hop),
         cfg.mqtt.max_payload_bytes,
+        cfg.control.allow.clone(),
     );
 
     let inference = InferenceWorker {
@@ -141,6 +144,7 @@ pub async fn run(
     let inference_thread = spawn("inference", Box::new(move || inference.run()))?;
     let trainer_thread = spawn("training", Box::new(move || trainer.run()))?;
 
+    let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
     let poll = tokio::spawn(
         mqtt::PollTask {
             eventloop,
@@ -149,6 +153,7 @@ pub async fn run(
             client_id: client_id.clone(),
             shared: shared.clone(),
             ingest,
+            connected: Some(connected_tx),
         }
         .run(),
     );
@@ -160,16 +165,23 @@ pub async fn run(
     ));
     let watchdog_task =
         notify::watchdog_interval().map(|period| tokio::spawn(watchdog(shared.clone(), period)));
-    tracing::info!(
-        "edgemt running: topics under {prefix}/, broker {}:{}",
-        cfg.mqtt.host,
-        cfg.mqtt.port
-    );
-    notify::notify("READY=1");
+    let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+    tracing::info!("edgemt started: topics under {prefix}/, connecting to broker {broker}");
+    notify::status(&format!("connecting to the broker at {broker}"));
+    let ready = tokio::spawn(announce_ready(
+        connected_rx,
+        crate::config::duration_s(cfg.daemon.ready_timeout_s),
+        broker,
+        prefix,
+    ));
 
     shutdown.await;
+    ready.abort();
     tracing::info!("stopping: no new input, finishing the current step");
-    notify::notify("STOPPING=1");
+    notify::notify(&[
+        notify::NotifyState::Stopping,
+        notify::NotifyState::Status("stopping"),
+    ]);
     shared.stopping.store(true, Relaxed);
     metrics_task.abort();
     if let Some(w) = watchdog_task {
@@ -201,6 +213,30 @@ pub async fn run(
     Ok(())
 }
 
+/// READY=1 once the broker connection exists, or after `timeout` without one: systemd
+/// would otherwise kill a daemon that only waits for its broker. The STATUS= line says which.
+async fn announce_ready(
+    connected: tokio::sync::oneshot::Receiver<()>,
+    timeout: Duration,
+    broker: String,
+    prefix: String,
+) {
+    let status = match tokio::time::timeout(timeout, connected).await {
+        Ok(Ok(())) => format!("serving: connected to {broker}, topics under {prefix}/"),
+        _ => {
+            tracing::warn!(
+                "no connection to the broker at {broker} after {timeout:?}; running anyway and \
+                 still trying"
+            );
+            format!("running without a broker: {broker} has not answered yet; still trying")
+        }
+    };
+    notify::notify(&[
+        notify::NotifyState::Ready,
+        notify::NotifyState::Status(&status),
+    ]);
+}
+
 async fn publish_metrics(client: AsyncClient, topic: String, shared: Arc<Shared>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,7 +263,7 @@ async fn watchdog(shared: Arc<Shared>, period: Duration) {
             now.saturating_sub(beat.load(Relaxed)) < period.as_millis() as u64
         };
         if fresh(&shared.inference_beat) && fresh(&shared.trainer_beat) {
-            notify::notify("WATCHDOG=1");
+            notify::notify(&[notify::NotifyState::Watchdog]);
         } else {
             tracing::error!("a worker thread stopped turning; withholding the watchdog ping");
         }

@@ -1,19 +1,23 @@
 //! The MQTT side: connection options, the event-loop task, subscriptions and discovery.
 //!
+//! MQTT 5 (rumqttc's v5 client), for what 3.1.1 cannot say: the largest packet we take
+//! (so a huge retained message cannot drop the connection forever) and a session that
+//! outlives a reconnect (so QoS 1 messages sent meanwhile are queued, not lost).
+//!
 //! rumqttc's event loop must be polled continuously, so it gets a task that only polls and
 //! routes: every publish from here is `try_publish` (never waits on a full queue), the loop
-//! backs off between failed reconnects itself (rumqttc does not), and subscriptions, the
-//! retained `online` status and discovery configs are renewed on every ConnAck because a
-//! clean session forgets them.
+//! backs off between failed reconnects itself (rumqttc does not) and tells the operator
+//! why, and subscriptions, the retained `online` status and discovery configs are renewed on
+//! every ConnAck.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
-    Transport,
-};
+use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
 
 use super::ingest::{Ingest, Topics};
 use super::state::{Shared, DISCOVERED};
@@ -62,6 +66,15 @@ fn password(cfg: &MqttConfig) -> Result<Option<String>, DaemonError> {
     Ok(None)
 }
 
+/// Bytes an MQTT PUBLISH may carry beyond its payload: fixed header, a topic of up to 65,535
+/// bytes, packet id and properties.
+const PACKET_OVERHEAD: usize = 70_000;
+
+/// How long a connection must last before a later failure starts the backoff from the
+/// bottom again: a connection the broker drops at once (a message the client cannot take,
+/// a kicked duplicate client id) must not turn into a reconnect storm.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
 pub fn options(
     cfg: &MqttConfig,
     client_id: &str,
@@ -69,14 +82,27 @@ pub fn options(
 ) -> Result<MqttOptions, DaemonError> {
     let mut opts = MqttOptions::new(client_id, &cfg.host, cfg.port);
     opts.set_keep_alive(Duration::from_secs(cfg.keep_alive_s));
-    opts.set_clean_session(true);
-    // Oversized payloads are ours to reject and count; rumqttc would drop the connection.
-    opts.set_max_packet_size(
-        cfg.max_payload_bytes.max(1 << 20).saturating_mul(4),
-        1 << 20,
-    );
+    // With QoS 1 the broker keeps our subscriptions and queues messages while we are away;
+    // with QoS 0 there is nothing to keep.
+    let persistent = cfg.qos > 0 && cfg.session_expiry_s > 0;
+    opts.set_clean_start(!persistent);
+    if persistent {
+        opts.set_session_expiry_interval(Some(cfg.session_expiry_s));
+    }
+    // MQTT 5's Maximum Packet Size: the broker does not send us what we would reject, so a
+    // huge (retained or queued) message cannot kill the connection over and over. It is
+    // also rumqttc's limit for what it reads, which bounds its buffer.
+    let max_packet = cfg.max_payload_bytes.saturating_add(PACKET_OVERHEAD);
+    opts.set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)));
     opts.set_request_channel_capacity(cfg.request_queue);
-    opts.set_last_will(LastWill::new(&topics.status, "offline", qos(cfg.qos), true));
+    opts.set_connection_timeout(cfg.connect_timeout_s);
+    opts.set_last_will(LastWill::new(
+        &topics.status,
+        "offline",
+        qos(cfg.qos),
+        true,
+        None,
+    ));
     if let Some(user) = &cfg.username {
         opts.set_credentials(user, password(cfg)?.unwrap_or_default());
     }
@@ -138,21 +164,62 @@ pub struct PollTask {
     pub client_id: String,
     pub shared: Arc<Shared>,
     pub ingest: Ingest,
+    /// Told once, at the first successful connection (systemd's READY waits for it).
+    pub connected: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Why a connection attempt or a connection failed, in words an operator can act on.
+pub fn explain(e: &ConnectionError) -> String {
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code;
+    match e {
+        ConnectionError::ConnectionRefused(Code::BadUserNamePassword) => {
+            "the broker refused the user name or password (check [mqtt] username and password)"
+                .into()
+        }
+        ConnectionError::ConnectionRefused(Code::NotAuthorized) => {
+            "the broker says this client is not authorised (check [mqtt] username, password and the broker's ACL)".into()
+        }
+        ConnectionError::ConnectionRefused(Code::ClientIdentifierNotValid) => {
+            "the broker refused the client id (check [mqtt] client_id)".into()
+        }
+        ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
+        ConnectionError::Tls(e) => format!("TLS handshake failed: {e} (check [mqtt] ca_file and that the broker's certificate names this host)"),
+        ConnectionError::Io(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "connection refused: nothing listens there (is the broker running, is the port right?)".into()
+        }
+        ConnectionError::Io(e) => format!("network error: {e}"),
+        ConnectionError::Timeout(_) => "no answer from the broker in time".into(),
+        ConnectionError::MqttState(StateError::IncomingPacketTooLarge { pkt_size, max }) => {
+            format!("the broker sent a message of {pkt_size} bytes, over our limit of {max}")
+        }
+        ConnectionError::MqttState(StateError::Io(e)) => format!("connection lost: {e}"),
+        other => other.to_string(),
+    }
 }
 
 impl PollTask {
     /// Polls until a requested disconnect has gone out (or the connection is gone while
-    /// stopping). Never returns on broker errors: it backs off and reconnects.
+    /// stopping). Never returns on broker errors: it backs off and reconnects, and says why
+    /// at warn level (the same reason at most once a minute).
     pub async fn run(mut self) {
         let min = Duration::from_millis(self.cfg.reconnect_min_ms);
         let max = Duration::from_millis(self.cfg.reconnect_max_ms);
         let mut backoff = min;
         let mut down_since = Some(Instant::now());
+        let mut up_since: Option<Instant> = None;
+        let mut last_warning: Option<(String, Instant)> = None;
         let qos = qos(self.cfg.qos);
+        let address = format!(
+            "{}://{}:{}",
+            if self.cfg.tls { "mqtts" } else { "mqtt" },
+            self.cfg.host,
+            self.cfg.port
+        );
         loop {
             match self.eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = min;
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    up_since = Some(Instant::now());
+                    last_warning = None;
                     self.shared.connected.store(true, Relaxed);
                     if let Some(since) = down_since.take() {
                         let ms = since.elapsed().as_millis() as u64;
@@ -161,7 +228,19 @@ impl PollTask {
                             .mqtt_disconnected_ms_total
                             .fetch_add(ms, Relaxed);
                     }
-                    tracing::info!("connected to mqtt://{}:{}", self.cfg.host, self.cfg.port);
+                    tracing::info!(
+                        "connected to {address}{}",
+                        if ack.session_present {
+                            " (resumed the broker's session)"
+                        } else {
+                            ""
+                        }
+                    );
+                    if let Some(tx) = self.connected.take() {
+                        let _ = tx.send(());
+                    }
+                    // Subscribing again even to a resumed session is harmless: the broker
+                    // only re-sends retained messages, which ingest ignores.
                     for topic in self.ingest.topics.inputs() {
                         if let Err(e) = self.client.try_subscribe(topic, qos) {
                             tracing::error!("subscribing to {topic}: {e}");
@@ -180,12 +259,23 @@ impl PollTask {
                         &self.ingest.topics,
                     );
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => self.ingest.handle(&p.topic, &p.payload),
+                Ok(Event::Incoming(Packet::Publish(p))) => match std::str::from_utf8(&p.topic) {
+                    Ok(topic) => self.ingest.handle(topic, &p.payload, p.retain),
+                    Err(_) => {
+                        self.shared.counters.rejected_total.fetch_add(1, Relaxed);
+                    }
+                },
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                 Ok(_) => {}
                 Err(e) => {
                     if self.shared.stopping.load(Relaxed) && down_since.is_some() {
                         break;
+                    }
+                    if let ConnectionError::MqttState(StateError::IncomingPacketTooLarge {
+                        ..
+                    }) = e
+                    {
+                        self.shared.counters.oversized_total.fetch_add(1, Relaxed);
                     }
                     if self.shared.connected.swap(false, Relaxed) {
                         self.shared
@@ -193,9 +283,23 @@ impl PollTask {
                             .mqtt_reconnects_total
                             .fetch_add(1, Relaxed);
                         down_since = Some(Instant::now());
-                        tracing::warn!("lost the broker: {e}; reconnecting with backoff");
+                    }
+                    if up_since
+                        .take()
+                        .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+                    {
+                        backoff = min;
+                    }
+                    let reason = explain(&e);
+                    let repeated = last_warning.as_ref().is_some_and(|(r, at)| {
+                        *r == reason && at.elapsed() < Duration::from_secs(60)
+                    });
+                    if repeated {
+                        tracing::debug!("{address}: {reason}; next try in {backoff:?}");
                     } else {
-                        tracing::debug!("still no broker: {e}; next try in {backoff:?}");
+                        tracing::warn!("broker {address}: {reason}; retrying in {backoff:?}");
+                        super::notify::status(&format!("no broker at {address}: {reason}"));
+                        last_warning = Some((reason, Instant::now()));
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(max);

@@ -1,6 +1,8 @@
 //! A bounded hand-off queue between threads whose overload policy is explicit: when full,
-//! the oldest *droppable* item (an unlabeled sample) is dropped and counted; a label is
-//! never dropped. Consumers take whole batches so the backbone runs batched.
+//! the oldest *droppable* item (an unlabeled sample) goes first; only when labeled items
+//! alone fill the queue does the oldest of them go. Memory stays bounded whatever arrives,
+//! and every push hands back what it dropped so the caller can count it by kind.
+//! Consumers take whole batches so the backbone runs batched.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
@@ -34,23 +36,37 @@ impl<T: Droppable> BoundedQueue<T> {
         }
     }
 
-    /// Adds an item; returns how many items were dropped to make room (0 or 1).
-    pub fn push(&self, item: T) -> usize {
+    /// Adds an item; returns the item dropped to make room, if any (possibly `item` itself,
+    /// when it is unlabeled and the queue is full of labeled items).
+    pub fn push(&self, item: T) -> Option<T> {
         let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut dropped = 0;
+        let mut dropped = None;
         if state.items.len() >= self.capacity {
             if let Some(i) = state.items.iter().position(Droppable::droppable) {
-                state.items.remove(i);
-                dropped = 1;
+                dropped = state.items.remove(i);
             } else if item.droppable() {
-                // Full of labels: the newcomer is the one that may go.
-                return 1;
+                return Some(item);
+            } else {
+                // Labeled items alone fill the queue: the oldest is the least useful.
+                dropped = state.items.pop_front();
             }
         }
         state.items.push_back(item);
         drop(state);
         self.ready.notify_one();
         dropped
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .items
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Waits up to `wait` for at least one item, then moves up to `max` into `out`.

@@ -29,10 +29,32 @@ pub struct TeacherSnapshot {
 /// Monotonic counters (atomics, so any thread bumps them without a lock).
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Valid samples taken in. Each ends in exactly one of: `predictions_total`,
+    /// `predictions_dropped_total`, `dropped_total` or `unembeddable_total`.
     pub samples_total: AtomicU64,
+    /// Predictions handed to the MQTT client.
     pub predictions_total: AtomicU64,
+    /// Predictions made but not published (the client's request queue was full).
+    pub predictions_dropped_total: AtomicU64,
+    /// Samples dropped from the full input queue before prediction.
     pub dropped_total: AtomicU64,
+    /// Predicted samples dropped from the full training queue before learning.
+    pub train_dropped_total: AtomicU64,
+    /// Labeled samples and labels dropped from either queue (only when labeled items alone
+    /// fill it).
+    pub labeled_dropped_total: AtomicU64,
+    /// Samples whose embedding came out non-finite or absurd: neither published nor learned.
+    pub unembeddable_total: AtomicU64,
+    /// Messages refused for any reason (these and the unembeddable samples).
     pub rejected_total: AtomicU64,
+    /// Of those: payloads over `mqtt.max_payload_bytes` (or packets over the client's limit).
+    pub oversized_total: AtomicU64,
+    /// Retained messages on input topics: stale or planted, never acted on.
+    pub retained_ignored_total: AtomicU64,
+    /// Commands not in `[control] allow`.
+    pub commands_refused_total: AtomicU64,
+    /// Checkpoints that could not be written (a non-finite state, a full disk).
+    pub checkpoint_failures_total: AtomicU64,
     pub labels_total: AtomicU64,
     pub feedback_total: AtomicU64,
     pub feedback_correct: AtomicU64,
@@ -176,6 +198,7 @@ impl Shared {
             samples_total,
             samples_per_s,
             predictions_total: c.predictions_total.load(Relaxed),
+            predictions_dropped_total: c.predictions_dropped_total.load(Relaxed),
             latency_p50_us: p50 as u64,
             latency_p99_us: p99 as u64,
             loss_sup: mean(t.loss_sup),
@@ -200,7 +223,13 @@ impl Shared {
             labeled_buffer: t.labeled_buffer as u64,
             unlabeled_buffer: t.unlabeled_buffer as u64,
             dropped_total: c.dropped_total.load(Relaxed),
+            train_dropped_total: c.train_dropped_total.load(Relaxed),
+            labeled_dropped_total: c.labeled_dropped_total.load(Relaxed),
+            unembeddable_total: c.unembeddable_total.load(Relaxed),
             rejected_total: c.rejected_total.load(Relaxed),
+            oversized_total: c.oversized_total.load(Relaxed),
+            retained_ignored_total: c.retained_ignored_total.load(Relaxed),
+            commands_refused_total: c.commands_refused_total.load(Relaxed),
             labels_total: c.labels_total.load(Relaxed),
             feedback_total: feedback,
             feedback_accuracy: if feedback > 0 {
@@ -214,6 +243,7 @@ impl Shared {
             resets_total: t.resets,
             rollbacks_total: t.rollbacks,
             checkpoints_total: c.checkpoints_total.load(Relaxed),
+            checkpoint_failures_total: c.checkpoint_failures_total.load(Relaxed),
             exports_total: c.exports_total.load(Relaxed),
             paused: self.paused.load(Relaxed) as u8,
             teacher_finite: t.teacher_finite as u8,
@@ -240,6 +270,7 @@ pub struct MetricsMessage {
     pub samples_total: u64,
     pub samples_per_s: f64,
     pub predictions_total: u64,
+    pub predictions_dropped_total: u64,
     pub latency_p50_us: u64,
     pub latency_p99_us: u64,
     pub loss_sup: f64,
@@ -262,7 +293,13 @@ pub struct MetricsMessage {
     pub labeled_buffer: u64,
     pub unlabeled_buffer: u64,
     pub dropped_total: u64,
+    pub train_dropped_total: u64,
+    pub labeled_dropped_total: u64,
+    pub unembeddable_total: u64,
     pub rejected_total: u64,
+    pub oversized_total: u64,
+    pub retained_ignored_total: u64,
+    pub commands_refused_total: u64,
     pub labels_total: u64,
     pub feedback_total: u64,
     pub feedback_accuracy: f64,
@@ -272,6 +309,7 @@ pub struct MetricsMessage {
     pub resets_total: u64,
     pub rollbacks_total: u64,
     pub checkpoints_total: u64,
+    pub checkpoint_failures_total: u64,
     pub exports_total: u64,
     pub paused: u8,
     pub teacher_finite: u8,

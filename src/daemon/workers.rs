@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ndarray::ArrayView1;
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::AsyncClient;
 
 use super::queue::{BoundedQueue, Droppable};
 use super::state::{Shared, TeacherSnapshot};
@@ -145,15 +146,20 @@ impl InferenceWorker {
                             crate::report(&e)
                         );
                         counters.rejected_total.fetch_add(samples as u64, Relaxed);
+                        counters
+                            .unembeddable_total
+                            .fetch_add(samples as u64, Relaxed);
                         false
                     }
                 };
             let embeddings = self.predictor.embeddings();
             let mut row = 0;
+            let mut published = 0;
             for item in items.drain(..) {
                 let (x, id, label, received) = match item {
                     Incoming::Feedback { id, label } => {
-                        self.train.push(TrainItem::Feedback { id, label });
+                        let dropped = self.train.push(TrainItem::Feedback { id, label });
+                        self.count_drop(dropped);
                         continue;
                     }
                     Incoming::Sample {
@@ -173,6 +179,7 @@ impl InferenceWorker {
                     // A sample can pass every input check and still drive the backbone to
                     // infinities: it must not be published as a prediction nor learned from.
                     counters.rejected_total.fetch_add(1, Relaxed);
+                    counters.unembeddable_total.fetch_add(1, Relaxed);
                     continue;
                 }
                 let p = preds[r];
@@ -193,9 +200,11 @@ impl InferenceWorker {
                 if self
                     .client
                     .try_publish(&self.predictions_topic, self.qos, false, payload)
-                    .is_err()
+                    .is_ok()
                 {
-                    counters.publish_dropped_total.fetch_add(1, Relaxed);
+                    published += 1;
+                } else {
+                    counters.predictions_dropped_total.fetch_add(1, Relaxed);
                 }
                 latencies.push(received.elapsed().as_micros() as u64);
                 let dropped = self.train.push(TrainItem::Sample {
@@ -209,18 +218,34 @@ impl InferenceWorker {
                         .as_ref()
                         .map_or(SignedPerm::IDENTITY, |m| m.r()),
                 });
-                counters.dropped_total.fetch_add(dropped as u64, Relaxed);
+                self.count_drop(dropped);
             }
             // Counters and the latency window once per batch, not per sample.
-            counters
-                .predictions_total
-                .fetch_add(latencies.len() as u64, Relaxed);
+            counters.predictions_total.fetch_add(published, Relaxed);
             let mut window = self
                 .shared
                 .latency
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             latencies.drain(..).for_each(|micros| window.record(micros));
+        }
+    }
+}
+
+impl InferenceWorker {
+    fn count_drop(&self, dropped: Option<TrainItem>) {
+        let c = &self.shared.counters;
+        match dropped {
+            None => {}
+            Some(TrainItem::Sample { label, .. }) => {
+                c.train_dropped_total.fetch_add(1, Relaxed);
+                if label.is_some() {
+                    c.labeled_dropped_total.fetch_add(1, Relaxed);
+                }
+            }
+            Some(TrainItem::Feedback { .. }) => {
+                c.labeled_dropped_total.fetch_add(1, Relaxed);
+            }
         }
     }
 }
@@ -447,7 +472,15 @@ fn write_checkpoints(
                     m.counters.teacher_version
                 );
             }
-            Err(e) => tracing::error!("{}", crate::report(&e)),
+            Err(e) => {
+                // An alarm, not a shrug: the last good checkpoint stays, but nothing newer
+                // will be kept until this is fixed.
+                shared
+                    .counters
+                    .checkpoint_failures_total
+                    .fetch_add(1, Relaxed);
+                tracing::error!("checkpoint not written: {}", crate::report(&e));
+            }
         }
     }
 }

@@ -344,6 +344,12 @@ impl Learner {
         label: Option<usize>,
         truth: Option<usize>,
     ) {
+        // Buffers are learner state: a non-finite value filed here would turn every later
+        // batch that draws it into a skipped step. Callers check first (and count); this is
+        // the last line.
+        if !(input.iter().all(|v| v.is_finite()) && embedding.iter().all(|v| v.is_finite())) {
+            return;
+        }
         self.counters.samples_seen += 1;
         self.since_step += 1;
         match label {

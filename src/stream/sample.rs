@@ -35,6 +35,12 @@ pub enum DecodeError {
     NotANumber(usize),
     #[error("\"x\" has a non-finite value at position {0}")]
     NonFinite(usize),
+    #[error("\"x\" has {value:e} at position {position}, beyond the limit of ±{max_abs:e} ([input] max_abs)")]
+    TooLarge {
+        position: usize,
+        value: f32,
+        max_abs: f32,
+    },
     #[error("nested \"x\" does not have the input shape {0:?}")]
     WrongShape(Vec<usize>),
     #[error("\"{field}\" is {value}, expected a class index in 0..{classes}")]
@@ -72,6 +78,8 @@ pub enum Line {
 pub struct SampleDecoder {
     pub shape: Vec<usize>,
     pub classes: usize,
+    /// Inputs beyond ±this are rejected (`[input] max_abs`).
+    pub max_abs: f32,
 }
 
 impl SampleDecoder {
@@ -79,7 +87,14 @@ impl SampleDecoder {
         SampleDecoder {
             shape: shape.to_vec(),
             classes,
+            max_abs: f32::MAX,
         }
+    }
+
+    /// The same decoder, rejecting inputs beyond ±`max_abs`.
+    pub fn with_max_abs(mut self, max_abs: f32) -> Self {
+        self.max_abs = max_abs;
+        self
     }
 
     pub fn sample_len(&self) -> usize {
@@ -122,6 +137,7 @@ impl SampleDecoder {
                 shape: self.shape.clone(),
             });
         }
+        self.check_magnitude(&flat)?;
         let label = self.class(obj.get("label"), "label")?;
         let truth = self.class(obj.get("truth"), "truth")?;
         let ts = match obj.get("ts") {
@@ -166,6 +182,18 @@ impl SampleDecoder {
         }
         match x.iter().position(|v| !v.is_finite()) {
             Some(i) => Err(DecodeError::NonFinite(i)),
+            None => self.check_magnitude(x),
+        }
+    }
+
+    /// Checks finite values against `max_abs`.
+    pub fn check_magnitude(&self, x: &[f32]) -> Result<(), DecodeError> {
+        match x.iter().position(|v| v.abs() > self.max_abs) {
+            Some(position) => Err(DecodeError::TooLarge {
+                position,
+                value: x[position],
+                max_abs: self.max_abs,
+            }),
             None => Ok(()),
         }
     }
