@@ -238,6 +238,8 @@ impl PollTask {
                     );
                     if let Some(tx) = self.connected.take() {
                         let _ = tx.send(());
+                    } else {
+                        super::notify::status(&format!("serving: connected to {address}"));
                     }
                     // Subscribing again even to a resumed session is harmless: the broker
                     // only re-sends retained messages, which ingest ignores.

@@ -113,7 +113,12 @@ impl Daemon {
     pub fn start(config: &Path, envs: &[(&str, &str)]) -> Daemon {
         let log = config.with_extension("log");
         let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_edgemt"))
+        // EDGEMT_TEST_BIN runs these tests against another build (e.g. an older commit's,
+        // to show a test fails there).
+        let bin = std::env::var_os("EDGEMT_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_edgemt")));
+        let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
             .envs(envs.iter().copied())
