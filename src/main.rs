@@ -27,6 +27,7 @@ struct Cli {
 enum Command {
     /// Replay a recording prequentially: predict each sample, then learn from it.
     Replay {
+        /// The config file (TOML; see config/edgemt.toml).
         #[arg(long)]
         config: PathBuf,
         /// JSON Lines recording to replay.
@@ -49,6 +50,7 @@ enum Command {
     },
     /// Run the daemon: MQTT in, predictions and metrics out, learning on the side.
     Run {
+        /// The config file (TOML; see config/edgemt.toml).
         #[arg(long)]
         config: PathBuf,
     },
@@ -64,8 +66,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check a config and its model without running: config keys, model and trainable
+    /// layers, broker options (password, TLS files), checkpoint directory, one inference.
+    /// Exits non-zero with the reason when something is wrong.
+    Check {
+        /// The config file to check.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show a model's inputs, outputs, detected trainable layers and embedding.
     Inspect {
+        /// The ONNX model file.
         model: PathBuf,
         /// Classifier output to use (default: the first float output).
         #[arg(long)]
@@ -143,6 +154,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::write(&path, json)
                     .with_context(|| format!("writing report {}", path.display()))?;
             }
+            Ok(())
+        }
+        Command::Check { config } => {
+            let cfg = Config::load(&config)?;
+            println!("config {}: valid", config.display());
+            let classifier = load_classifier(&cfg)?;
+            println!(
+                "model {}: input [N, {}], {} classes, trainable {} on '{}' ({} features)",
+                cfg.model.path.display(),
+                join(&classifier.input_shape),
+                classifier.classes(),
+                classifier.trainable.path.join(" -> "),
+                classifier.trainable.embedding,
+                classifier.embedding_dim
+            );
+            for line in edgemt::daemon::preflight(&cfg, &classifier)? {
+                println!("{line}");
+            }
+            println!("ok");
             Ok(())
         }
         Command::Run { config } => {

@@ -39,6 +39,77 @@ pub enum DaemonError {
     Setup(String),
 }
 
+/// `edgemt check`: everything `run` would set up, short of connecting: the broker options
+/// (password source, TLS files), the checkpoint directory, the session (calibration
+/// channels against the model) and one inference of an all-zero sample. Returns what it
+/// found, a line each.
+pub fn preflight(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, DaemonError> {
+    let setup = |e: &dyn std::error::Error| DaemonError::Setup(crate::report(e));
+    let mut found = Vec::new();
+    let prefix = cfg
+        .mqtt
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("edgemt/{}", mqtt::hostname()));
+    mqtt::options(&cfg.mqtt, "edgemt-check", &Topics::new(&prefix))?;
+    found.push(format!(
+        "broker {}://{}:{} as {}, topics under {prefix}/ (not contacted)",
+        if cfg.mqtt.tls { "mqtts" } else { "mqtt" },
+        cfg.mqtt.host,
+        cfg.mqtt.port,
+        cfg.mqtt.username.as_deref().unwrap_or("anonymous")
+    ));
+    match &cfg.checkpoint.dir {
+        Some(dir) => {
+            CheckpointStore::open(
+                dir,
+                cfg.checkpoint.keep,
+                Identity::new(classifier, &cfg.learn),
+            )
+            .map_err(|e| setup(&e))?;
+            let probe = tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+                DaemonError::Setup(format!(
+                    "checkpoint.dir {} is not writable: {e}",
+                    dir.display()
+                ))
+            })?;
+            drop(probe);
+            found.push(format!("checkpoints in {} (writable)", dir.display()));
+        }
+        None => found.push(
+            "checkpoints in $STATE_DIRECTORY when run by systemd ([checkpoint] dir unset)".into(),
+        ),
+    }
+    Session::new(classifier, cfg, cfg.daemon.seed).map_err(|e| setup(&e))?;
+    let mut predictor = Predictor::new(classifier.backbone.clone());
+    let zeros = vec![0.0; classifier.sample_len()];
+    let mut out = Vec::new();
+    predictor
+        .run(&zeros, 1, None, &classifier.pretrained(), &mut out)
+        .map_err(|e| setup(&e))?;
+    let p = out.first().copied().ok_or_else(|| {
+        DaemonError::Setup("the model returned no prediction for a sample".into())
+    })?;
+    if !p.confidence.is_finite() {
+        return Err(DaemonError::Setup(
+            "the model's prediction for an all-zero sample is not finite".into(),
+        ));
+    }
+    found.push(format!(
+        "one inference of an all-zero sample: class {} ({}) at confidence {:.3}",
+        p.class,
+        classifier
+            .class_names
+            .get(p.class)
+            .map(String::as_str)
+            .unwrap_or("?"),
+        p.confidence
+    ));
+    let allowed: Vec<&str> = cfg.control.allow.iter().map(|c| c.name()).collect();
+    found.push(format!("commands allowed: [{}]", allowed.join(", ")));
+    Ok(found)
+}
+
 /// Runs the daemon until `shutdown` completes, then stops within a few seconds.
 pub async fn run(
     cfg: Config,
