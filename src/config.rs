@@ -175,11 +175,24 @@ impl Default for InputConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     pub interval_s: f64,
+    /// Address of a Prometheus text endpoint (`GET /metrics`), e.g. "127.0.0.1:9898"; off
+    /// when unset.
+    pub prometheus: Option<String>,
+    /// How many of the most recent labels `feedback_accuracy_recent` covers.
+    pub recent_labels: usize,
+    /// Seconds between updates of the retained `{prefix}/state` (the current class), so a
+    /// dashboard sees the activity without a state change per sample.
+    pub state_interval_s: f64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { interval_s: 10.0 }
+        MetricsConfig {
+            interval_s: 10.0,
+            prometheus: None,
+            recent_labels: 100,
+            state_interval_s: 5.0,
+        }
     }
 }
 
@@ -582,7 +595,17 @@ impl Section for InputConfig {
 
 impl Section for MetricsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        seconds("metrics.interval_s", self.interval_s, 0.1)
+        seconds("metrics.interval_s", self.interval_s, 0.1)?;
+        seconds("metrics.state_interval_s", self.state_interval_s, 0.1)?;
+        positive("metrics.recent_labels", self.recent_labels as u64)?;
+        if let Some(addr) = &self.prometheus {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| ConfigError::Invalid {
+                    key: "metrics.prometheus",
+                    message: format!("must be an address like \"127.0.0.1:9898\", got {addr:?}: {e}"),
+                })?;
+        }
+        Ok(())
     }
 }
 

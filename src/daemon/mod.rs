@@ -10,6 +10,7 @@
 pub mod ingest;
 pub mod mqtt;
 pub mod notify;
+pub mod prometheus;
 pub mod queue;
 pub mod state;
 pub mod workers;
@@ -177,6 +178,18 @@ pub async fn run(
         cfg.control.allow.clone(),
     );
 
+    // Bound before anything runs, so a taken port is a setup error, not a silent gap.
+    let prometheus = match &cfg.metrics.prometheus {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                DaemonError::Setup(format!("metrics.prometheus: cannot listen on {addr}: {e}"))
+            })?;
+            tracing::info!("Prometheus metrics on http://{addr}/metrics");
+            let exposition = Arc::new(prometheus::Exposition::new(shared.clone()));
+            Some((listener, exposition))
+        }
+        None => None,
+    };
     let inference = InferenceWorker {
         shared: shared.clone(),
         predictor: Predictor::new(classifier.backbone.clone()),
@@ -188,6 +201,7 @@ pub async fn run(
         qos,
         max_batch: cfg.input.max_batch,
         sample_len: classifier.sample_len(),
+        latency_histogram: prometheus.as_ref().map(|(_, e)| e.latency.clone()),
     };
     let trainer = TrainerWorker {
         shared: shared.clone(),
@@ -205,6 +219,7 @@ pub async fn run(
             crate::learn::Serving::Pretrained,
             crate::calibration::SignedPerm::IDENTITY,
         ),
+        recent_feedback: workers::RecentFeedback::new(cfg.metrics.recent_labels),
     };
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -234,6 +249,8 @@ pub async fn run(
         shared.clone(),
         crate::config::duration_s(cfg.metrics.interval_s),
     ));
+    let prometheus_task =
+        prometheus.map(|(listener, exposition)| tokio::spawn(prometheus::serve(listener, exposition)));
     let watchdog_task =
         notify::watchdog_interval().map(|period| tokio::spawn(watchdog(shared.clone(), period)));
     let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
@@ -255,6 +272,9 @@ pub async fn run(
     ]);
     shared.stopping.store(true, Relaxed);
     metrics_task.abort();
+    if let Some(p) = prometheus_task {
+        p.abort();
+    }
     if let Some(w) = watchdog_task {
         w.abort();
     }

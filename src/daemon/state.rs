@@ -90,6 +90,8 @@ pub struct TrainStats {
     pub gate_p: f64,
     pub gate_switches: u64,
     pub calibration_changes: u64,
+    /// Share of the most recent labels (`[metrics] recent_labels`) the served model got right.
+    pub feedback_accuracy_recent: Option<f64>,
 }
 
 pub struct Shared {
@@ -178,20 +180,15 @@ impl Shared {
             *last = (now, samples_total);
             rate
         };
-        let (p50, p99) = self
+        // An interval without data reports no value (null), not a zero that looks measured.
+        let percentiles = self
             .latency
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take_percentiles()
-            .unwrap_or((0, 0));
+            .take_percentiles();
         let mut t = self.train.lock().unwrap_or_else(|e| e.into_inner());
-        let mean = |v: f64| {
-            if t.steps_since > 0 {
-                v / t.steps_since as f64
-            } else {
-                0.0
-            }
-        };
+        let steps = t.steps_since;
+        let mean = |v: f64| (steps > 0).then(|| v / steps as f64);
         let feedback = c.feedback_total.load(Relaxed);
         let served = self.teacher();
         let msg = MetricsMessage {
@@ -199,21 +196,17 @@ impl Shared {
             samples_per_s,
             predictions_total: c.predictions_total.load(Relaxed),
             predictions_dropped_total: c.predictions_dropped_total.load(Relaxed),
-            latency_p50_us: p50 as u64,
-            latency_p99_us: p99 as u64,
+            latency_p50_us: percentiles.map(|p| p.0 as u64),
+            latency_p99_us: percentiles.map(|p| p.1 as u64),
             loss_sup: mean(t.loss_sup),
             loss_pseudo: mean(t.loss_pseudo),
             loss_consistency: mean(t.loss_consistency),
-            pseudo_acceptance: if t.offered > 0 {
-                t.accepted as f64 / t.offered as f64
-            } else {
-                0.0
-            },
+            pseudo_acceptance: (t.offered > 0).then(|| t.accepted as f64 / t.offered as f64),
             teacher_version: served.version,
             serving_adapted: (served.serving == Serving::Adapted) as u8,
             gate_wins: t.gate_wins,
             gate_losses: t.gate_losses,
-            gate_p: t.gate_p,
+            gate_p: Some(t.gate_p).filter(|p| p.is_finite()),
             gate_switches_total: t.gate_switches,
             mounting_adopted: served.mounting.is_some() as u8,
             calibration_changes_total: t.calibration_changes,
@@ -232,11 +225,9 @@ impl Shared {
             commands_refused_total: c.commands_refused_total.load(Relaxed),
             labels_total: c.labels_total.load(Relaxed),
             feedback_total: feedback,
-            feedback_accuracy: if feedback > 0 {
-                c.feedback_correct.load(Relaxed) as f64 / feedback as f64
-            } else {
-                0.0
-            },
+            feedback_accuracy: (feedback > 0)
+                .then(|| c.feedback_correct.load(Relaxed) as f64 / feedback as f64),
+            feedback_accuracy_recent: t.feedback_accuracy_recent,
             late_labels_total: c.late_labels_total.load(Relaxed),
             publish_dropped_total: c.publish_dropped_total.load(Relaxed),
             commands_total: c.commands_total.load(Relaxed),
@@ -271,18 +262,21 @@ pub struct MetricsMessage {
     pub samples_per_s: f64,
     pub predictions_total: u64,
     pub predictions_dropped_total: u64,
-    pub latency_p50_us: u64,
-    pub latency_p99_us: u64,
-    pub loss_sup: f64,
-    pub loss_pseudo: f64,
-    pub loss_consistency: f64,
-    pub pseudo_acceptance: f64,
+    /// Receipt to publish over the interval; null when no sample was predicted in it.
+    pub latency_p50_us: Option<u64>,
+    pub latency_p99_us: Option<u64>,
+    /// Means over the interval's steps; null when no step ran in it.
+    pub loss_sup: Option<f64>,
+    pub loss_pseudo: Option<f64>,
+    pub loss_consistency: Option<f64>,
+    pub pseudo_acceptance: Option<f64>,
     pub teacher_version: u64,
     /// 1 while the serving gate serves the adapted teacher, 0 while the pretrained model.
     pub serving_adapted: u8,
     pub gate_wins: u64,
     pub gate_losses: u64,
-    pub gate_p: f64,
+    /// The sign test's p-value; null before it has evidence.
+    pub gate_p: Option<f64>,
     pub gate_switches_total: u64,
     /// 1 while calibration has a mounting other than the device's own axes adopted.
     pub mounting_adopted: u8,
@@ -302,7 +296,10 @@ pub struct MetricsMessage {
     pub commands_refused_total: u64,
     pub labels_total: u64,
     pub feedback_total: u64,
-    pub feedback_accuracy: f64,
+    /// Since start; null before the first label.
+    pub feedback_accuracy: Option<f64>,
+    /// Over the most recent labels, so drift shows.
+    pub feedback_accuracy_recent: Option<f64>,
     pub late_labels_total: u64,
     pub publish_dropped_total: u64,
     pub commands_total: u64,

@@ -108,6 +108,8 @@ pub struct InferenceWorker {
     pub qos: QoS,
     pub max_batch: usize,
     pub sample_len: usize,
+    /// The Prometheus latency histogram, when the endpoint is on.
+    pub latency_histogram: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl InferenceWorker {
@@ -227,6 +229,9 @@ impl InferenceWorker {
                 .latency
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = &self.latency_histogram {
+                latencies.iter().for_each(|&micros| h.observe(micros as f64 * 1e-6));
+            }
             latencies.drain(..).for_each(|micros| window.record(micros));
         }
     }
@@ -271,6 +276,44 @@ pub struct TrainerWorker {
     pub exporter: Exporter,
     /// What the inference thread was last handed.
     pub published: (Serving, SignedPerm),
+    /// Whether each of the most recent labels was predicted right, newest last.
+    pub recent_feedback: RecentFeedback,
+}
+
+/// The served model's record on the most recent labels, read off the session's counters.
+pub struct RecentFeedback {
+    outcomes: std::collections::VecDeque<bool>,
+    capacity: usize,
+    seen: (u64, u64),
+}
+
+impl RecentFeedback {
+    pub fn new(capacity: usize) -> Self {
+        RecentFeedback {
+            outcomes: std::collections::VecDeque::with_capacity(capacity),
+            capacity: capacity.max(1),
+            seen: (0, 0),
+        }
+    }
+
+    /// Takes in the labels matched since the last call (`feedback`, `correct` are totals).
+    fn update(&mut self, feedback: u64, correct: u64) {
+        let new = feedback.saturating_sub(self.seen.0);
+        let new_correct = correct.saturating_sub(self.seen.1);
+        self.seen = (feedback, correct);
+        for i in 0..new.min(self.capacity as u64) {
+            if self.outcomes.len() == self.capacity {
+                self.outcomes.pop_front();
+            }
+            self.outcomes.push_back(i < new_correct);
+        }
+    }
+
+    fn accuracy(&self) -> Option<f64> {
+        (!self.outcomes.is_empty()).then(|| {
+            self.outcomes.iter().filter(|&&c| c).count() as f64 / self.outcomes.len() as f64
+        })
+    }
 }
 
 /// What `export` needs to write the teacher back into the original graph.
@@ -336,6 +379,10 @@ impl TrainerWorker {
                 .set_paused(self.shared.paused.load(Relaxed) || self.shared.stopping.load(Relaxed));
             for item in items.drain(..) {
                 let result = train_on(&mut self.session, &item);
+                if let TrainItem::Feedback { .. } = item {
+                    let s = self.session.stats();
+                    self.recent_feedback.update(s.feedback, s.feedback_correct);
+                }
                 self.after_step(result);
                 if (self.session.serving(), self.session.mounting_r()) != self.published {
                     self.publish_teacher();
@@ -453,6 +500,7 @@ impl TrainerWorker {
         t.gate_p = g.p_value();
         t.gate_switches = g.switches();
         t.calibration_changes = s.calibration_changes;
+        t.feedback_accuracy_recent = self.recent_feedback.accuracy();
     }
 }
 
