@@ -17,4 +17,5 @@ mod packaging;
 mod recordings;
 mod replay_cli;
 mod rollback;
+mod security;
 mod session;
