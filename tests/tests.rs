@@ -11,6 +11,7 @@ mod config_file;
 mod daemon;
 mod export;
 mod gate;
+mod harness;
 mod hostile;
 mod learning;
 mod model_loading;

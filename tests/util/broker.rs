@@ -546,6 +546,7 @@ pub struct MqttPeer {
     pub client: Client,
     rx: Receiver<(String, Vec<u8>)>,
     counts: Arc<PeerCounts>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// What a peer's connection has done so far.
@@ -592,7 +593,7 @@ impl MqttPeer {
         let counted = counts.clone();
         let wanted = subscriptions.len();
         let persistent = options.persistent;
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let mut acks = 0;
             for event in connection.iter() {
                 match event {
@@ -616,6 +617,7 @@ impl MqttPeer {
                     Ok(Event::Outgoing(Outgoing::Publish(_))) => {
                         counted.published.fetch_add(1, Relaxed);
                     }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
                     Ok(_) => {}
                     // Polling again reconnects; the broker resumes the session.
                     Err(_) if persistent => std::thread::sleep(Duration::from_millis(100)),
@@ -629,7 +631,20 @@ impl MqttPeer {
         ack_rx
             .recv_timeout(Duration::from_secs(10))
             .expect("subscribed");
-        MqttPeer { client, rx, counts }
+        MqttPeer {
+            client,
+            rx,
+            counts,
+            thread,
+        }
+    }
+
+    /// Sends DISCONNECT and returns once it is out: the broker then knows the peer is gone
+    /// (dropping a peer closes its connection only at its next network event), and keeps a
+    /// persistent session for it.
+    pub fn disconnect(self) {
+        self.client.disconnect().unwrap();
+        self.thread.join().unwrap();
     }
 
     /// Publishes at the given QoS (`publish` uses QoS 1).
