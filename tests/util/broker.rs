@@ -107,6 +107,8 @@ impl Broker {
         std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
     }
 
+    /// mosquitto.conf for the current options; writes the files it names (password file,
+    /// certificates) on the way.
     fn config(&self) -> String {
         let o = &self.options;
         let d = self.dir.path();
