@@ -8,25 +8,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::util::broker::{
-    daemon_config, last_metrics, mosquitto_pub, mosquitto_sub_one, on, Broker, Daemon, MqttPeer,
+    daemon_config, last_metrics, mosquitto_pub, mosquitto_sub_one, num, on, Broker, Daemon,
+    MqttPeer,
 };
-use crate::util::{self, tempdir};
-
-/// The first `n` lines of the shipped target stream, as parsed JSON.
-pub(crate) fn stream(n: usize) -> Vec<Value> {
-    std::fs::read_to_string(util::path("data/target_stream.jsonl"))
-        .unwrap()
-        .lines()
-        .take(n)
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-pub(crate) fn num(v: &Value, key: &str) -> f64 {
-    v.get(key)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("metrics lack {key}: {v}"))
-}
+use crate::util::{self, stream, tempdir};
 
 const METRIC_KEYS: &[&str] = &[
     "samples_total",
