@@ -154,6 +154,9 @@ pub struct InputConfig {
     /// Input values beyond ±this are rejected: a finite but absurd value (3e38) would drive
     /// the backbone to infinities. Generous by default, since units differ by sensor.
     pub max_abs: f32,
+    /// A label by class name (`{"class": "SITTING"}` on `{prefix}/labels`) applies to the
+    /// samples of this many seconds before it.
+    pub label_window_s: f64,
 }
 
 impl Default for InputConfig {
@@ -166,6 +169,7 @@ impl Default for InputConfig {
             max_batch: 32,
             feedback_capacity: 2048,
             max_abs: 1e6,
+            label_window_s: 10.0,
         }
     }
 }
@@ -576,6 +580,7 @@ impl Section for InputConfig {
         positive("input.queue_capacity", self.queue_capacity as u64)?;
         positive("input.max_batch", self.max_batch as u64)?;
         positive("input.feedback_capacity", self.feedback_capacity as u64)?;
+        seconds("input.label_window_s", self.label_window_s, 0.1)?;
         if !(self.max_abs.is_finite() && self.max_abs > 0.0) {
             return Err(ConfigError::Invalid {
                 key: "input.max_abs",
@@ -602,7 +607,9 @@ impl Section for MetricsConfig {
             addr.parse::<std::net::SocketAddr>()
                 .map_err(|e| ConfigError::Invalid {
                     key: "metrics.prometheus",
-                    message: format!("must be an address like \"127.0.0.1:9898\", got {addr:?}: {e}"),
+                    message: format!(
+                        "must be an address like \"127.0.0.1:9898\", got {addr:?}: {e}"
+                    ),
                 })?;
         }
         Ok(())

@@ -14,6 +14,7 @@ mod daemon;
 mod export;
 mod gate;
 mod harness;
+mod home_assistant;
 mod hostile;
 mod learning;
 mod model_loading;

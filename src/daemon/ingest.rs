@@ -31,6 +31,8 @@ pub struct Topics {
     pub predictions: String,
     pub metrics: String,
     pub status: String,
+    /// The current activity, retained and rate-limited (`[metrics] state_interval_s`).
+    pub state: String,
 }
 
 impl Topics {
@@ -44,6 +46,7 @@ impl Topics {
             predictions: t("predictions"),
             metrics: t("metrics"),
             status: t("status"),
+            state: t("state"),
         }
     }
 
@@ -102,6 +105,20 @@ pub struct Ingest {
     rows: Vec<f32>,
     allow: Vec<Command>,
     log: RateLimitedLog,
+    /// Class names, for labels given by name.
+    class_names: Vec<String>,
+    /// Ids of the most recent samples with their arrival, for "label the last N seconds".
+    recent: std::collections::VecDeque<(Instant, String)>,
+    recent_capacity: usize,
+    label_window: Duration,
+}
+
+/// Where labels by class name reach back to, and how far.
+pub struct LabelWindow {
+    pub class_names: Vec<String>,
+    /// Samples remembered (the session keeps no more for feedback either).
+    pub capacity: usize,
+    pub seconds: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +146,7 @@ impl Ingest {
         windows: WindowAssembler,
         max_payload: usize,
         allow: Vec<Command>,
+        labels: LabelWindow,
     ) -> Self {
         Ingest {
             topics,
@@ -141,6 +159,10 @@ impl Ingest {
             next_id: 0,
             rows: Vec::new(),
             allow,
+            class_names: labels.class_names,
+            recent: std::collections::VecDeque::with_capacity(labels.capacity.min(4096)),
+            recent_capacity: labels.capacity.max(1),
+            label_window: labels.seconds,
             log: RateLimitedLog::new(5, Duration::from_secs(10)),
         }
     }
@@ -199,6 +221,10 @@ impl Ingest {
     fn enqueue(&mut self, x: Vec<f32>, id: Option<String>, label: Option<usize>) {
         let id = id.unwrap_or_else(|| self.assign_id());
         self.shared.counters.samples_total.fetch_add(1, Relaxed);
+        if self.recent.len() == self.recent_capacity {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((Instant::now(), id.clone()));
         let dropped = self.queue.push(Incoming::Sample {
             x,
             id,
@@ -274,8 +300,19 @@ impl Ingest {
     }
 
     fn feedback(&mut self, payload: &[u8]) -> Result<(), Rejection> {
-        let v: serde_json::Value =
-            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let v: serde_json::Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            // A bare class name, as a Home Assistant select sends it.
+            Err(e) => match std::str::from_utf8(payload) {
+                Ok(text) if self.class_index(text.trim()).is_some() => {
+                    serde_json::json!({ "class": text.trim() })
+                }
+                _ => return Err(DecodeError::NotJson(e.to_string()).into()),
+            },
+        };
+        if let Some(name) = v.get("class") {
+            return self.label_recent(name, v.get("seconds"));
+        }
         let id = id_of(v.get("id"))?
             .ok_or_else(|| Rejection::Other("label feedback needs an \"id\"".into()))?;
         let label = self
@@ -284,6 +321,57 @@ impl Ingest {
             .ok_or_else(|| Rejection::Other("label feedback needs a \"label\"".into()))?;
         let dropped = self.queue.push(Incoming::Feedback { id, label });
         self.count_drop(dropped);
+        Ok(())
+    }
+
+    fn class_index(&self, name: &str) -> Option<usize> {
+        self.class_names
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    /// `{"class": "SITTING"}` (optionally `"seconds": s`): "this is what I have been doing",
+    /// a label for every sample of the last `seconds` (default `[input] label_window_s`).
+    fn label_recent(
+        &mut self,
+        name: &serde_json::Value,
+        seconds: Option<&serde_json::Value>,
+    ) -> Result<(), Rejection> {
+        let label = name
+            .as_str()
+            .and_then(|n| self.class_index(n))
+            .ok_or_else(|| {
+                Rejection::Other(format!(
+                    "\"class\" is {name}, expected one of {:?}",
+                    self.class_names
+                ))
+            })?;
+        let window = match seconds {
+            None => self.label_window,
+            Some(s) => s
+                .as_f64()
+                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| {
+                    Rejection::Other(format!("\"seconds\" is {s}, expected 0 < s <= 3600"))
+                })?,
+        };
+        let since = Instant::now().checked_sub(window);
+        let ids: Vec<String> = self
+            .recent
+            .iter()
+            .filter(|(at, _)| since.is_none_or(|t| *at >= t))
+            .map(|(_, id)| id.clone())
+            .collect();
+        tracing::info!(
+            "labelled the last {} sample(s) ({window:?}) as {}",
+            ids.len(),
+            self.class_names[label]
+        );
+        for id in ids {
+            let dropped = self.queue.push(Incoming::Feedback { id, label });
+            self.count_drop(dropped);
+        }
         Ok(())
     }
 

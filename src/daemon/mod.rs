@@ -7,6 +7,7 @@
 //! and STOPPING ([`notify`]). `run` takes the shutdown signal as a future, so signal handling
 //! stays in `main`.
 
+pub mod discovery;
 pub mod ingest;
 pub mod mqtt;
 pub mod notify;
@@ -129,6 +130,12 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("edgemt-{host}"));
     let topics = Topics::new(&prefix);
+    let model_name = cfg
+        .model
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let opts = mqtt::options(&cfg.mqtt, &client_id, &topics)?;
     let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_queue);
     let qos = mqtt::qos(cfg.mqtt.qos);
@@ -176,6 +183,11 @@ pub async fn run(
         WindowAssembler::new(layout, hop),
         cfg.mqtt.max_payload_bytes,
         cfg.control.allow.clone(),
+        ingest::LabelWindow {
+            class_names: classifier.class_names.clone(),
+            capacity: cfg.input.feedback_capacity,
+            seconds: crate::config::duration_s(cfg.input.label_window_s),
+        },
     );
 
     // Bound before anything runs, so a taken port is a setup error, not a silent gap.
@@ -202,6 +214,8 @@ pub async fn run(
         max_batch: cfg.input.max_batch,
         sample_len: classifier.sample_len(),
         latency_histogram: prometheus.as_ref().map(|(_, e)| e.latency.clone()),
+        state_topic: topics.state.clone(),
+        state_every: crate::config::duration_s(cfg.metrics.state_interval_s),
     };
     let trainer = TrainerWorker {
         shared: shared.clone(),
@@ -230,6 +244,19 @@ pub async fn run(
     let inference_thread = spawn("inference", Box::new(move || inference.run()))?;
     let trainer_thread = spawn("training", Box::new(move || trainer.run()))?;
 
+    let discovery = if cfg.mqtt.discovery_prefix.is_empty() {
+        Vec::new()
+    } else {
+        discovery::Announce {
+            discovery_prefix: &cfg.mqtt.discovery_prefix,
+            client_id: &client_id,
+            topics: &topics,
+            class_names: &classifier.class_names,
+            commands: &cfg.control.allow,
+            model: &model_name,
+        }
+        .messages()
+    };
     let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
     let poll = tokio::spawn(
         mqtt::PollTask {
@@ -240,6 +267,7 @@ pub async fn run(
             shared: shared.clone(),
             ingest,
             connected: Some(connected_tx),
+            discovery,
         }
         .run(),
     );
@@ -249,8 +277,8 @@ pub async fn run(
         shared.clone(),
         crate::config::duration_s(cfg.metrics.interval_s),
     ));
-    let prometheus_task =
-        prometheus.map(|(listener, exposition)| tokio::spawn(prometheus::serve(listener, exposition)));
+    let prometheus_task = prometheus
+        .map(|(listener, exposition)| tokio::spawn(prometheus::serve(listener, exposition)));
     let watchdog_task =
         notify::watchdog_interval().map(|period| tokio::spawn(watchdog(shared.clone(), period)));
     let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);

@@ -84,14 +84,26 @@ impl Collector for SharedCollector {
         let s = &self.0;
         let c = &s.counters;
         let counters: [(&str, &str, u64); 21] = [
-            ("samples", "Valid samples taken in", c.samples_total.load(Relaxed)),
-            ("predictions", "Predictions published", c.predictions_total.load(Relaxed)),
+            (
+                "samples",
+                "Valid samples taken in",
+                c.samples_total.load(Relaxed),
+            ),
+            (
+                "predictions",
+                "Predictions published",
+                c.predictions_total.load(Relaxed),
+            ),
             (
                 "predictions_dropped",
                 "Predictions made but not published (client queue full)",
                 c.predictions_dropped_total.load(Relaxed),
             ),
-            ("dropped", "Samples dropped from the full input queue", c.dropped_total.load(Relaxed)),
+            (
+                "dropped",
+                "Samples dropped from the full input queue",
+                c.dropped_total.load(Relaxed),
+            ),
             (
                 "train_dropped",
                 "Predicted samples dropped from the full training queue",
@@ -107,40 +119,76 @@ impl Collector for SharedCollector {
                 "Samples whose embedding was non-finite or absurd",
                 c.unembeddable_total.load(Relaxed),
             ),
-            ("rejected", "Messages refused", c.rejected_total.load(Relaxed)),
-            ("oversized", "Payloads over the size limit", c.oversized_total.load(Relaxed)),
+            (
+                "rejected",
+                "Messages refused",
+                c.rejected_total.load(Relaxed),
+            ),
+            (
+                "oversized",
+                "Payloads over the size limit",
+                c.oversized_total.load(Relaxed),
+            ),
             (
                 "retained_ignored",
                 "Retained messages on input topics, ignored",
                 c.retained_ignored_total.load(Relaxed),
             ),
-            ("commands", "Commands obeyed", c.commands_total.load(Relaxed)),
+            (
+                "commands",
+                "Commands obeyed",
+                c.commands_total.load(Relaxed),
+            ),
             (
                 "commands_refused",
                 "Commands not in [control] allow",
                 c.commands_refused_total.load(Relaxed),
             ),
-            ("labels", "Labels learned from", c.labels_total.load(Relaxed)),
-            ("feedback", "Labels matched to an earlier prediction", c.feedback_total.load(Relaxed)),
+            (
+                "labels",
+                "Labels learned from",
+                c.labels_total.load(Relaxed),
+            ),
+            (
+                "feedback",
+                "Labels matched to an earlier prediction",
+                c.feedback_total.load(Relaxed),
+            ),
             (
                 "feedback_correct",
                 "Matched labels the served model had predicted",
                 c.feedback_correct.load(Relaxed),
             ),
-            ("late_labels", "Labels whose sample was no longer kept", c.late_labels_total.load(Relaxed)),
+            (
+                "late_labels",
+                "Labels whose sample was no longer kept",
+                c.late_labels_total.load(Relaxed),
+            ),
             (
                 "publish_dropped",
                 "Other publishes dropped (client queue full)",
                 c.publish_dropped_total.load(Relaxed),
             ),
-            ("checkpoints", "Checkpoints written", c.checkpoints_total.load(Relaxed)),
+            (
+                "checkpoints",
+                "Checkpoints written",
+                c.checkpoints_total.load(Relaxed),
+            ),
             (
                 "checkpoint_failures",
                 "Checkpoints that could not be written",
                 c.checkpoint_failures_total.load(Relaxed),
             ),
-            ("exports", "Adapted models exported", c.exports_total.load(Relaxed)),
-            ("mqtt_reconnects", "Broker connections lost", c.mqtt_reconnects_total.load(Relaxed)),
+            (
+                "exports",
+                "Adapted models exported",
+                c.exports_total.load(Relaxed),
+            ),
+            (
+                "mqtt_reconnects",
+                "Broker connections lost",
+                c.mqtt_reconnects_total.load(Relaxed),
+            ),
         ];
         for (name, help, value) in counters {
             counter(&mut e, name, help, value)?;
@@ -156,31 +204,98 @@ impl Collector for SharedCollector {
         for (name, help, value) in [
             ("train_steps", "Student steps taken", t.train_steps),
             ("ema_updates", "EMA refreshes of the teacher", t.ema_updates),
-            ("skipped_nonfinite", "Steps skipped for a non-finite loss or gradient", t.skipped_nonfinite),
+            (
+                "skipped_nonfinite",
+                "Steps skipped for a non-finite loss or gradient",
+                t.skipped_nonfinite,
+            ),
             ("rollbacks", "Rollbacks by the guard", t.rollbacks),
             ("resets", "Resets to the pretrained model", t.resets),
-            ("gate_switches", "Changes of the served model", t.gate_switches),
-            ("calibration_changes", "Changes of the adopted mounting", t.calibration_changes),
+            (
+                "gate_switches",
+                "Changes of the served model",
+                t.gate_switches,
+            ),
+            (
+                "calibration_changes",
+                "Changes of the adopted mounting",
+                t.calibration_changes,
+            ),
         ] {
             counter(&mut e, name, help, value)?;
         }
         let served = s.teacher();
         let bool_gauge = |v: bool| if v { 1.0 } else { 0.0 };
         let mut gauges: Vec<(&str, &str, Option<&Unit>, f64)> = vec![
-            ("teacher_version", "Version of the teacher (EMA refreshes since start or reset)", None, served.version as f64),
-            ("serving_adapted", "1 while the adapted teacher answers, 0 while the pretrained model", None, bool_gauge(served.serving == Serving::Adapted)),
-            ("mounting_adopted", "1 while a calibrated mounting is applied", None, bool_gauge(served.mounting.is_some())),
-            ("paused", "1 while training is paused", None, bool_gauge(s.paused.load(Relaxed))),
-            ("teacher_finite", "1 while the student and teacher weights are finite", None, bool_gauge(t.teacher_finite)),
-            ("mqtt_connected", "1 while connected to the broker", None, bool_gauge(s.connected.load(Relaxed))),
-            ("labeled_buffer", "Labeled samples in the learner's buffer", None, t.labeled_buffer as f64),
-            ("unlabeled_buffer", "Unlabeled samples in the learner's buffer", None, t.unlabeled_buffer as f64),
-            ("resident_memory", "Resident set size", Some(&Unit::Bytes), crate::metrics::rss_bytes() as f64),
-            ("uptime", "Time since start", Some(&Unit::Seconds), s.started.elapsed().as_secs_f64()),
+            (
+                "teacher_version",
+                "Version of the teacher (EMA refreshes since start or reset)",
+                None,
+                served.version as f64,
+            ),
+            (
+                "serving_adapted",
+                "1 while the adapted teacher answers, 0 while the pretrained model",
+                None,
+                bool_gauge(served.serving == Serving::Adapted),
+            ),
+            (
+                "mounting_adopted",
+                "1 while a calibrated mounting is applied",
+                None,
+                bool_gauge(served.mounting.is_some()),
+            ),
+            (
+                "paused",
+                "1 while training is paused",
+                None,
+                bool_gauge(s.paused.load(Relaxed)),
+            ),
+            (
+                "teacher_finite",
+                "1 while the student and teacher weights are finite",
+                None,
+                bool_gauge(t.teacher_finite),
+            ),
+            (
+                "mqtt_connected",
+                "1 while connected to the broker",
+                None,
+                bool_gauge(s.connected.load(Relaxed)),
+            ),
+            (
+                "labeled_buffer",
+                "Labeled samples in the learner's buffer",
+                None,
+                t.labeled_buffer as f64,
+            ),
+            (
+                "unlabeled_buffer",
+                "Unlabeled samples in the learner's buffer",
+                None,
+                t.unlabeled_buffer as f64,
+            ),
+            (
+                "resident_memory",
+                "Resident set size",
+                Some(&Unit::Bytes),
+                crate::metrics::rss_bytes() as f64,
+            ),
+            (
+                "uptime",
+                "Time since start",
+                Some(&Unit::Seconds),
+                s.started.elapsed().as_secs_f64(),
+            ),
         ];
         // Gauges without data are left out rather than reported as 0.
         if t.gate_p.is_finite() {
-            gauges.push(("gate_p", "The serving gate's sign-test p-value", None, t.gate_p));
+            gauges.push((
+                "gate_p",
+                "The serving gate's sign-test p-value",
+                None,
+                t.gate_p,
+            ));
         }
         if let Some(a) = t.feedback_accuracy_recent {
             gauges.push((

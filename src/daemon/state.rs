@@ -317,23 +317,3 @@ pub struct MetricsMessage {
     pub peak_rss_bytes: u64,
     pub uptime_s: f64,
 }
-
-/// Metrics that get a Home Assistant sensor: (key, unit).
-pub const DISCOVERED: &[(&str, &str)] = &[
-    ("samples_per_s", "samples/s"),
-    ("latency_p50_us", "µs"),
-    ("latency_p99_us", "µs"),
-    ("pseudo_acceptance", ""),
-    ("feedback_accuracy", ""),
-    ("teacher_version", ""),
-    ("serving_adapted", ""),
-    ("gate_p", ""),
-    ("loss_sup", ""),
-    ("loss_pseudo", ""),
-    ("loss_consistency", ""),
-    ("dropped_total", ""),
-    ("rejected_total", ""),
-    ("mqtt_reconnects_total", ""),
-    ("rollbacks_total", ""),
-    ("rss_bytes", "B"),
-];

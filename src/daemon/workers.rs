@@ -110,6 +110,9 @@ pub struct InferenceWorker {
     pub sample_len: usize,
     /// The Prometheus latency histogram, when the endpoint is on.
     pub latency_histogram: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// The retained current-activity topic and how often it is refreshed.
+    pub state_topic: String,
+    pub state_every: Duration,
 }
 
 impl InferenceWorker {
@@ -119,6 +122,7 @@ impl InferenceWorker {
         let mut preds: Vec<Prediction> = Vec::with_capacity(self.max_batch);
         let mut latencies: Vec<u64> = Vec::with_capacity(self.max_batch);
         let counters = &self.shared.counters;
+        let mut state_at: Option<Instant> = None;
         while self
             .input
             .pop_batch(self.max_batch, Duration::from_millis(100), &mut items)
@@ -157,6 +161,9 @@ impl InferenceWorker {
             let embeddings = self.predictor.embeddings();
             let mut row = 0;
             let mut published = 0;
+            // The retained state gets the batch's latest prediction, at most once a period.
+            let state_due = state_at.is_none_or(|t| t.elapsed() >= self.state_every);
+            let mut latest: Option<Vec<u8>> = None;
             for item in items.drain(..) {
                 let (x, id, label, received) = match item {
                     Incoming::Feedback { id, label } => {
@@ -199,6 +206,9 @@ impl InferenceWorker {
                     serving: teacher.serving,
                 };
                 let payload = serde_json::to_vec(&message).unwrap_or_default();
+                if state_due {
+                    latest = Some(payload.clone());
+                }
                 if self
                     .client
                     .try_publish(&self.predictions_topic, self.qos, false, payload)
@@ -222,6 +232,16 @@ impl InferenceWorker {
                 });
                 self.count_drop(dropped);
             }
+            if let Some(state) = latest {
+                state_at = Some(Instant::now());
+                if self
+                    .client
+                    .try_publish(&self.state_topic, QoS::AtLeastOnce, true, state)
+                    .is_err()
+                {
+                    counters.publish_dropped_total.fetch_add(1, Relaxed);
+                }
+            }
             // Counters and the latency window once per batch, not per sample.
             counters.predictions_total.fetch_add(published, Relaxed);
             let mut window = self
@@ -230,7 +250,9 @@ impl InferenceWorker {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             if let Some(h) = &self.latency_histogram {
-                latencies.iter().for_each(|&micros| h.observe(micros as f64 * 1e-6));
+                latencies
+                    .iter()
+                    .for_each(|&micros| h.observe(micros as f64 * 1e-6));
             }
             latencies.drain(..).for_each(|micros| window.record(micros));
         }
