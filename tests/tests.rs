@@ -15,6 +15,7 @@ mod gate;
 mod learning;
 mod model_loading;
 mod packaging;
+mod plot;
 mod recordings;
 mod replay_cli;
 mod rollback;
