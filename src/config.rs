@@ -228,7 +228,7 @@ fn one() -> usize {
 pub struct ReplayConfig {
     /// Samples per backbone pass while replaying.
     pub batch: usize,
-    /// Samples per timeline entry in the report.
+    /// Samples per timeline entry in the report (and point of `--plot`'s curves).
     pub timeline_every: usize,
     /// Seed for sampling and augmentation (`--seed` overrides it).
     pub seed: u64,
@@ -238,7 +238,7 @@ impl Default for ReplayConfig {
     fn default() -> Self {
         ReplayConfig {
             batch: 32,
-            timeline_every: 100,
+            timeline_every: 25,
             seed: 0,
         }
     }

@@ -47,6 +47,11 @@ enum Command {
         /// Write the teacher's prediction for every sample as JSON Lines here.
         #[arg(long)]
         predictions: Option<PathBuf>,
+        /// Draw the timeline as an SVG here: the adapted teacher's and the pretrained
+        /// model's accuracy and the pseudo-label acceptance over the stream, rollbacks, and
+        /// with --eval the final holdout accuracies.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Run the daemon: MQTT in, predictions and metrics out, learning on the side.
     Run {
@@ -105,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             checkpoint,
             predictions,
+            plot,
         } => {
             let cfg = Config::load(&config)?;
             let classifier = load_classifier(&cfg)?;
@@ -153,6 +159,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let json = serde_json::to_string_pretty(&outcome.report)?;
                 std::fs::write(&path, json)
                     .with_context(|| format!("writing report {}", path.display()))?;
+            }
+            if let Some(path) = plot {
+                let name = recording.file_name().unwrap_or(recording.as_os_str());
+                edgemt::plot::write_svg(&outcome.report, &name.to_string_lossy(), &path)?;
             }
             Ok(())
         }

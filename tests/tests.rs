@@ -19,6 +19,7 @@ mod hostile;
 mod learning;
 mod model_loading;
 mod packaging;
+mod plot;
 mod recordings;
 mod replay_cli;
 mod rollback;
