@@ -1,10 +1,11 @@
 //! `edgemt run`: the long-running service around the learner.
 //!
-//! Data path: the MQTT task ([`mqtt`]) routes messages through [`ingest`] into a bounded
-//! queue -> the inference thread embeds a batch, predicts with the current teacher and
-//! publishes -> the training thread learns and swaps in each EMA-refreshed teacher. A metrics
-//! task publishes [`state::MetricsMessage`] every interval; systemd is told READY, WATCHDOG
-//! and STOPPING ([`notify`]). `run` takes the shutdown signal as a future, so signal handling
+//! Data path: the MQTT task ([`mqtt`]) routes messages ([`ingest::Router`]) into a
+//! byte-bounded queue -> the ingest thread parses them into a bounded queue -> the inference
+//! thread embeds a batch, predicts with the current teacher and publishes -> the training
+//! thread learns and swaps in each EMA-refreshed teacher. A metrics task publishes
+//! [`state::MetricsMessage`] every interval; systemd is told READY, STATUS, WATCHDOG and
+//! STOPPING ([`notify`]). `run` takes the shutdown signal as a future, so signal handling
 //! stays in `main`.
 
 pub mod discovery;
@@ -30,7 +31,7 @@ use crate::model::Classifier;
 use crate::session::{Predictor, Session};
 use crate::stream::Layout;
 use crate::stream::{SampleDecoder, WindowAssembler};
-use ingest::{Ingest, Topics};
+use ingest::{Ingest, Router, Topics};
 use queue::BoundedQueue;
 use state::Shared;
 use workers::{InferenceWorker, TrainerWorker};
@@ -174,6 +175,16 @@ pub async fn run(
     let hop = cfg.input.hop.unwrap_or((window / 2).max(1));
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
         .with_max_abs(cfg.input.max_abs);
+    let raw = Arc::new(BoundedQueue::new(ingest::raw_budget(
+        cfg.mqtt.max_payload_bytes,
+    )));
+    let router = Router::new(
+        topics.clone(),
+        shared.clone(),
+        raw.clone(),
+        cfg.mqtt.max_payload_bytes,
+        cfg.control.allow.clone(),
+    );
     let ingest = Ingest::new(
         topics.clone(),
         shared.clone(),
@@ -181,8 +192,6 @@ pub async fn run(
         decoder,
         cfg.input.format,
         WindowAssembler::new(layout, hop),
-        cfg.mqtt.max_payload_bytes,
-        cfg.control.allow.clone(),
         ingest::LabelWindow {
             class_names: classifier.class_names.clone(),
             capacity: cfg.input.feedback_capacity,
@@ -241,6 +250,8 @@ pub async fn run(
             .spawn(f)
             .map_err(|e| DaemonError::Setup(format!("spawning {name}: {e}")))
     };
+    let ingest_raw = raw.clone();
+    let ingest_thread = spawn("ingest", Box::new(move || ingest.run(ingest_raw)))?;
     let inference_thread = spawn("inference", Box::new(move || inference.run()))?;
     let trainer_thread = spawn("training", Box::new(move || trainer.run()))?;
 
@@ -265,7 +276,7 @@ pub async fn run(
             cfg: cfg.mqtt.clone(),
             client_id: client_id.clone(),
             shared: shared.clone(),
-            ingest,
+            router,
             connected: Some(connected_tx),
             discovery,
         }
@@ -306,8 +317,11 @@ pub async fn run(
     if let Some(w) = watchdog_task {
         w.abort();
     }
-    input.close();
+    // Each stage closes the queue behind it once it has drained its own.
+    raw.close();
     let joined = tokio::task::spawn_blocking(move || {
+        let _ = ingest_thread.join();
+        input.close();
         let _ = inference_thread.join();
         train.close();
         let _ = trainer_thread.join();

@@ -19,7 +19,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 
-use super::ingest::{Ingest, Topics};
+use super::ingest::{Router, Topics};
 use super::state::Shared;
 use super::DaemonError;
 use crate::config::MqttConfig;
@@ -135,7 +135,7 @@ pub struct PollTask {
     pub cfg: MqttConfig,
     pub client_id: String,
     pub shared: Arc<Shared>,
-    pub ingest: Ingest,
+    pub router: Router,
     /// Told once, at the first successful connection (systemd's READY waits for it).
     pub connected: Option<tokio::sync::oneshot::Sender<()>>,
     /// Home Assistant discovery messages, re-sent at every connection; empty when off.
@@ -217,13 +217,13 @@ impl PollTask {
                     }
                     // Subscribing again even to a resumed session is harmless: the broker
                     // only re-sends retained messages, which ingest ignores.
-                    for topic in self.ingest.topics.inputs() {
+                    for topic in self.router.topics.inputs() {
                         if let Err(e) = self.client.try_subscribe(topic, qos) {
                             tracing::error!("subscribing to {topic}: {e}");
                         }
                     }
                     let _ = self.client.try_publish(
-                        &self.ingest.topics.status,
+                        &self.router.topics.status,
                         QoS::AtLeastOnce,
                         true,
                         "online",
@@ -238,7 +238,7 @@ impl PollTask {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => match std::str::from_utf8(&p.topic) {
-                    Ok(topic) => self.ingest.handle(topic, &p.payload, p.retain),
+                    Ok(topic) => self.router.route(topic, p.payload, p.retain),
                     Err(_) => {
                         self.shared.counters.rejected_total.fetch_add(1, Relaxed);
                     }

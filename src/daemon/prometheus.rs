@@ -83,7 +83,12 @@ impl Collector for SharedCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
         let s = &self.0;
         let c = &s.counters;
-        let counters: [(&str, &str, u64); 21] = [
+        let counters: [(&str, &str, u64); 22] = [
+            (
+                "unread_dropped",
+                "Messages dropped unread because the parser was behind",
+                c.unread_dropped_total.load(Relaxed),
+            ),
             (
                 "samples",
                 "Valid samples taken in",

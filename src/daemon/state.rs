@@ -36,6 +36,8 @@ pub struct Counters {
     pub predictions_total: AtomicU64,
     /// Predictions made but not published (the client's request queue was full).
     pub predictions_dropped_total: AtomicU64,
+    /// Messages on samples/rows/labels dropped unread because the parser was behind.
+    pub unread_dropped_total: AtomicU64,
     /// Samples dropped from the full input queue before prediction.
     pub dropped_total: AtomicU64,
     /// Predicted samples dropped from the full training queue before learning.
@@ -113,6 +115,8 @@ pub struct Shared {
     pub inference_beat: AtomicU64,
     pub trainer_beat: AtomicU64,
     last_report: Mutex<(Instant, u64)>,
+    /// One limit for every "rejected a message" line, whichever stage rejects it.
+    rejections: Mutex<super::ingest::RateLimitedLog>,
 }
 
 impl Shared {
@@ -142,6 +146,10 @@ impl Shared {
             inference_beat: AtomicU64::new(0),
             trainer_beat: AtomicU64::new(0),
             last_report: Mutex::new((now, 0)),
+            rejections: Mutex::new(super::ingest::RateLimitedLog::new(
+                5,
+                std::time::Duration::from_secs(10),
+            )),
         }
     }
 
@@ -154,6 +162,14 @@ impl Shared {
 
     pub fn publish_teacher(&self, snapshot: TeacherSnapshot) {
         *self.teacher.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+    }
+
+    /// Logs a refused message at warn, at most 5 lines per 10 s.
+    pub fn log_rejection(&self, msg: std::fmt::Arguments) {
+        self.rejections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .warn(msg);
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -215,6 +231,7 @@ impl Shared {
             skipped_nonfinite: t.skipped_nonfinite,
             labeled_buffer: t.labeled_buffer as u64,
             unlabeled_buffer: t.unlabeled_buffer as u64,
+            unread_dropped_total: c.unread_dropped_total.load(Relaxed),
             dropped_total: c.dropped_total.load(Relaxed),
             train_dropped_total: c.train_dropped_total.load(Relaxed),
             labeled_dropped_total: c.labeled_dropped_total.load(Relaxed),
@@ -286,6 +303,7 @@ pub struct MetricsMessage {
     pub skipped_nonfinite: u64,
     pub labeled_buffer: u64,
     pub unlabeled_buffer: u64,
+    pub unread_dropped_total: u64,
     pub dropped_total: u64,
     pub train_dropped_total: u64,
     pub labeled_dropped_total: u64,
