@@ -15,7 +15,6 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -110,19 +109,30 @@ pub enum Input {
 /// A message as received, waiting to be parsed.
 pub struct Raw {
     pub input: Input,
-    pub payload: Bytes,
+    /// A copy: holding rumqttc's `Bytes` would pin its whole read buffer, so the byte budget
+    /// would not bound memory.
+    pub payload: Vec<u8>,
+    /// Labels, and samples that carry one, are kept longest under overload.
+    pub labeled: bool,
     pub received: Instant,
 }
 
+impl Raw {
+    pub fn new(input: Input, payload: &[u8]) -> Self {
+        // A byte search, since parsing is what the raw queue exists to defer.
+        let labeled = input == Input::Labels || memchr::memmem::find(payload, LABEL_KEY).is_some();
+        Raw {
+            input,
+            payload: payload.to_vec(),
+            labeled,
+            received: Instant::now(),
+        }
+    }
+}
+
 impl Droppable for Raw {
-    /// Labels, and samples that carry one, are kept longest; the check is a byte search,
-    /// since parsing is what this queue exists to defer.
     fn droppable(&self) -> bool {
-        self.input != Input::Labels
-            && !self
-                .payload
-                .windows(LABEL_KEY.len())
-                .any(|w| w == LABEL_KEY)
+        !self.labeled
     }
 
     fn weight(&self) -> usize {
@@ -136,7 +146,7 @@ const RAW_OVERHEAD: usize = 64;
 
 /// The raw queue's byte budget: a few MiB, and room for several of the largest payloads.
 pub fn raw_budget(max_payload: usize) -> usize {
-    (8 << 20).max(max_payload.saturating_add(RAW_OVERHEAD).saturating_mul(4))
+    (4 << 20).max(max_payload.saturating_add(RAW_OVERHEAD).saturating_mul(4))
 }
 
 /// The MQTT task's side: cheap checks and routing, never parsing.
@@ -166,7 +176,7 @@ impl Router {
     }
 
     /// Routes one message; never parses a sample, never blocks.
-    pub fn route(&mut self, topic: &str, payload: Bytes, retained: bool) {
+    pub fn route(&mut self, topic: &str, payload: &[u8], retained: bool) {
         if self.shared.stopping.load(Relaxed) {
             return;
         }
@@ -182,7 +192,7 @@ impl Router {
             self.ignore_retained(topic);
             return;
         } else {
-            if let Err(e) = self.command(&payload) {
+            if let Err(e) = self.command(payload) {
                 self.reject(topic, e);
             }
             return;
@@ -196,19 +206,12 @@ impl Router {
             return;
         }
         let c = &self.shared.counters;
-        self.raw.push_with(
-            Raw {
-                input,
-                payload,
-                received: Instant::now(),
-            },
-            |dropped| {
-                c.unread_dropped_total.fetch_add(1, Relaxed);
-                if !dropped.droppable() {
-                    c.labeled_dropped_total.fetch_add(1, Relaxed);
-                }
-            },
-        );
+        self.raw.push_with(Raw::new(input, payload), |dropped| {
+            c.unread_dropped_total.fetch_add(1, Relaxed);
+            if dropped.labeled {
+                c.labeled_dropped_total.fetch_add(1, Relaxed);
+            }
+        });
     }
 
     fn ignore_retained(&mut self, topic: &str) {

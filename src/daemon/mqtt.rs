@@ -238,7 +238,7 @@ impl PollTask {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => match std::str::from_utf8(&p.topic) {
-                    Ok(topic) => self.router.route(topic, p.payload, p.retain),
+                    Ok(topic) => self.router.route(topic, &p.payload, p.retain),
                     Err(_) => {
                         self.shared.counters.rejected_total.fetch_add(1, Relaxed);
                     }
