@@ -16,6 +16,7 @@ mod gate;
 mod harness;
 mod home_assistant;
 mod hostile;
+mod input_values;
 mod learning;
 mod model_loading;
 mod packaging;
