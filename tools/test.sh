@@ -6,4 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 cargo fmt --all -- --check
+# The benches are compiled too (dev profile, so no second optimized build of tract), so an
+# API change cannot leave them broken until someone runs `cargo bench`.
+cargo build --locked --benches
 cargo test --locked
