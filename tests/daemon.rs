@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::util::broker::{
-    daemon_config, last_metrics, mosquitto_pub, mosquitto_sub_one, num, on, Broker, Daemon,
-    MqttPeer,
+    daemon_config, last_metrics, mosquitto_pub, mosquitto_sub_one, num, on, wait_for_log, Broker,
+    Daemon, MqttPeer,
 };
 use crate::util::{self, stream, tempdir};
 
@@ -264,7 +264,21 @@ fn daemon_recovers_by_itself_when_the_broker_restarts_mid_stream() {
     drop(peer);
 
     broker.stop();
-    std::thread::sleep(Duration::from_secs(2));
+    // The outage is timed from when the daemon noticed it, not from fixed offsets.
+    assert!(
+        wait_for_log(
+            &daemon,
+            |log| log.contains("WARN edgemt::daemon::mqtt"),
+            Duration::from_secs(30)
+        ),
+        "the daemon says it lost the broker:\n{}",
+        daemon.log_text()
+    );
+    let noticed = std::time::Instant::now();
+    while noticed.elapsed() < Duration::from_secs(1) {
+        assert!(daemon.is_running(), "the daemon survives losing the broker");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(daemon.is_running(), "the daemon survives losing the broker");
     broker.restart();
 
@@ -278,8 +292,8 @@ fn daemon_recovers_by_itself_when_the_broker_restarts_mid_stream() {
     let m = last_metrics(&back, &metrics).expect("metrics after the outage");
     assert!(num(&m, "mqtt_reconnects_total") >= 1.0, "{m}");
     assert!(
-        num(&m, "mqtt_disconnected_s_total") >= 1.5,
-        "the outage shows: {m}"
+        num(&m, "mqtt_disconnected_s_total") >= 1.0,
+        "the outage (at least the second after the daemon noticed it) shows: {m}"
     );
     assert_eq!(
         mosquitto_sub_one(broker.port, &status_topic),
