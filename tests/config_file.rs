@@ -116,6 +116,75 @@ fn out_of_range_values_are_errors_naming_the_key() {
     }
 }
 
+/// Every key a section validates, one bad value each (the list above covers the rest).
+#[test]
+fn every_validated_key_rejects_a_bad_value_by_name() {
+    for (text, key) in [
+        ("[learn]\nlambda_pseudo = -1.0", "learn.lambda_pseudo"),
+        (
+            "[learn]\nalpha_consistency = -1.0",
+            "learn.alpha_consistency",
+        ),
+        ("[learn]\nanchor = -1.0", "learn.anchor"),
+        ("[learn]\ndiversity = -1.0", "learn.diversity"),
+        ("[learn]\nmomentum = 1.5", "learn.momentum"),
+        ("[learn]\nadam_eps = -1.0", "learn.adam_eps"),
+        ("[learn]\nmax_grad_norm = -1.0", "learn.max_grad_norm"),
+        (
+            "[learn]\nalignment_momentum = 1.5",
+            "learn.alignment_momentum",
+        ),
+        ("[learn]\nema_every = 0", "learn.ema_every"),
+        ("[learn]\nbatch_labeled = 0", "learn.batch_labeled"),
+        ("[learn]\nbatch_unlabeled = 0", "learn.batch_unlabeled"),
+        ("[learn]\nlabeled_per_class = 0", "learn.labeled_per_class"),
+        ("[augment]\njitter = -1.0", "augment.jitter"),
+        ("[augment]\nscale = -1.0", "augment.scale"),
+        ("[replay]\ntimeline_every = 0", "replay.timeline_every"),
+        ("[daemon]\nready_timeout_s = -1.0", "daemon.ready_timeout_s"),
+        ("[mqtt]\nhost = \"\"", "mqtt.host"),
+        ("[mqtt]\nkeep_alive_s = 1", "mqtt.keep_alive_s"),
+        ("[mqtt]\nmax_payload_bytes = 0", "mqtt.max_payload_bytes"),
+        ("[mqtt]\nrequest_queue = 0", "mqtt.request_queue"),
+        ("[mqtt]\nreconnect_min_ms = 0", "mqtt.reconnect_min_ms"),
+        (
+            "[mqtt]\nreconnect_min_ms = 500\nreconnect_max_ms = 100",
+            "mqtt.reconnect_max_ms",
+        ),
+        ("[mqtt]\nconnect_timeout_s = 0", "mqtt.connect_timeout_s"),
+        ("[mqtt]\nclient_cert = \"c.pem\"", "mqtt.client_key"),
+        ("[input]\nqueue_capacity = 0", "input.queue_capacity"),
+        ("[input]\nmax_batch = 0", "input.max_batch"),
+        ("[input]\nfeedback_capacity = 0", "input.feedback_capacity"),
+        ("[input]\nwindow = 0", "input.window"),
+        ("[input]\nhop = 0", "input.hop"),
+        ("[input]\nmax_abs = -1.0", "input.max_abs"),
+        ("[input]\nlabel_window_s = 0.0", "input.label_window_s"),
+        (
+            "[metrics]\nstate_interval_s = 0.0",
+            "metrics.state_interval_s",
+        ),
+        ("[metrics]\nrecent_labels = 0", "metrics.recent_labels"),
+        (
+            "[metrics]\nprometheus = \"port 9898\"",
+            "metrics.prometheus",
+        ),
+        ("[checkpoint]\nevery_steps = 0", "checkpoint.every_steps"),
+        ("[checkpoint]\nevery_s = 1e300", "checkpoint.every_s"),
+        ("[guard]\nmin_agreement = 1.5", "guard.min_agreement"),
+        ("[guard]\ncollapse_ratio = 1.5", "guard.collapse_ratio"),
+        ("[guard]\ncapacity = 0", "guard.capacity"),
+        ("[guard]\ncheck_every_steps = 0", "guard.check_every_steps"),
+        ("[gate]\nalpha = 1.5", "gate.alpha"),
+        ("[gate]\nwindow = 0", "gate.window"),
+        ("[calibration]\npolar = [[0, 1, 1]]", "calibration"),
+    ] {
+        let err =
+            Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).expect_err(text);
+        assert!(err.to_string().contains(key), "{text}: {err}");
+    }
+}
+
 #[test]
 fn a_wrongly_typed_value_is_an_error_naming_the_key() {
     let err = Config::from_toml("[model]\npath = \"m.onnx\"\n[learn]\nema_decay = \"high\"\n")
