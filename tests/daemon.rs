@@ -300,6 +300,13 @@ fn daemon_recovers_by_itself_when_the_broker_restarts_mid_stream() {
         "online",
         "status renewed after reconnect"
     );
+    // The restarted broker kept nothing (no persistence): discovery was announced again.
+    let config: Value = serde_json::from_str(&mosquitto_sub_one(
+        broker.port,
+        "homeassistant/sensor/edgemt_edgemt_test_outage/latency_p50_us/config",
+    ))
+    .expect("discovery re-announced after the reconnect");
+    assert_eq!(config["availability_topic"], status_topic);
 
     send(&peer, 20..40);
     let after = peer.collect_until(Duration::from_secs(15), |m| on(m, &pred).count() >= 20);
@@ -563,4 +570,42 @@ fn daemon_checkpoints_to_its_state_directory_exports_on_command_and_resumes_afte
     );
     assert!(daemon.log_text().contains("restored checkpoint"));
     assert!(daemon.terminate().0.success());
+}
+
+/// The Last Will, not a clean stop: a daemon killed with SIGKILL cannot say `offline`
+/// itself, so the broker must.
+#[test]
+fn a_killed_daemon_is_marked_offline_by_its_last_will_and_sigint_stops_one_cleanly() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/will";
+    let status = format!("{prefix}/status");
+    let peer = MqttPeer::connect(broker.port, "watcher", &[&status]);
+    let cfg = daemon_config(dir.path(), &broker, prefix, "");
+    let mut daemon = Daemon::start(&cfg, &[]);
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
+        on(m, &status).any(|s| s == "online")
+    });
+    assert!(on(&got, &status).any(|s| s == "online"));
+    daemon.kill();
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
+        on(m, &status).any(|s| s == "offline")
+    });
+    assert_eq!(on(&got, &status).last().as_deref(), Some("offline"));
+    assert_eq!(
+        mosquitto_sub_one(broker.port, &status),
+        "offline",
+        "retained"
+    );
+
+    // Ctrl-C is a clean stop too: final metrics, `offline`, exit 0.
+    let mut daemon = Daemon::start(&cfg, &[]);
+    peer.collect_until(Duration::from_secs(10), |m| {
+        on(m, &status).any(|s| s == "online")
+    });
+    let (exit, took) = daemon.interrupt();
+    assert!(exit.success(), "{exit}:\n{}", daemon.log_text());
+    assert!(took < Duration::from_secs(5), "stopped in {took:?}");
+    assert!(daemon.log_text().contains("stopped"));
+    assert_eq!(mosquitto_sub_one(broker.port, &status), "offline");
 }

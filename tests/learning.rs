@@ -636,3 +636,51 @@ fn a_step_refreshes_the_teacher_and_counts_versions() {
         "the pretrained model is never trained"
     );
 }
+
+#[test]
+fn gradient_clipping_bounds_each_plain_sgd_step_by_learning_rate_times_max_norm() {
+    let c = util::shipped_classifier();
+    let step_size = |max_grad_norm: f32| {
+        let cfg = edgemt::learn::LearnConfig {
+            train_every: 1,
+            optimizer: edgemt::learn::optim::OptimizerKind::Sgd,
+            momentum: 0.0,
+            learning_rate: 0.5,
+            anchor: 0.0,
+            max_grad_norm,
+            ..Default::default()
+        };
+        let mut learner = edgemt::learn::Learner::new(
+            c.pretrained(),
+            edgemt::stream::Layout::for_shape(&c.input_shape, None),
+            &cfg,
+            &Default::default(),
+            &edgemt::learn::GuardConfig {
+                enabled: false,
+                ..Default::default()
+            },
+            &Default::default(),
+            0,
+        );
+        // Wrong labels on confident samples: a large gradient.
+        let mut backbone = c.backbone.clone();
+        for (i, s) in util::stream(16).iter().enumerate() {
+            let x: Vec<f32> = s["x"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect();
+            let emb = backbone.embed(&x, 1).unwrap();
+            let wrong = (s["truth"].as_u64().unwrap() as usize + 1 + i % 4) % 6;
+            learner.observe(&x, emb.row(0), Some(wrong), None);
+        }
+        let before = learner.student().clone();
+        learner.step(&mut backbone).unwrap().expect("a finite step");
+        learner.student().params().distance(before.params())
+    };
+    let clipped = step_size(0.01);
+    let free = step_size(0.0);
+    assert!(clipped <= 0.5 * 0.01 * 1.0001, "clipped step {clipped}");
+    assert!(free > 10.0 * clipped, "unclipped step {free} vs {clipped}");
+}

@@ -180,3 +180,43 @@ fn a_bad_config_fails_with_the_key_in_the_message() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("learn.ema_decay"), "{stderr}");
 }
+
+#[test]
+fn replay_writes_one_prediction_per_sample_that_scores_as_the_report_says() {
+    let dir = util::tempdir();
+    let out = dir.path().join("p.jsonl");
+    let predictions = out.to_str().unwrap().to_string();
+    let r = replay(
+        "data/target_stream.jsonl",
+        "data/target_holdout.jsonl",
+        &["--predictions", &predictions],
+    );
+    let truth: Vec<u64> = std::fs::read_to_string(util::path("data/target_stream.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["truth"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len() as f64, f(&r, "/samples"));
+    let mut right = 0;
+    for (i, p) in lines.iter().enumerate() {
+        assert_eq!(p["sample"].as_u64(), Some(i as u64), "in stream order");
+        let c = p["confidence"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&c));
+        right += (p["class"].as_u64().unwrap() == truth[i]) as usize;
+    }
+    let accuracy = right as f64 / lines.len() as f64;
+    assert!(
+        (accuracy - f(&r, "/prequential_accuracy/served")).abs() < 1e-9,
+        "the written predictions are the served model's: {accuracy} vs {}",
+        f(&r, "/prequential_accuracy/served")
+    );
+}

@@ -402,15 +402,32 @@ impl Daemon {
         kb * 1024
     }
 
+    /// SIGKILL: no chance to say goodbye (the broker's Last Will speaks for it).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGINT (Ctrl-C), then the exit status and how long it took (panics after 10 s).
+    pub fn interrupt(&mut self) -> (ExitStatus, Duration) {
+        self.stop_with("-INT")
+    }
+
     /// SIGTERM, then the exit status and how long it took (panics after 10 s).
     pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        self.stop_with("-TERM")
+    }
+
+    fn stop_with(&mut self, signal: &str) -> (ExitStatus, Duration) {
         let started = Instant::now();
         let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
+            .args([signal, &self.pid().to_string()])
             .status()
             .unwrap()
             .success();
-        assert!(ok, "kill -TERM");
+        assert!(ok, "kill {signal}");
         let child = self.child.as_mut().unwrap();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -419,7 +436,7 @@ impl Daemon {
             }
             assert!(
                 started.elapsed() < Duration::from_secs(10),
-                "daemon ignored SIGTERM:\n{}",
+                "daemon ignored {signal}:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));
