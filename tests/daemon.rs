@@ -447,19 +447,43 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
     let dir = tempdir();
     let broker = Broker::start();
     let prefix = "edgemt-test/cmd";
+    let state = dir.path().join("state");
     let mut daemon = Daemon::start(
         &daemon_config(
             dir.path(),
             &broker,
             prefix,
-            "[learn]\ntrain_every = 1\n[control]\nallow = [\"pause\", \"resume\", \"reset\"]\n",
+            "[learn]\ntrain_every = 1\n[control]\nallow = [\"pause\", \"resume\", \"reset\", \"checkpoint\"]\n",
         ),
-        &[],
+        &[("STATE_DIRECTORY", state.to_str().unwrap())],
     );
     let metrics = format!("{prefix}/metrics");
     let peer = MqttPeer::connect(broker.port, "operator", &[&metrics]);
     peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
-    let samples = stream(60);
+    let c =
+        edgemt::model::Classifier::load(&util::path("models/hapt_mlp.onnx"), &Default::default())
+            .unwrap();
+    let pretrained = c.pretrained();
+    // The newest checkpoint once `checkpoints_total` reaches `n` (none is periodic here:
+    // fewer than every_steps steps, well under every_s).
+    let checkpoint = |n: f64| {
+        let got = peer.collect_until(Duration::from_secs(10), |m| {
+            last_metrics(m, &metrics).is_some_and(|v| num(&v, "checkpoints_total") >= n)
+        });
+        assert_eq!(
+            num(&last_metrics(&got, &metrics).unwrap(), "checkpoints_total"),
+            n
+        );
+        edgemt::checkpoint::CheckpointStore::open(
+            &state,
+            3,
+            edgemt::checkpoint::Identity::new(&c, &Default::default()),
+        )
+        .unwrap()
+        .latest_valid()
+        .expect("a valid checkpoint")
+    };
+    let samples = stream(80);
     let send = |r: std::ops::Range<usize>| {
         for s in &samples[r] {
             peer.publish(&format!("{prefix}/samples"), s.to_string());
@@ -490,6 +514,15 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
     let version = num(&m, "teacher_version");
     assert!(version > 0.0);
 
+    // Paused again, so nothing trains between the commands and their checkpoints.
+    peer.publish(&format!("{prefix}/cmd"), "pause");
+    peer.publish(&format!("{prefix}/cmd"), "checkpoint");
+    let (_, learned) = checkpoint(1.0);
+    assert!(
+        learned.teacher.distance(pretrained.params()) > 0.0,
+        "the checkpoint command saved the learned teacher"
+    );
+
     peer.publish(&format!("{prefix}/cmd"), r#"{"cmd": "reset"}"#);
     send(40..41);
     let got = peer.collect_until(Duration::from_secs(10), |m| {
@@ -501,8 +534,37 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
         num(&m, "teacher_version") > version,
         "a reset teacher gets a new version"
     );
-    assert_eq!(num(&m, "commands_total"), 3.0);
+    assert_eq!(num(&m, "commands_total"), 5.0);
+    // The reset is saved at once, and its weights are the pretrained model's again.
+    let (_, reset) = checkpoint(2.0);
+    assert_eq!(
+        &reset.teacher,
+        pretrained.params(),
+        "reset returns the teacher"
+    );
+    assert_eq!(&reset.student, pretrained.params(), "and the student");
+
+    // Training resumes; SIGTERM saves the state it reached.
+    peer.publish(&format!("{prefix}/cmd"), "resume");
+    send(41..80);
+    peer.collect_until(Duration::from_secs(10), |m| {
+        last_metrics(m, &metrics)
+            .is_some_and(|v| num(&v, "train_steps") > 0.0 && num(&v, "samples_total") >= 80.0)
+    });
     assert!(daemon.terminate().0.success());
+    let store = edgemt::checkpoint::CheckpointStore::open(
+        &state,
+        3,
+        edgemt::checkpoint::Identity::new(&c, &Default::default()),
+    )
+    .unwrap();
+    let (last, at_stop) = store.latest_valid().unwrap();
+    assert_eq!(store.manifests().len(), 3, "checkpoint, reset, shutdown");
+    assert!(last.counters.train_steps > 0);
+    assert!(
+        at_stop.teacher.distance(pretrained.params()) > 0.0,
+        "the shutdown save holds what was learned after the reset"
+    );
 }
 
 #[test]
