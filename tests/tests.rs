@@ -21,6 +21,7 @@ mod learning;
 mod model_loading;
 mod packaging;
 mod plot;
+mod queues;
 mod recordings;
 mod replay_cli;
 mod rollback;
