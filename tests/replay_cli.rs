@@ -27,17 +27,27 @@ fn f(v: &Value, path: &str) -> f64 {
         .unwrap_or_else(|| panic!("report has no number at {path}"))
 }
 
+/// Measured: the teacher +25.9 points (+23.8 ... +27.4 over seeds 0-9), the served model
+/// +22.6 on every seed; fifteen points leaves room for other machines' float order only.
 #[test]
-fn adaptation_on_the_shifted_target_beats_the_pretrained_model_by_five_points() {
+fn adaptation_on_the_shifted_target_beats_the_pretrained_model_by_fifteen_points() {
     let r = replay("data/target_stream.jsonl", "data/target_holdout.jsonl", &[]);
-    let (teacher, source) = (
+    let (teacher, served, source) = (
         f(&r, "/eval/teacher_accuracy"),
+        f(&r, "/eval/served_accuracy"),
         f(&r, "/eval/source_accuracy"),
     );
     assert!(
-        teacher >= source + 0.05,
+        teacher >= source + 0.15,
         "teacher {teacher} vs pretrained {source}"
     );
+    assert!(
+        served >= source + 0.15,
+        "served {served} vs pretrained {source}"
+    );
+    // Calibration alone gives the served model its gain (the pretrained head on the adopted
+    // axes); learning must add to it.
+    assert!(teacher > served, "teacher {teacher} vs served {served}");
     assert!(f(&r, "/labeled") <= 0.05 * f(&r, "/samples"));
     assert!(f(&r, "/prequential_accuracy/teacher") > f(&r, "/prequential_accuracy/source"));
 }
@@ -49,13 +59,26 @@ fn adaptation_on_the_no_shift_control_costs_at_most_one_point() {
         "data/control_holdout.jsonl",
         &[],
     );
-    let (teacher, source) = (
+    let (teacher, served, source) = (
         f(&r, "/eval/teacher_accuracy"),
+        f(&r, "/eval/served_accuracy"),
         f(&r, "/eval/source_accuracy"),
     );
     assert!(
         teacher >= source - 0.01,
         "teacher {teacher} vs pretrained {source}"
+    );
+    assert!(served >= source, "served {served} vs pretrained {source}");
+    // Not by doing nothing: the learner trained, its teacher moved away from the pretrained
+    // model (the gate saw labels on which the two disagree) and the gate decided.
+    assert!(f(&r, "/train_steps") > 100.0 && f(&r, "/teacher_version") > 100.0);
+    assert!(
+        f(&r, "/gate/wins") + f(&r, "/gate/losses") > 0.0,
+        "the teacher and the pretrained model disagreed on some label"
+    );
+    assert_eq!(
+        r["gate"]["serving"], "pretrained",
+        "and the gate kept the safe one"
     );
 }
 
