@@ -221,9 +221,10 @@ check_deb() {  # arch-name deb
 
     log "lintian $deb"
     local lintian_status=0
-    lintian --info --display-level '>=pedantic' --show-overrides "$deb" | tee "$tmp/lintian" || lintian_status=$?
+    lintian --fail-on error --info --display-level '>=pedantic' --show-overrides "$deb" \
+        | tee "$tmp/lintian" || lintian_status=$?
     [[ -s "$tmp/lintian" ]] || echo "(no findings)"
-    if grep -q '^E: ' "$tmp/lintian" || [[ $lintian_status -ge 2 ]]; then
+    if grep -q '^E: ' "$tmp/lintian" || [[ $lintian_status -ne 0 ]]; then
         fail "$a: lintian reports errors (exit $lintian_status)"
     fi
 }
