@@ -154,6 +154,9 @@ pub struct InputConfig {
     /// Input values beyond ±this are rejected: a finite but absurd value (3e38) would drive
     /// the backbone to infinities. Generous by default, since units differ by sensor.
     pub max_abs: f32,
+    /// A label by class name (`{"class": "SITTING"}` on `{prefix}/labels`) applies to the
+    /// samples of this many seconds before it.
+    pub label_window_s: f64,
 }
 
 impl Default for InputConfig {
@@ -166,6 +169,7 @@ impl Default for InputConfig {
             max_batch: 32,
             feedback_capacity: 2048,
             max_abs: 1e6,
+            label_window_s: 10.0,
         }
     }
 }
@@ -175,11 +179,24 @@ impl Default for InputConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     pub interval_s: f64,
+    /// Address of a Prometheus text endpoint (`GET /metrics`), e.g. "127.0.0.1:9898"; off
+    /// when unset.
+    pub prometheus: Option<String>,
+    /// How many of the most recent labels `feedback_accuracy_recent` covers.
+    pub recent_labels: usize,
+    /// Seconds between updates of the retained `{prefix}/state` (the current class), so a
+    /// dashboard sees the activity without a state change per sample.
+    pub state_interval_s: f64,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { interval_s: 10.0 }
+        MetricsConfig {
+            interval_s: 10.0,
+            prometheus: None,
+            recent_labels: 100,
+            state_interval_s: 5.0,
+        }
     }
 }
 
@@ -211,7 +228,7 @@ fn one() -> usize {
 pub struct ReplayConfig {
     /// Samples per backbone pass while replaying.
     pub batch: usize,
-    /// Samples per timeline entry in the report.
+    /// Samples per timeline entry in the report (and point of `--plot`'s curves).
     pub timeline_every: usize,
     /// Seed for sampling and augmentation (`--seed` overrides it).
     pub seed: u64,
@@ -221,7 +238,7 @@ impl Default for ReplayConfig {
     fn default() -> Self {
         ReplayConfig {
             batch: 32,
-            timeline_every: 100,
+            timeline_every: 25,
             seed: 0,
         }
     }
@@ -563,6 +580,7 @@ impl Section for InputConfig {
         positive("input.queue_capacity", self.queue_capacity as u64)?;
         positive("input.max_batch", self.max_batch as u64)?;
         positive("input.feedback_capacity", self.feedback_capacity as u64)?;
+        seconds("input.label_window_s", self.label_window_s, 0.1)?;
         if !(self.max_abs.is_finite() && self.max_abs > 0.0) {
             return Err(ConfigError::Invalid {
                 key: "input.max_abs",
@@ -582,7 +600,19 @@ impl Section for InputConfig {
 
 impl Section for MetricsConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        seconds("metrics.interval_s", self.interval_s, 0.1)
+        seconds("metrics.interval_s", self.interval_s, 0.1)?;
+        seconds("metrics.state_interval_s", self.state_interval_s, 0.1)?;
+        positive("metrics.recent_labels", self.recent_labels as u64)?;
+        if let Some(addr) = &self.prometheus {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| ConfigError::Invalid {
+                    key: "metrics.prometheus",
+                    message: format!(
+                        "must be an address like \"127.0.0.1:9898\", got {addr:?}: {e}"
+                    ),
+                })?;
+        }
+        Ok(())
     }
 }
 

@@ -8,8 +8,9 @@
 //! [`learn`] buffers -> the student ([`nn::Mlp`], the lifted last layers) trains on
 //! L_sup + λ·L_pseudo + α·L_consistency (+ do-no-harm terms) -> every k steps the teacher is
 //! refreshed by EMA. One [`session::Session`] holds these rules; [`replay`] drives it over a
-//! recording, prequentially, and [`daemon`] drives it from MQTT. [`checkpoint`] makes it
-//! durable, [`config`] holds the knobs, [`metrics`] measures the process.
+//! recording, prequentially, and [`daemon`] drives it from MQTT. [`plot`] draws a replay's
+//! report, [`checkpoint`] makes the state durable, [`config`] holds the knobs, [`metrics`]
+//! measures the process.
 
 pub mod calibration;
 pub mod checkpoint;
@@ -20,6 +21,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod plot;
 pub mod replay;
 pub mod session;
 pub mod stream;

@@ -27,6 +27,7 @@ struct Cli {
 enum Command {
     /// Replay a recording prequentially: predict each sample, then learn from it.
     Replay {
+        /// The config file (TOML; see config/edgemt.toml).
         #[arg(long)]
         config: PathBuf,
         /// JSON Lines recording to replay.
@@ -46,9 +47,15 @@ enum Command {
         /// Write the teacher's prediction for every sample as JSON Lines here.
         #[arg(long)]
         predictions: Option<PathBuf>,
+        /// Draw the timeline as an SVG here: the adapted teacher's and the pretrained
+        /// model's accuracy and the pseudo-label acceptance over the stream, rollbacks, and
+        /// with --eval the final holdout accuracies.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
     },
     /// Run the daemon: MQTT in, predictions and metrics out, learning on the side.
     Run {
+        /// The config file (TOML; see config/edgemt.toml).
         #[arg(long)]
         config: PathBuf,
     },
@@ -64,8 +71,17 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check a config and its model without running: config keys, model and trainable
+    /// layers, broker options (password, TLS files), checkpoint directory, one inference.
+    /// Exits non-zero with the reason when something is wrong.
+    Check {
+        /// The config file to check.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show a model's inputs, outputs, detected trainable layers and embedding.
     Inspect {
+        /// The ONNX model file.
         model: PathBuf,
         /// Classifier output to use (default: the first float output).
         #[arg(long)]
@@ -94,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             checkpoint,
             predictions,
+            plot,
         } => {
             let cfg = Config::load(&config)?;
             let classifier = load_classifier(&cfg)?;
@@ -143,6 +160,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::write(&path, json)
                     .with_context(|| format!("writing report {}", path.display()))?;
             }
+            if let Some(path) = plot {
+                let name = recording.file_name().unwrap_or(recording.as_os_str());
+                edgemt::plot::write_svg(&outcome.report, &name.to_string_lossy(), &path)?;
+            }
+            Ok(())
+        }
+        Command::Check { config } => {
+            let cfg = Config::load(&config)?;
+            println!("config {}: valid", config.display());
+            let classifier = load_classifier(&cfg)?;
+            println!(
+                "model {}: input [N, {}], {} classes, trainable {} on '{}' ({} features)",
+                cfg.model.path.display(),
+                join(&classifier.input_shape),
+                classifier.classes(),
+                classifier.trainable.path.join(" -> "),
+                classifier.trainable.embedding,
+                classifier.embedding_dim
+            );
+            for line in edgemt::daemon::preflight(&cfg, &classifier)? {
+                println!("{line}");
+            }
+            println!("ok");
             Ok(())
         }
         Command::Run { config } => {

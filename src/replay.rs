@@ -60,6 +60,10 @@ pub struct Report {
     pub teacher_version: u64,
     /// Times the rollback guard reverted to the last good teacher.
     pub rollbacks: u64,
+    /// The sample counts at which it did, all of this replay's. `rollbacks` is the
+    /// learner's own count: it carries a restored checkpoint's and starts again at 0 when a
+    /// new mounting is adopted (the learner starts over), so the two can differ.
+    pub rollbacks_at: Vec<usize>,
     pub skipped_nonfinite: u64,
     /// The serving gate: which model answers at the end, its evidence and when it switched.
     pub gate: GateReport,
@@ -149,6 +153,8 @@ impl PseudoLabels {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TimelinePoint {
     pub sample: usize,
+    /// Samples in the span with a `truth` (the accuracies are 0 when there are none).
+    pub scored: usize,
     pub teacher_accuracy: f64,
     pub source_accuracy: f64,
     pub loss_sup: f64,
@@ -182,6 +188,7 @@ impl Window {
         };
         TimelinePoint {
             sample,
+            scored: self.scored,
             teacher_accuracy: frac(self.teacher_correct, self.scored),
             source_accuracy: frac(self.source_correct, self.scored),
             loss_sup: mean(self.sup),
@@ -310,6 +317,7 @@ pub fn replay(
     let (mut scored, mut teacher_correct, mut source_correct, mut served_correct) =
         (0usize, 0usize, 0usize, 0usize);
     let mut switches = Vec::new();
+    let mut rollbacks_at = Vec::new();
     let mut adoptions = Vec::new();
     let mut pseudo = PseudoLabels::default();
     let mut window = Window::default();
@@ -372,6 +380,9 @@ pub fn replay(
             if let Some(step) = session.maybe_step()? {
                 window.add(&step);
                 pseudo.add(&step);
+                if step.rollback.is_some() {
+                    rollbacks_at.push(samples);
+                }
             }
             let mounted = session.mounting_r();
             if adoptions
@@ -458,6 +469,7 @@ pub fn replay(
         ema_updates: counters.ema_updates,
         teacher_version: counters.teacher_version,
         rollbacks: counters.rollbacks,
+        rollbacks_at,
         restored_from,
         checkpoints_written,
         skipped_nonfinite: counters.skipped_nonfinite,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::daemon::{num, stream};
-use crate::util::broker::{daemon_config, last_metrics, on, Broker, Daemon, MqttPeer};
+use crate::util::broker::{daemon_config, last_metrics, num, on, Broker, Daemon, MqttPeer};
+use crate::util::stream;
 use crate::util::tempdir;
 
 /// Receives until the newest metrics message satisfies `done`; returns it.

@@ -8,25 +8,10 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::util::broker::{
-    daemon_config, last_metrics, mosquitto_pub, mosquitto_sub_one, on, Broker, Daemon, MqttPeer,
+    daemon_config, last_metrics, mosquitto_pub, mosquitto_sub_one, num, on, Broker, Daemon,
+    MqttPeer,
 };
-use crate::util::{self, tempdir};
-
-/// The first `n` lines of the shipped target stream, as parsed JSON.
-pub(crate) fn stream(n: usize) -> Vec<Value> {
-    std::fs::read_to_string(util::path("data/target_stream.jsonl"))
-        .unwrap()
-        .lines()
-        .take(n)
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-pub(crate) fn num(v: &Value, key: &str) -> f64 {
-    v.get(key)
-        .and_then(Value::as_f64)
-        .unwrap_or_else(|| panic!("metrics lack {key}: {v}"))
-}
+use crate::util::{self, stream, tempdir};
 
 const METRIC_KEYS: &[&str] = &[
     "samples_total",
@@ -181,12 +166,23 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
 
     let m = last_metrics(&all, &metrics_topic).expect("metrics arrive");
     for key in METRIC_KEYS {
-        num(&m, key);
+        assert!(m.get(key).is_some(), "metrics lack {key}: {m}");
     }
     assert!(
-        m.as_object().unwrap().values().all(Value::is_number),
-        "metrics are flat numbers: {m}"
+        m.as_object()
+            .unwrap()
+            .values()
+            .all(|v| v.is_number() || v.is_null()),
+        "metrics are flat numbers (null when an interval had no data): {m}"
     );
+    // While samples flowed, an interval measured latency; the last one, idle, says null
+    // rather than a 0 that would look measured.
+    let busy = on(&all, &metrics_topic)
+        .map(|t| serde_json::from_str::<Value>(&t).unwrap())
+        .find(|v| v["latency_p50_us"].is_number())
+        .expect("an interval with predictions reports their latency");
+    assert!(num(&busy, "latency_p99_us") >= num(&busy, "latency_p50_us"));
+    assert!(m["latency_p50_us"].is_null(), "idle interval: {m}");
     assert_eq!(num(&m, "samples_total"), (n + 5) as f64);
     assert_eq!(num(&m, "dropped_total"), 0.0);
     assert_eq!(num(&m, "feedback_total"), 10.0);
@@ -203,9 +199,13 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
         discovery.len() >= 10,
         "discovery configs for the main metrics"
     );
-    let d: Value = serde_json::from_slice(&discovery[0].1).unwrap();
-    assert_eq!(d["availability_topic"], format!("{prefix}/status"));
-    assert_eq!(d["state_topic"], metrics_topic);
+    for (_, payload) in &discovery {
+        let d: Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(d["availability_topic"], format!("{prefix}/status"));
+    }
+    assert!(discovery.iter().any(|(_, p)| {
+        serde_json::from_slice::<Value>(p).unwrap()["state_topic"] == metrics_topic
+    }));
 
     assert_eq!(
         mosquitto_sub_one(broker.port, &format!("{prefix}/status")),

@@ -10,7 +10,7 @@ use crate::util::{self, edgemt, run_ok, tempdir};
 
 /// The target stream, then its first 400 samples again with every 2nd labeled with a
 /// consistently wrong class (the same recording tools/make_misleading.py writes).
-fn misleading_recording(path: &std::path::Path) {
+pub(crate) fn misleading_recording(path: &std::path::Path) {
     let wrong = [1, 2, 0, 4, 3, 3];
     let text = std::fs::read_to_string(util::path("data/target_stream.jsonl")).unwrap();
     let lines: Vec<Value> = text

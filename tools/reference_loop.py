@@ -76,7 +76,7 @@ LEARN = dict(
     alignment_momentum=0.99,
 )
 AUGMENT = dict(jitter=0.1, scale=0.1, max_shift=4, time_axis=None)
-REPLAY = dict(batch=32, timeline_every=100, seed=0)
+REPLAY = dict(batch=32, timeline_every=25, seed=0)
 GUARD = dict(enabled=True, holdout_every=0, min_pending=3, min_agreement=0.3,
              check_every_steps=10, margin=0.1, min_trusted=8, capacity=256,
              collapse_ratio=0.5)
@@ -722,6 +722,7 @@ def replay(classifier, recording, holdout, seed, learn, augment, guard, rcfg):
                 st = win["steps"]
                 timeline.append(dict(
                     sample=done,
+                    scored=win["scored"],
                     teacher_accuracy=frac(win["t"], win["scored"]),
                     source_accuracy=frac(win["s"], win["scored"]),
                     loss_sup=win["sup"] / st if st else 0.0,

@@ -13,10 +13,11 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-# onnxruntime (in a venv under tools/) for the export round-trip test and the Python tools.
+# onnxruntime (in a venv under tools/) for the export round-trip test and the Python tools,
+# and the Prometheus client's text-format parser for the metrics endpoint test.
 cd "$(dirname "$0")/.."
-if ! tools/.venv/bin/python -c "import onnxruntime, numpy" >/dev/null 2>&1; then
-  echo "setup: installing numpy and onnxruntime into tools/.venv" >&2
-  python3 -m venv tools/.venv
-  tools/.venv/bin/pip install -q --disable-pip-version-check numpy onnxruntime
+if ! tools/.venv/bin/python -c "import onnxruntime, numpy, prometheus_client" >/dev/null 2>&1; then
+  echo "setup: installing numpy, onnxruntime and prometheus-client into tools/.venv" >&2
+  [ -x tools/.venv/bin/python ] || python3 -m venv tools/.venv
+  tools/.venv/bin/pip install -q --disable-pip-version-check numpy onnxruntime prometheus-client==0.26.0
 fi

@@ -1,19 +1,25 @@
-//! Routing of incoming MQTT messages: samples, raw rows, label feedback and commands.
+//! Incoming MQTT messages, in two stages so the MQTT task never falls behind the broker.
 //!
-//! Runs on the MQTT task, so everything here is quick and never blocks: a message is
-//! validated (size, JSON, length, finiteness, magnitude, id length, class range), turned
-//! into queue items, and pushed with the queue's overload policy. Anything malformed is
+//! [`Router`] runs on the MQTT task and only does what is cheap: it ignores retained
+//! messages on input topics (stale or planted: a retained `reset` would act at every
+//! reconnect) and counts them, refuses oversized payloads, obeys the commands `[control]
+//! allow`s, and hands samples, rows and labels to a byte-bounded queue of raw payloads. When
+//! that queue is full the oldest unread unlabeled message is dropped and counted
+//! (`unread_dropped_total`): under a flood the daemon sheds load it can count, instead of
+//! falling so far behind that its keepalive fails and the broker discards what it had queued.
+//!
+//! [`Ingest`] runs on its own thread and does the parsing: validation (JSON, length,
+//! finiteness, magnitude, id length, class range), window assembly, labels by id or by class
+//! name, then pushes queue items with the queue's overload policy. Anything malformed is
 //! counted, logged at a limited rate, and goes no further.
-//!
-//! Everything on the broker is treated as possibly hostile: a retained message on an input
-//! topic is stale or planted (a retained `reset` would reset the model at every reconnect),
-//! so it is counted and ignored; commands outside `[control] allow` are refused.
 
 use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::queue::BoundedQueue;
+use super::queue::{BoundedQueue, Droppable};
 use super::state::Shared;
 use super::workers::Incoming;
 use crate::config::{Command, InputFormat};
@@ -31,6 +37,8 @@ pub struct Topics {
     pub predictions: String,
     pub metrics: String,
     pub status: String,
+    /// The current activity, retained and rate-limited (`[metrics] state_interval_s`).
+    pub state: String,
 }
 
 impl Topics {
@@ -44,6 +52,7 @@ impl Topics {
             predictions: t("predictions"),
             metrics: t("metrics"),
             status: t("status"),
+            state: t("state"),
         }
     }
 
@@ -90,18 +99,207 @@ impl RateLimitedLog {
     }
 }
 
-pub struct Ingest {
+/// Which input a raw message came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    Samples,
+    Rows,
+    Labels,
+}
+
+/// A message as received, waiting to be parsed.
+pub struct Raw {
+    pub input: Input,
+    pub payload: Bytes,
+    pub received: Instant,
+}
+
+impl Droppable for Raw {
+    /// Labels, and samples that carry one, are kept longest; the check is a byte search,
+    /// since parsing is what this queue exists to defer.
+    fn droppable(&self) -> bool {
+        self.input != Input::Labels
+            && !self
+                .payload
+                .windows(LABEL_KEY.len())
+                .any(|w| w == LABEL_KEY)
+    }
+
+    fn weight(&self) -> usize {
+        self.payload.len() + RAW_OVERHEAD
+    }
+}
+
+const LABEL_KEY: &[u8] = b"\"label\"";
+/// Bytes a queued raw message costs beyond its payload (the struct and the queue slot).
+const RAW_OVERHEAD: usize = 64;
+
+/// The raw queue's byte budget: a few MiB, and room for several of the largest payloads.
+pub fn raw_budget(max_payload: usize) -> usize {
+    (8 << 20).max(max_payload.saturating_add(RAW_OVERHEAD).saturating_mul(4))
+}
+
+/// The MQTT task's side: cheap checks and routing, never parsing.
+pub struct Router {
     pub topics: Topics,
+    shared: Arc<Shared>,
+    raw: Arc<BoundedQueue<Raw>>,
+    max_payload: usize,
+    allow: Vec<Command>,
+}
+
+impl Router {
+    pub fn new(
+        topics: Topics,
+        shared: Arc<Shared>,
+        raw: Arc<BoundedQueue<Raw>>,
+        max_payload: usize,
+        allow: Vec<Command>,
+    ) -> Self {
+        Router {
+            topics,
+            shared,
+            raw,
+            max_payload,
+            allow,
+        }
+    }
+
+    /// Routes one message; never parses a sample, never blocks.
+    pub fn route(&mut self, topic: &str, payload: Bytes, retained: bool) {
+        if self.shared.stopping.load(Relaxed) {
+            return;
+        }
+        let input = if topic == self.topics.samples {
+            Input::Samples
+        } else if topic == self.topics.rows {
+            Input::Rows
+        } else if topic == self.topics.labels {
+            Input::Labels
+        } else if topic != self.topics.cmd {
+            return;
+        } else if retained {
+            self.ignore_retained(topic);
+            return;
+        } else {
+            if let Err(e) = self.command(&payload) {
+                self.reject(topic, e);
+            }
+            return;
+        };
+        if retained {
+            self.ignore_retained(topic);
+            return;
+        }
+        if payload.len() > self.max_payload {
+            self.reject(topic, Rejection::Oversized(payload.len(), self.max_payload));
+            return;
+        }
+        let c = &self.shared.counters;
+        self.raw.push_with(
+            Raw {
+                input,
+                payload,
+                received: Instant::now(),
+            },
+            |dropped| {
+                c.unread_dropped_total.fetch_add(1, Relaxed);
+                if !dropped.droppable() {
+                    c.labeled_dropped_total.fetch_add(1, Relaxed);
+                }
+            },
+        );
+    }
+
+    fn ignore_retained(&mut self, topic: &str) {
+        self.shared
+            .counters
+            .retained_ignored_total
+            .fetch_add(1, Relaxed);
+        self.shared.log_rejection(format_args!(
+            "ignored a retained message on {topic}: input topics take live messages only \
+             (clear it with: mosquitto_pub -r -n -t {topic})"
+        ));
+    }
+
+    fn reject(&mut self, topic: &str, e: Rejection) {
+        let c = &self.shared.counters;
+        match e {
+            Rejection::Oversized(..) => {
+                c.oversized_total.fetch_add(1, Relaxed);
+            }
+            Rejection::NotAllowed(_) => {
+                c.commands_refused_total.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+        c.rejected_total.fetch_add(1, Relaxed);
+        self.shared
+            .log_rejection(format_args!("rejected a message on {topic}: {e}"));
+    }
+
+    /// `{"cmd": "pause"}` or the bare word (`pause`, as a Home Assistant button sends it).
+    fn command(&mut self, payload: &[u8]) -> Result<(), Rejection> {
+        let text = std::str::from_utf8(payload).map_err(|_| Rejection::NotText)?;
+        let word = match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => v
+                .get("cmd")
+                .and_then(|c| c.as_str())
+                .unwrap_or("")
+                .to_string(),
+            Err(_) => text.trim().to_string(),
+        };
+        let Some(cmd) = Command::ALL
+            .into_iter()
+            .find(|c| c.name().eq_ignore_ascii_case(&word))
+        else {
+            return Err(Rejection::Other(format!(
+                "unknown command {word:?}; expected pause, resume, checkpoint, export or reset"
+            )));
+        };
+        if !self.allow.contains(&cmd) {
+            return Err(Rejection::NotAllowed(cmd.name()));
+        }
+        let s = &self.shared;
+        match cmd {
+            Command::Pause => s.paused.store(true, Relaxed),
+            Command::Resume => s.paused.store(false, Relaxed),
+            Command::Reset => s.reset_requested.store(true, Relaxed),
+            Command::Checkpoint => s.checkpoint_requested.store(true, Relaxed),
+            Command::Export => s.export_requested.store(true, Relaxed),
+        }
+        s.counters.commands_total.fetch_add(1, Relaxed);
+        tracing::info!("command: {}", cmd.name());
+        Ok(())
+    }
+}
+
+/// The parsing side, on its own thread.
+pub struct Ingest {
+    topics: Topics,
     shared: Arc<Shared>,
     queue: Arc<BoundedQueue<Incoming>>,
     decoder: SampleDecoder,
     format: InputFormat,
     windows: WindowAssembler,
-    max_payload: usize,
     next_id: u64,
     rows: Vec<f32>,
-    allow: Vec<Command>,
-    log: RateLimitedLog,
+    /// When the message being parsed arrived (latency is measured from there).
+    received: Instant,
+    /// Class names, for labels given by name.
+    class_names: Vec<String>,
+    /// Ids of the most recent samples with their arrival, for "label the last N seconds".
+    recent: std::collections::VecDeque<(Instant, String)>,
+    recent_capacity: usize,
+    label_window: Duration,
+}
+
+/// Where labels by class name reach back to, and how far.
+pub struct LabelWindow {
+    pub class_names: Vec<String>,
+    /// Samples remembered (the session keeps no more for feedback either).
+    pub capacity: usize,
+    pub seconds: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +317,6 @@ enum Rejection {
 }
 
 impl Ingest {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         topics: Topics,
         shared: Arc<Shared>,
@@ -127,8 +324,7 @@ impl Ingest {
         decoder: SampleDecoder,
         format: InputFormat,
         windows: WindowAssembler,
-        max_payload: usize,
-        allow: Vec<Command>,
+        labels: LabelWindow,
     ) -> Self {
         Ingest {
             topics,
@@ -137,57 +333,46 @@ impl Ingest {
             decoder,
             format,
             windows,
-            max_payload,
             next_id: 0,
             rows: Vec::new(),
-            allow,
-            log: RateLimitedLog::new(5, Duration::from_secs(10)),
+            received: Instant::now(),
+            class_names: labels.class_names,
+            recent: std::collections::VecDeque::with_capacity(labels.capacity.min(4096)),
+            recent_capacity: labels.capacity.max(1),
+            label_window: labels.seconds,
         }
     }
 
-    /// Handles one message; never panics, never blocks.
-    pub fn handle(&mut self, topic: &str, payload: &[u8], retained: bool) {
-        if self.shared.stopping.load(Relaxed) || !self.topics.inputs().contains(&topic) {
-            return;
+    /// Parses what the router queued until `raw` is closed and empty, then closes the input
+    /// queue behind it.
+    pub fn run(mut self, raw: Arc<BoundedQueue<Raw>>) {
+        let mut batch = Vec::with_capacity(64);
+        while raw.pop_batch(64, Duration::from_millis(100), &mut batch) {
+            for m in batch.drain(..) {
+                self.handle(m);
+            }
         }
-        if retained {
-            self.shared
-                .counters
-                .retained_ignored_total
-                .fetch_add(1, Relaxed);
-            self.log.warn(format_args!(
-                "ignored a retained message on {topic}: input topics take live messages only \
-                 (clear it with: mosquitto_pub -r -n -t {topic})"
-            ));
-            return;
-        }
-        let result = if payload.len() > self.max_payload {
-            Err(Rejection::Oversized(payload.len(), self.max_payload))
-        } else if topic == self.topics.samples {
-            self.sample(payload)
-        } else if topic == self.topics.rows {
-            self.rows(payload)
-        } else if topic == self.topics.labels {
-            self.feedback(payload)
-        } else if topic == self.topics.cmd {
-            self.command(payload)
-        } else {
-            return;
+        self.queue.close();
+    }
+
+    /// Parses one message; never panics.
+    pub fn handle(&mut self, m: Raw) {
+        self.received = m.received;
+        let payload = &m.payload[..];
+        let result = match m.input {
+            Input::Samples => self.sample(payload),
+            Input::Rows => self.rows(payload),
+            Input::Labels => self.feedback(payload),
         };
         if let Err(e) = result {
-            let c = &self.shared.counters;
-            match e {
-                Rejection::Oversized(..) => {
-                    c.oversized_total.fetch_add(1, Relaxed);
-                }
-                Rejection::NotAllowed(_) => {
-                    c.commands_refused_total.fetch_add(1, Relaxed);
-                }
-                _ => {}
-            }
-            c.rejected_total.fetch_add(1, Relaxed);
-            self.log
-                .warn(format_args!("rejected a message on {topic}: {e}"));
+            self.shared.counters.rejected_total.fetch_add(1, Relaxed);
+            let topic = match m.input {
+                Input::Samples => &self.topics.samples,
+                Input::Rows => &self.topics.rows,
+                Input::Labels => &self.topics.labels,
+            };
+            self.shared
+                .log_rejection(format_args!("rejected a message on {topic}: {e}"));
         }
     }
 
@@ -199,11 +384,15 @@ impl Ingest {
     fn enqueue(&mut self, x: Vec<f32>, id: Option<String>, label: Option<usize>) {
         let id = id.unwrap_or_else(|| self.assign_id());
         self.shared.counters.samples_total.fetch_add(1, Relaxed);
+        if self.recent.len() == self.recent_capacity {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((Instant::now(), id.clone()));
         let dropped = self.queue.push(Incoming::Sample {
             x,
             id,
             label,
-            received: Instant::now(),
+            received: self.received,
         });
         self.count_drop(dropped);
     }
@@ -274,8 +463,19 @@ impl Ingest {
     }
 
     fn feedback(&mut self, payload: &[u8]) -> Result<(), Rejection> {
-        let v: serde_json::Value =
-            serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let v: serde_json::Value = match serde_json::from_slice(payload) {
+            Ok(v) => v,
+            // A bare class name, as a Home Assistant select sends it.
+            Err(e) => match std::str::from_utf8(payload) {
+                Ok(text) if self.class_index(text.trim()).is_some() => {
+                    serde_json::json!({ "class": text.trim() })
+                }
+                _ => return Err(DecodeError::NotJson(e.to_string()).into()),
+            },
+        };
+        if let Some(name) = v.get("class") {
+            return self.label_recent(name, v.get("seconds"));
+        }
         let id = id_of(v.get("id"))?
             .ok_or_else(|| Rejection::Other("label feedback needs an \"id\"".into()))?;
         let label = self
@@ -287,38 +487,54 @@ impl Ingest {
         Ok(())
     }
 
-    /// `{"cmd": "pause"}` or the bare word (`pause`, as a Home Assistant button sends it).
-    fn command(&mut self, payload: &[u8]) -> Result<(), Rejection> {
-        let text = std::str::from_utf8(payload).map_err(|_| Rejection::NotText)?;
-        let word = match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(v) => v
-                .get("cmd")
-                .and_then(|c| c.as_str())
-                .unwrap_or("")
-                .to_string(),
-            Err(_) => text.trim().to_string(),
+    fn class_index(&self, name: &str) -> Option<usize> {
+        self.class_names
+            .iter()
+            .position(|n| n.eq_ignore_ascii_case(name))
+    }
+
+    /// `{"class": "SITTING"}` (optionally `"seconds": s`): "this is what I have been doing",
+    /// a label for every sample of the last `seconds` (default `[input] label_window_s`).
+    fn label_recent(
+        &mut self,
+        name: &serde_json::Value,
+        seconds: Option<&serde_json::Value>,
+    ) -> Result<(), Rejection> {
+        let label = name
+            .as_str()
+            .and_then(|n| self.class_index(n))
+            .ok_or_else(|| {
+                Rejection::Other(format!(
+                    "\"class\" is {name}, expected one of {:?}",
+                    self.class_names
+                ))
+            })?;
+        let window = match seconds {
+            None => self.label_window,
+            Some(s) => s
+                .as_f64()
+                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 3600.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| {
+                    Rejection::Other(format!("\"seconds\" is {s}, expected 0 < s <= 3600"))
+                })?,
         };
-        let Some(cmd) = Command::ALL
-            .into_iter()
-            .find(|c| c.name().eq_ignore_ascii_case(&word))
-        else {
-            return Err(Rejection::Other(format!(
-                "unknown command {word:?}; expected pause, resume, checkpoint, export or reset"
-            )));
-        };
-        if !self.allow.contains(&cmd) {
-            return Err(Rejection::NotAllowed(cmd.name()));
+        let since = Instant::now().checked_sub(window);
+        let ids: Vec<String> = self
+            .recent
+            .iter()
+            .filter(|(at, _)| since.is_none_or(|t| *at >= t))
+            .map(|(_, id)| id.clone())
+            .collect();
+        tracing::info!(
+            "labelled the last {} sample(s) ({window:?}) as {}",
+            ids.len(),
+            self.class_names[label]
+        );
+        for id in ids {
+            let dropped = self.queue.push(Incoming::Feedback { id, label });
+            self.count_drop(dropped);
         }
-        let s = &self.shared;
-        match cmd {
-            Command::Pause => s.paused.store(true, Relaxed),
-            Command::Resume => s.paused.store(false, Relaxed),
-            Command::Reset => s.reset_requested.store(true, Relaxed),
-            Command::Checkpoint => s.checkpoint_requested.store(true, Relaxed),
-            Command::Export => s.export_requested.store(true, Relaxed),
-        }
-        s.counters.commands_total.fetch_add(1, Relaxed);
-        tracing::info!("command: {}", cmd.name());
         Ok(())
     }
 }

@@ -1,15 +1,18 @@
 //! `edgemt run`: the long-running service around the learner.
 //!
-//! Data path: the MQTT task ([`mqtt`]) routes messages through [`ingest`] into a bounded
-//! queue -> the inference thread embeds a batch, predicts with the current teacher and
-//! publishes -> the training thread learns and swaps in each EMA-refreshed teacher. A metrics
-//! task publishes [`state::MetricsMessage`] every interval; systemd is told READY, WATCHDOG
-//! and STOPPING ([`notify`]). `run` takes the shutdown signal as a future, so signal handling
+//! Data path: the MQTT task ([`mqtt`]) routes messages ([`ingest::Router`]) into a
+//! byte-bounded queue -> the ingest thread parses them into a bounded queue -> the inference
+//! thread embeds a batch, predicts with the current teacher and publishes -> the training
+//! thread learns and swaps in each EMA-refreshed teacher. A metrics task publishes
+//! [`state::MetricsMessage`] every interval; systemd is told READY, STATUS, WATCHDOG and
+//! STOPPING ([`notify`]). `run` takes the shutdown signal as a future, so signal handling
 //! stays in `main`.
 
+pub mod discovery;
 pub mod ingest;
 pub mod mqtt;
 pub mod notify;
+pub mod prometheus;
 pub mod queue;
 pub mod state;
 pub mod workers;
@@ -28,7 +31,7 @@ use crate::model::Classifier;
 use crate::session::{Predictor, Session};
 use crate::stream::Layout;
 use crate::stream::{SampleDecoder, WindowAssembler};
-use ingest::{Ingest, Topics};
+use ingest::{Ingest, Router, Topics};
 use queue::BoundedQueue;
 use state::Shared;
 use workers::{InferenceWorker, TrainerWorker};
@@ -37,6 +40,77 @@ use workers::{InferenceWorker, TrainerWorker};
 pub enum DaemonError {
     #[error("setting up the daemon: {0}")]
     Setup(String),
+}
+
+/// `edgemt check`: everything `run` would set up, short of connecting: the broker options
+/// (password source, TLS files), the checkpoint directory, the session (calibration
+/// channels against the model) and one inference of an all-zero sample. Returns what it
+/// found, a line each.
+pub fn preflight(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, DaemonError> {
+    let setup = |e: &dyn std::error::Error| DaemonError::Setup(crate::report(e));
+    let mut found = Vec::new();
+    let prefix = cfg
+        .mqtt
+        .prefix
+        .clone()
+        .unwrap_or_else(|| format!("edgemt/{}", mqtt::hostname()));
+    mqtt::options(&cfg.mqtt, "edgemt-check", &Topics::new(&prefix))?;
+    found.push(format!(
+        "broker {}://{}:{} as {}, topics under {prefix}/ (not contacted)",
+        if cfg.mqtt.tls { "mqtts" } else { "mqtt" },
+        cfg.mqtt.host,
+        cfg.mqtt.port,
+        cfg.mqtt.username.as_deref().unwrap_or("anonymous")
+    ));
+    match &cfg.checkpoint.dir {
+        Some(dir) => {
+            CheckpointStore::open(
+                dir,
+                cfg.checkpoint.keep,
+                Identity::new(classifier, &cfg.learn),
+            )
+            .map_err(|e| setup(&e))?;
+            let probe = tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+                DaemonError::Setup(format!(
+                    "checkpoint.dir {} is not writable: {e}",
+                    dir.display()
+                ))
+            })?;
+            drop(probe);
+            found.push(format!("checkpoints in {} (writable)", dir.display()));
+        }
+        None => found.push(
+            "checkpoints in $STATE_DIRECTORY when run by systemd ([checkpoint] dir unset)".into(),
+        ),
+    }
+    Session::new(classifier, cfg, cfg.daemon.seed).map_err(|e| setup(&e))?;
+    let mut predictor = Predictor::new(classifier.backbone.clone());
+    let zeros = vec![0.0; classifier.sample_len()];
+    let mut out = Vec::new();
+    predictor
+        .run(&zeros, 1, None, &classifier.pretrained(), &mut out)
+        .map_err(|e| setup(&e))?;
+    let p = out.first().copied().ok_or_else(|| {
+        DaemonError::Setup("the model returned no prediction for a sample".into())
+    })?;
+    if !p.confidence.is_finite() {
+        return Err(DaemonError::Setup(
+            "the model's prediction for an all-zero sample is not finite".into(),
+        ));
+    }
+    found.push(format!(
+        "one inference of an all-zero sample: class {} ({}) at confidence {:.3}",
+        p.class,
+        classifier
+            .class_names
+            .get(p.class)
+            .map(String::as_str)
+            .unwrap_or("?"),
+        p.confidence
+    ));
+    let allowed: Vec<&str> = cfg.control.allow.iter().map(|c| c.name()).collect();
+    found.push(format!("commands allowed: [{}]", allowed.join(", ")));
+    Ok(found)
 }
 
 /// Runs the daemon until `shutdown` completes, then stops within a few seconds.
@@ -57,6 +131,12 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("edgemt-{host}"));
     let topics = Topics::new(&prefix);
+    let model_name = cfg
+        .model
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let opts = mqtt::options(&cfg.mqtt, &client_id, &topics)?;
     let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_queue);
     let qos = mqtt::qos(cfg.mqtt.qos);
@@ -95,6 +175,16 @@ pub async fn run(
     let hop = cfg.input.hop.unwrap_or((window / 2).max(1));
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
         .with_max_abs(cfg.input.max_abs);
+    let raw = Arc::new(BoundedQueue::new(ingest::raw_budget(
+        cfg.mqtt.max_payload_bytes,
+    )));
+    let router = Router::new(
+        topics.clone(),
+        shared.clone(),
+        raw.clone(),
+        cfg.mqtt.max_payload_bytes,
+        cfg.control.allow.clone(),
+    );
     let ingest = Ingest::new(
         topics.clone(),
         shared.clone(),
@@ -102,10 +192,25 @@ pub async fn run(
         decoder,
         cfg.input.format,
         WindowAssembler::new(layout, hop),
-        cfg.mqtt.max_payload_bytes,
-        cfg.control.allow.clone(),
+        ingest::LabelWindow {
+            class_names: classifier.class_names.clone(),
+            capacity: cfg.input.feedback_capacity,
+            seconds: crate::config::duration_s(cfg.input.label_window_s),
+        },
     );
 
+    // Bound before anything runs, so a taken port is a setup error, not a silent gap.
+    let prometheus = match &cfg.metrics.prometheus {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                DaemonError::Setup(format!("metrics.prometheus: cannot listen on {addr}: {e}"))
+            })?;
+            tracing::info!("Prometheus metrics on http://{addr}/metrics");
+            let exposition = Arc::new(prometheus::Exposition::new(shared.clone()));
+            Some((listener, exposition))
+        }
+        None => None,
+    };
     let inference = InferenceWorker {
         shared: shared.clone(),
         predictor: Predictor::new(classifier.backbone.clone()),
@@ -117,6 +222,9 @@ pub async fn run(
         qos,
         max_batch: cfg.input.max_batch,
         sample_len: classifier.sample_len(),
+        latency_histogram: prometheus.as_ref().map(|(_, e)| e.latency.clone()),
+        state_topic: topics.state.clone(),
+        state_every: crate::config::duration_s(cfg.metrics.state_interval_s),
     };
     let trainer = TrainerWorker {
         shared: shared.clone(),
@@ -134,6 +242,7 @@ pub async fn run(
             crate::learn::Serving::Pretrained,
             crate::calibration::SignedPerm::IDENTITY,
         ),
+        recent_feedback: workers::RecentFeedback::new(cfg.metrics.recent_labels),
     };
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
@@ -141,9 +250,24 @@ pub async fn run(
             .spawn(f)
             .map_err(|e| DaemonError::Setup(format!("spawning {name}: {e}")))
     };
+    let ingest_raw = raw.clone();
+    let ingest_thread = spawn("ingest", Box::new(move || ingest.run(ingest_raw)))?;
     let inference_thread = spawn("inference", Box::new(move || inference.run()))?;
     let trainer_thread = spawn("training", Box::new(move || trainer.run()))?;
 
+    let discovery = if cfg.mqtt.discovery_prefix.is_empty() {
+        Vec::new()
+    } else {
+        discovery::Announce {
+            discovery_prefix: &cfg.mqtt.discovery_prefix,
+            client_id: &client_id,
+            topics: &topics,
+            class_names: &classifier.class_names,
+            commands: &cfg.control.allow,
+            model: &model_name,
+        }
+        .messages()
+    };
     let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
     let poll = tokio::spawn(
         mqtt::PollTask {
@@ -152,8 +276,9 @@ pub async fn run(
             cfg: cfg.mqtt.clone(),
             client_id: client_id.clone(),
             shared: shared.clone(),
-            ingest,
+            router,
             connected: Some(connected_tx),
+            discovery,
         }
         .run(),
     );
@@ -163,6 +288,8 @@ pub async fn run(
         shared.clone(),
         crate::config::duration_s(cfg.metrics.interval_s),
     ));
+    let prometheus_task = prometheus
+        .map(|(listener, exposition)| tokio::spawn(prometheus::serve(listener, exposition)));
     let watchdog_task =
         notify::watchdog_interval().map(|period| tokio::spawn(watchdog(shared.clone(), period)));
     let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
@@ -184,11 +311,17 @@ pub async fn run(
     ]);
     shared.stopping.store(true, Relaxed);
     metrics_task.abort();
+    if let Some(p) = prometheus_task {
+        p.abort();
+    }
     if let Some(w) = watchdog_task {
         w.abort();
     }
-    input.close();
+    // Each stage closes the queue behind it once it has drained its own.
+    raw.close();
     let joined = tokio::task::spawn_blocking(move || {
+        let _ = ingest_thread.join();
+        input.close();
         let _ = inference_thread.join();
         train.close();
         let _ = trainer_thread.join();

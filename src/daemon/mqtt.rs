@@ -19,8 +19,8 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 
-use super::ingest::{Ingest, Topics};
-use super::state::{Shared, DISCOVERED};
+use super::ingest::{Router, Topics};
+use super::state::Shared;
 use super::DaemonError;
 use crate::config::MqttConfig;
 
@@ -129,43 +129,17 @@ pub fn options(
     Ok(opts)
 }
 
-/// Home Assistant discovery configs (retained) for the main metrics.
-fn publish_discovery(client: &AsyncClient, cfg: &MqttConfig, client_id: &str, topics: &Topics) {
-    if cfg.discovery_prefix.is_empty() {
-        return;
-    }
-    let node: String = client_id
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect();
-    for (key, unit) in DISCOVERED {
-        let mut config = serde_json::json!({
-            "name": key.replace('_', " "),
-            "unique_id": format!("{node}_{key}"),
-            "state_topic": topics.metrics,
-            "value_template": format!("{{{{ value_json.{key} }}}}"),
-            "availability_topic": topics.status,
-            "payload_available": "online",
-            "payload_not_available": "offline",
-            "device": {"identifiers": [node], "name": format!("edgemt {client_id}"), "manufacturer": "edgemt"},
-        });
-        if !unit.is_empty() {
-            config["unit_of_measurement"] = serde_json::Value::from(*unit);
-        }
-        let topic = format!("{}/sensor/{node}/{key}/config", cfg.discovery_prefix);
-        let _ = client.try_publish(topic, QoS::AtLeastOnce, true, config.to_string());
-    }
-}
-
 pub struct PollTask {
     pub eventloop: EventLoop,
     pub client: AsyncClient,
     pub cfg: MqttConfig,
     pub client_id: String,
     pub shared: Arc<Shared>,
-    pub ingest: Ingest,
+    pub router: Router,
     /// Told once, at the first successful connection (systemd's READY waits for it).
     pub connected: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Home Assistant discovery messages, re-sent at every connection; empty when off.
+    pub discovery: Vec<(String, serde_json::Value)>,
 }
 
 /// Why a connection attempt or a connection failed, in words an operator can act on.
@@ -243,26 +217,28 @@ impl PollTask {
                     }
                     // Subscribing again even to a resumed session is harmless: the broker
                     // only re-sends retained messages, which ingest ignores.
-                    for topic in self.ingest.topics.inputs() {
+                    for topic in self.router.topics.inputs() {
                         if let Err(e) = self.client.try_subscribe(topic, qos) {
                             tracing::error!("subscribing to {topic}: {e}");
                         }
                     }
                     let _ = self.client.try_publish(
-                        &self.ingest.topics.status,
+                        &self.router.topics.status,
                         QoS::AtLeastOnce,
                         true,
                         "online",
                     );
-                    publish_discovery(
-                        &self.client,
-                        &self.cfg,
-                        &self.client_id,
-                        &self.ingest.topics,
-                    );
+                    for (topic, config) in &self.discovery {
+                        let _ = self.client.try_publish(
+                            topic,
+                            QoS::AtLeastOnce,
+                            true,
+                            config.to_string(),
+                        );
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => match std::str::from_utf8(&p.topic) {
-                    Ok(topic) => self.ingest.handle(topic, &p.payload, p.retain),
+                    Ok(topic) => self.router.route(topic, p.payload, p.retain),
                     Err(_) => {
                         self.shared.counters.rejected_total.fetch_add(1, Relaxed);
                     }

@@ -8,9 +8,13 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
-/// Whether an item may be dropped under overload.
+/// Whether an item may be dropped under overload, and how much of the capacity it takes.
 pub trait Droppable {
     fn droppable(&self) -> bool;
+    /// Capacity units this item uses: 1 for a count-bounded queue, bytes for a byte budget.
+    fn weight(&self) -> usize {
+        1
+    }
 }
 
 pub struct BoundedQueue<T> {
@@ -21,6 +25,8 @@ pub struct BoundedQueue<T> {
 
 struct State<T> {
     items: VecDeque<T>,
+    /// Sum of the items' weights.
+    load: usize,
     closed: bool,
 }
 
@@ -28,7 +34,8 @@ impl<T: Droppable> BoundedQueue<T> {
     pub fn new(capacity: usize) -> Self {
         BoundedQueue {
             inner: Mutex::new(State {
-                items: VecDeque::with_capacity(capacity),
+                items: VecDeque::with_capacity(capacity.min(4096)),
+                load: 0,
                 closed: false,
             }),
             ready: Condvar::new(),
@@ -37,24 +44,41 @@ impl<T: Droppable> BoundedQueue<T> {
     }
 
     /// Adds an item; returns the item dropped to make room, if any (possibly `item` itself,
-    /// when it is unlabeled and the queue is full of labeled items).
+    /// when it is unlabeled and the queue is full of labeled items). For queues whose items
+    /// all weigh 1, at most one item goes.
     pub fn push(&self, item: T) -> Option<T> {
-        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut dropped = None;
-        if state.items.len() >= self.capacity {
-            if let Some(i) = state.items.iter().position(Droppable::droppable) {
-                dropped = state.items.remove(i);
+        self.push_with(item, |d| dropped = Some(d));
+        dropped
+    }
+
+    /// Adds an item, handing every item dropped to make room to `on_drop`.
+    pub fn push_with(&self, item: T, mut on_drop: impl FnMut(T)) {
+        let weight = item.weight();
+        if weight > self.capacity {
+            on_drop(item);
+            return;
+        }
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        while state.load + weight > self.capacity {
+            let old = if let Some(i) = state.items.iter().position(Droppable::droppable) {
+                state.items.remove(i)
             } else if item.droppable() {
-                return Some(item);
+                drop(state);
+                on_drop(item);
+                return;
             } else {
                 // Labeled items alone fill the queue: the oldest is the least useful.
-                dropped = state.items.pop_front();
-            }
+                state.items.pop_front()
+            };
+            let Some(old) = old else { break };
+            state.load -= old.weight();
+            on_drop(old);
         }
+        state.load += weight;
         state.items.push_back(item);
         drop(state);
         self.ready.notify_one();
-        dropped
     }
 
     pub fn len(&self) -> usize {
@@ -80,6 +104,7 @@ impl<T: Droppable> BoundedQueue<T> {
             .unwrap_or_else(|e| e.into_inner());
         let n = max.min(state.items.len());
         out.extend(state.items.drain(..n));
+        state.load -= out.iter().map(Droppable::weight).sum::<usize>();
         !(state.closed && out.is_empty())
     }
 

@@ -36,6 +36,8 @@ pub struct Counters {
     pub predictions_total: AtomicU64,
     /// Predictions made but not published (the client's request queue was full).
     pub predictions_dropped_total: AtomicU64,
+    /// Messages on samples/rows/labels dropped unread because the parser was behind.
+    pub unread_dropped_total: AtomicU64,
     /// Samples dropped from the full input queue before prediction.
     pub dropped_total: AtomicU64,
     /// Predicted samples dropped from the full training queue before learning.
@@ -90,6 +92,8 @@ pub struct TrainStats {
     pub gate_p: f64,
     pub gate_switches: u64,
     pub calibration_changes: u64,
+    /// Share of the most recent labels (`[metrics] recent_labels`) the served model got right.
+    pub feedback_accuracy_recent: Option<f64>,
 }
 
 pub struct Shared {
@@ -111,6 +115,8 @@ pub struct Shared {
     pub inference_beat: AtomicU64,
     pub trainer_beat: AtomicU64,
     last_report: Mutex<(Instant, u64)>,
+    /// One limit for every "rejected a message" line, whichever stage rejects it.
+    rejections: Mutex<super::ingest::RateLimitedLog>,
 }
 
 impl Shared {
@@ -140,6 +146,10 @@ impl Shared {
             inference_beat: AtomicU64::new(0),
             trainer_beat: AtomicU64::new(0),
             last_report: Mutex::new((now, 0)),
+            rejections: Mutex::new(super::ingest::RateLimitedLog::new(
+                5,
+                std::time::Duration::from_secs(10),
+            )),
         }
     }
 
@@ -152,6 +162,14 @@ impl Shared {
 
     pub fn publish_teacher(&self, snapshot: TeacherSnapshot) {
         *self.teacher.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(snapshot);
+    }
+
+    /// Logs a refused message at warn, at most 5 lines per 10 s.
+    pub fn log_rejection(&self, msg: std::fmt::Arguments) {
+        self.rejections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .warn(msg);
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -178,20 +196,15 @@ impl Shared {
             *last = (now, samples_total);
             rate
         };
-        let (p50, p99) = self
+        // An interval without data reports no value (null), not a zero that looks measured.
+        let percentiles = self
             .latency
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take_percentiles()
-            .unwrap_or((0, 0));
+            .take_percentiles();
         let mut t = self.train.lock().unwrap_or_else(|e| e.into_inner());
-        let mean = |v: f64| {
-            if t.steps_since > 0 {
-                v / t.steps_since as f64
-            } else {
-                0.0
-            }
-        };
+        let steps = t.steps_since;
+        let mean = |v: f64| (steps > 0).then(|| v / steps as f64);
         let feedback = c.feedback_total.load(Relaxed);
         let served = self.teacher();
         let msg = MetricsMessage {
@@ -199,21 +212,17 @@ impl Shared {
             samples_per_s,
             predictions_total: c.predictions_total.load(Relaxed),
             predictions_dropped_total: c.predictions_dropped_total.load(Relaxed),
-            latency_p50_us: p50 as u64,
-            latency_p99_us: p99 as u64,
+            latency_p50_us: percentiles.map(|p| p.0 as u64),
+            latency_p99_us: percentiles.map(|p| p.1 as u64),
             loss_sup: mean(t.loss_sup),
             loss_pseudo: mean(t.loss_pseudo),
             loss_consistency: mean(t.loss_consistency),
-            pseudo_acceptance: if t.offered > 0 {
-                t.accepted as f64 / t.offered as f64
-            } else {
-                0.0
-            },
+            pseudo_acceptance: (t.offered > 0).then(|| t.accepted as f64 / t.offered as f64),
             teacher_version: served.version,
             serving_adapted: (served.serving == Serving::Adapted) as u8,
             gate_wins: t.gate_wins,
             gate_losses: t.gate_losses,
-            gate_p: t.gate_p,
+            gate_p: Some(t.gate_p).filter(|p| p.is_finite()),
             gate_switches_total: t.gate_switches,
             mounting_adopted: served.mounting.is_some() as u8,
             calibration_changes_total: t.calibration_changes,
@@ -222,6 +231,7 @@ impl Shared {
             skipped_nonfinite: t.skipped_nonfinite,
             labeled_buffer: t.labeled_buffer as u64,
             unlabeled_buffer: t.unlabeled_buffer as u64,
+            unread_dropped_total: c.unread_dropped_total.load(Relaxed),
             dropped_total: c.dropped_total.load(Relaxed),
             train_dropped_total: c.train_dropped_total.load(Relaxed),
             labeled_dropped_total: c.labeled_dropped_total.load(Relaxed),
@@ -232,11 +242,9 @@ impl Shared {
             commands_refused_total: c.commands_refused_total.load(Relaxed),
             labels_total: c.labels_total.load(Relaxed),
             feedback_total: feedback,
-            feedback_accuracy: if feedback > 0 {
-                c.feedback_correct.load(Relaxed) as f64 / feedback as f64
-            } else {
-                0.0
-            },
+            feedback_accuracy: (feedback > 0)
+                .then(|| c.feedback_correct.load(Relaxed) as f64 / feedback as f64),
+            feedback_accuracy_recent: t.feedback_accuracy_recent,
             late_labels_total: c.late_labels_total.load(Relaxed),
             publish_dropped_total: c.publish_dropped_total.load(Relaxed),
             commands_total: c.commands_total.load(Relaxed),
@@ -271,18 +279,21 @@ pub struct MetricsMessage {
     pub samples_per_s: f64,
     pub predictions_total: u64,
     pub predictions_dropped_total: u64,
-    pub latency_p50_us: u64,
-    pub latency_p99_us: u64,
-    pub loss_sup: f64,
-    pub loss_pseudo: f64,
-    pub loss_consistency: f64,
-    pub pseudo_acceptance: f64,
+    /// Receipt to publish over the interval; null when no sample was predicted in it.
+    pub latency_p50_us: Option<u64>,
+    pub latency_p99_us: Option<u64>,
+    /// Means over the interval's steps; null when no step ran in it.
+    pub loss_sup: Option<f64>,
+    pub loss_pseudo: Option<f64>,
+    pub loss_consistency: Option<f64>,
+    pub pseudo_acceptance: Option<f64>,
     pub teacher_version: u64,
     /// 1 while the serving gate serves the adapted teacher, 0 while the pretrained model.
     pub serving_adapted: u8,
     pub gate_wins: u64,
     pub gate_losses: u64,
-    pub gate_p: f64,
+    /// The sign test's p-value; null before it has evidence.
+    pub gate_p: Option<f64>,
     pub gate_switches_total: u64,
     /// 1 while calibration has a mounting other than the device's own axes adopted.
     pub mounting_adopted: u8,
@@ -292,6 +303,7 @@ pub struct MetricsMessage {
     pub skipped_nonfinite: u64,
     pub labeled_buffer: u64,
     pub unlabeled_buffer: u64,
+    pub unread_dropped_total: u64,
     pub dropped_total: u64,
     pub train_dropped_total: u64,
     pub labeled_dropped_total: u64,
@@ -302,7 +314,10 @@ pub struct MetricsMessage {
     pub commands_refused_total: u64,
     pub labels_total: u64,
     pub feedback_total: u64,
-    pub feedback_accuracy: f64,
+    /// Since start; null before the first label.
+    pub feedback_accuracy: Option<f64>,
+    /// Over the most recent labels, so drift shows.
+    pub feedback_accuracy_recent: Option<f64>,
     pub late_labels_total: u64,
     pub publish_dropped_total: u64,
     pub commands_total: u64,
@@ -320,23 +335,3 @@ pub struct MetricsMessage {
     pub peak_rss_bytes: u64,
     pub uptime_s: f64,
 }
-
-/// Metrics that get a Home Assistant sensor: (key, unit).
-pub const DISCOVERED: &[(&str, &str)] = &[
-    ("samples_per_s", "samples/s"),
-    ("latency_p50_us", "µs"),
-    ("latency_p99_us", "µs"),
-    ("pseudo_acceptance", ""),
-    ("feedback_accuracy", ""),
-    ("teacher_version", ""),
-    ("serving_adapted", ""),
-    ("gate_p", ""),
-    ("loss_sup", ""),
-    ("loss_pseudo", ""),
-    ("loss_consistency", ""),
-    ("dropped_total", ""),
-    ("rejected_total", ""),
-    ("mqtt_reconnects_total", ""),
-    ("rollbacks_total", ""),
-    ("rss_bytes", "B"),
-];

@@ -108,6 +108,11 @@ pub struct InferenceWorker {
     pub qos: QoS,
     pub max_batch: usize,
     pub sample_len: usize,
+    /// The Prometheus latency histogram, when the endpoint is on.
+    pub latency_histogram: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// The retained current-activity topic and how often it is refreshed.
+    pub state_topic: String,
+    pub state_every: Duration,
 }
 
 impl InferenceWorker {
@@ -117,6 +122,7 @@ impl InferenceWorker {
         let mut preds: Vec<Prediction> = Vec::with_capacity(self.max_batch);
         let mut latencies: Vec<u64> = Vec::with_capacity(self.max_batch);
         let counters = &self.shared.counters;
+        let mut state_at: Option<Instant> = None;
         while self
             .input
             .pop_batch(self.max_batch, Duration::from_millis(100), &mut items)
@@ -155,6 +161,9 @@ impl InferenceWorker {
             let embeddings = self.predictor.embeddings();
             let mut row = 0;
             let mut published = 0;
+            // The retained state gets the batch's latest prediction, at most once a period.
+            let state_due = state_at.is_none_or(|t| t.elapsed() >= self.state_every);
+            let mut latest: Option<Vec<u8>> = None;
             for item in items.drain(..) {
                 let (x, id, label, received) = match item {
                     Incoming::Feedback { id, label } => {
@@ -197,6 +206,9 @@ impl InferenceWorker {
                     serving: teacher.serving,
                 };
                 let payload = serde_json::to_vec(&message).unwrap_or_default();
+                if state_due {
+                    latest = Some(payload.clone());
+                }
                 if self
                     .client
                     .try_publish(&self.predictions_topic, self.qos, false, payload)
@@ -220,6 +232,16 @@ impl InferenceWorker {
                 });
                 self.count_drop(dropped);
             }
+            if let Some(state) = latest {
+                state_at = Some(Instant::now());
+                if self
+                    .client
+                    .try_publish(&self.state_topic, QoS::AtLeastOnce, true, state)
+                    .is_err()
+                {
+                    counters.publish_dropped_total.fetch_add(1, Relaxed);
+                }
+            }
             // Counters and the latency window once per batch, not per sample.
             counters.predictions_total.fetch_add(published, Relaxed);
             let mut window = self
@@ -227,6 +249,11 @@ impl InferenceWorker {
                 .latency
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = &self.latency_histogram {
+                latencies
+                    .iter()
+                    .for_each(|&micros| h.observe(micros as f64 * 1e-6));
+            }
             latencies.drain(..).for_each(|micros| window.record(micros));
         }
     }
@@ -271,6 +298,44 @@ pub struct TrainerWorker {
     pub exporter: Exporter,
     /// What the inference thread was last handed.
     pub published: (Serving, SignedPerm),
+    /// Whether each of the most recent labels was predicted right, newest last.
+    pub recent_feedback: RecentFeedback,
+}
+
+/// The served model's record on the most recent labels, read off the session's counters.
+pub struct RecentFeedback {
+    outcomes: std::collections::VecDeque<bool>,
+    capacity: usize,
+    seen: (u64, u64),
+}
+
+impl RecentFeedback {
+    pub fn new(capacity: usize) -> Self {
+        RecentFeedback {
+            outcomes: std::collections::VecDeque::with_capacity(capacity),
+            capacity: capacity.max(1),
+            seen: (0, 0),
+        }
+    }
+
+    /// Takes in the labels matched since the last call (`feedback`, `correct` are totals).
+    fn update(&mut self, feedback: u64, correct: u64) {
+        let new = feedback.saturating_sub(self.seen.0);
+        let new_correct = correct.saturating_sub(self.seen.1);
+        self.seen = (feedback, correct);
+        for i in 0..new.min(self.capacity as u64) {
+            if self.outcomes.len() == self.capacity {
+                self.outcomes.pop_front();
+            }
+            self.outcomes.push_back(i < new_correct);
+        }
+    }
+
+    fn accuracy(&self) -> Option<f64> {
+        (!self.outcomes.is_empty()).then(|| {
+            self.outcomes.iter().filter(|&&c| c).count() as f64 / self.outcomes.len() as f64
+        })
+    }
 }
 
 /// What `export` needs to write the teacher back into the original graph.
@@ -336,6 +401,10 @@ impl TrainerWorker {
                 .set_paused(self.shared.paused.load(Relaxed) || self.shared.stopping.load(Relaxed));
             for item in items.drain(..) {
                 let result = train_on(&mut self.session, &item);
+                if let TrainItem::Feedback { .. } = item {
+                    let s = self.session.stats();
+                    self.recent_feedback.update(s.feedback, s.feedback_correct);
+                }
                 self.after_step(result);
                 if (self.session.serving(), self.session.mounting_r()) != self.published {
                     self.publish_teacher();
@@ -453,6 +522,7 @@ impl TrainerWorker {
         t.gate_p = g.p_value();
         t.gate_switches = g.switches();
         t.calibration_changes = s.calibration_changes;
+        t.feedback_accuracy_recent = self.recent_feedback.accuracy();
     }
 }
 

@@ -26,8 +26,8 @@ pub enum ModelError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is not a valid ONNX model: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("{path} is not an ONNX model: {reason}")]
+    NotOnnx { path: PathBuf, reason: String },
     #[error("model does not fit edgemt: {0}")]
     Unsupported(String),
     #[error("tract failed on the backbone: {0}")]
@@ -41,6 +41,19 @@ pub enum ModelError {
         batch: usize,
         shape: Vec<usize>,
     },
+}
+
+/// What a file that fails to decode as ONNX looks like, in words.
+fn not_onnx_reason(bytes: &[u8]) -> String {
+    let head = &bytes[..bytes.len().min(512)];
+    let text = head
+        .iter()
+        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+    if text {
+        "it is a text file, not a binary ONNX (protobuf) file".into()
+    } else {
+        "its bytes do not decode as an ONNX (protobuf) model".into()
+    }
 }
 
 fn tract_err(e: impl std::fmt::Display) -> ModelError {
@@ -97,10 +110,25 @@ impl Classifier {
         let onnx = tract_onnx::onnx();
         let proto = onnx
             .proto_model_for_read(&mut bytes.as_slice())
-            .map_err(|e| ModelError::Parse {
-                path: path.to_owned(),
-                message: format!("{e:#}"),
+            .map_err(|e| {
+                // The decoder's wire-type complaint means nothing to a user; keep it for
+                // debugging and say what the file looks like instead.
+                tracing::debug!("decoding {} as ONNX: {e:#}", path.display());
+                ModelError::NotOnnx {
+                    path: path.to_owned(),
+                    reason: not_onnx_reason(&bytes),
+                }
             })?;
+        if proto.graph.is_none() {
+            return Err(ModelError::NotOnnx {
+                path: path.to_owned(),
+                reason: if bytes.is_empty() {
+                    "the file is empty".into()
+                } else {
+                    "it holds no ONNX graph".into()
+                },
+            });
+        }
         let trainable = head::find_trainable(
             &proto,
             selection.output.as_deref(),

@@ -94,6 +94,24 @@ pub fn max_abs_diff<'a>(
         .fold(0.0, f32::max)
 }
 
+/// The first `n` lines of the shipped target stream (data/target_stream.jsonl), parsed.
+pub fn stream(n: usize) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path("data/target_stream.jsonl"))
+        .unwrap()
+        .lines()
+        .take(n)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A sample of the shipped stream as a sensor would send it: with `id`, without the truth.
+pub fn sample_with_id(sample: &serde_json::Value, id: &str) -> String {
+    let mut s = sample.clone();
+    s["id"] = serde_json::Value::from(id);
+    s.as_object_mut().unwrap().remove("truth");
+    s.to_string()
+}
+
 /// A scratch directory removed when dropped.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")

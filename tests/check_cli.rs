@@ -1,0 +1,70 @@
+//! `edgemt check`: a config and its model checked without running, as an installer or an
+//! operator would before `systemctl start`, with the reason when something is wrong.
+
+use crate::util::{self, config_with, edgemt, tempdir};
+
+#[test]
+fn check_accepts_the_shipped_config_after_one_inference() {
+    let out = util::run_ok(
+        edgemt()
+            .args(["check", "--config"])
+            .arg(util::path("config/edgemt.toml")),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("one inference of an all-zero sample"),
+        "{text}"
+    );
+    assert!(text.contains("6 classes"), "{text}");
+    assert!(text.trim_end().ends_with("ok"), "{text}");
+}
+
+/// Runs `edgemt check` on a config and returns its stderr, asserting it failed.
+fn check_fails(config: &std::path::Path) -> String {
+    let out = edgemt()
+        .args(["check", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "check passed a broken setup");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn check_names_what_is_wrong_and_exits_non_zero() {
+    let dir = tempdir();
+    // A model that is not ONNX at all: said in words, not as protobuf internals.
+    let text_model = dir.path().join("model.onnx");
+    std::fs::write(&text_model, "name,value\n1,2\n").unwrap();
+    let cfg = dir.path().join("text.toml");
+    std::fs::write(&cfg, format!("[model]\npath = {:?}\n", text_model)).unwrap();
+    let err = check_fails(&cfg);
+    assert!(err.contains("is not an ONNX model"), "{err}");
+    assert!(!err.contains("wire type"), "{err}");
+
+    // A TLS CA file that is not there.
+    let cfg = config_with(
+        dir.path(),
+        "[mqtt]\ntls = true\nca_file = \"/nonexistent/ca.pem\"\n",
+    );
+    let err = check_fails(&cfg);
+    assert!(err.contains("mqtt.ca_file"), "{err}");
+
+    // A checkpoint directory that cannot be created.
+    let cfg = config_with(dir.path(), "[checkpoint]\ndir = \"/proc/edgemt\"\n");
+    let err = check_fails(&cfg);
+    assert!(err.contains("/proc/edgemt"), "{err}");
+
+    // Calibration channels the model does not have.
+    let cfg = config_with(dir.path(), "[calibration]\npolar = [[6, 7, 8]]\n");
+    let err = check_fails(&cfg);
+    assert!(err.contains("calibration"), "{err}");
+
+    // A password file that is missing.
+    let cfg = config_with(
+        dir.path(),
+        "[mqtt]\nusername = \"edgemt\"\npassword_file = \"/nonexistent/pw\"\n",
+    );
+    let err = check_fails(&cfg);
+    assert!(err.contains("password_file"), "{err}");
+}
