@@ -309,6 +309,25 @@ fn debian_package_has_what_cargo_deb_and_debian_require() {
 }
 
 #[test]
+fn debian_changelog_starts_with_this_version() {
+    // cargo-deb names the package <version>-<revision> (revision 1 unless set); a changelog
+    // whose first entry is an older version would misdescribe the installed package.
+    let manifest: toml::Table = repo_file("Cargo.toml").parse().expect("Cargo.toml parses");
+    let version = manifest["package"]["version"].as_str().unwrap();
+    let revision = deb_metadata()
+        .get("revision")
+        .and_then(|r| r.as_str().map(str::to_string))
+        .unwrap_or_else(|| "1".to_string());
+    let changelog_path = deb_metadata()["changelog"].as_str().unwrap().to_string();
+    let changelog = repo_file(&changelog_path);
+    let first = changelog.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("edgemt ({version}-{revision}) ")),
+        "{changelog_path} starts with {first:?}, not edgemt ({version}-{revision})"
+    );
+}
+
+#[test]
 fn release_binary_is_stripped() {
     // The package ships cargo's release binary as is; symbols would add ~6 MB.
     let manifest: toml::Table = repo_file("Cargo.toml").parse().expect("Cargo.toml parses");
