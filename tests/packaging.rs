@@ -309,6 +309,34 @@ fn debian_package_has_what_cargo_deb_and_debian_require() {
 }
 
 #[test]
+fn arm_packages_keep_the_name_and_state_the_glibc_floor_the_docs_promise() {
+    // tools/package.sh builds arm64/armhf with --variant cross, which states libc6's version
+    // itself ($auto would take the cross toolchain's `libc6:arm64 (>= 2.36)`); package.sh
+    // checks it against the binary's GLIBC_ symbols, this test against packaging/README.md.
+    let deb = deb_metadata();
+    let cross = deb["variants"]["cross"]
+        .as_table()
+        .expect("[package.metadata.deb.variants.cross]");
+    assert_eq!(
+        cross["name"].as_str(),
+        Some("edgemt"),
+        "a variant is named edgemt-<variant> unless it sets name"
+    );
+    let depends = cross["depends"]
+        .as_str()
+        .expect("depends in the cross variant");
+    let floor = depends
+        .strip_prefix("libc6 (>= ")
+        .and_then(|d| d.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("cross variant depends = {depends:?}, expected libc6 (>= X)"));
+    let promise = format!("glibc {floor} or newer");
+    assert!(
+        repo_file("packaging/README.md").contains(&promise),
+        "packaging/README.md does not say \"{promise}\""
+    );
+}
+
+#[test]
 fn debian_changelog_starts_with_this_version() {
     // cargo-deb names the package <version>-<revision> (revision 1 unless set); a changelog
     // whose first entry is an older version would misdescribe the installed package.

@@ -17,9 +17,10 @@
 #    asset paths relative to Cargo.toml and only target/release/ means Cargo's output.
 # 2. Installs what is missing: rustup targets, Debian's cross gcc + libc, qemu-user, binutils
 #    (for objdump/file checks), lintian and cargo-deb (cargo install cargo-deb --locked).
-# 3. cargo deb [--target <triple>] --locked per architecture. The release profile has
-#    strip = true, so cargo strips the binary and cargo-deb runs no strip tool of its own;
-#    linkers come from .cargo/config.toml.
+# 3. cargo deb [--target <triple> --variant cross] --locked per architecture. The release
+#    profile has strip = true, so cargo strips the binary and cargo-deb runs no strip tool of
+#    its own; linkers come from .cargo/config.toml. The `cross` variant (Cargo.toml) states the
+#    libc6 dependency that $auto cannot work out from the cross toolchain's libc.
 # 4. Checks each .deb and exits non-zero on any failure: dpkg-deb --contents lists the binary,
 #    the unit, the config and the model; the config is a conffile; postinst enables the unit
 #    and does not start it; Architecture matches; the binary is a stripped ELF for that CPU
@@ -27,12 +28,11 @@
 #    newest GLIBC_ symbol version the binary needs. lintian reports its findings (overrides,
 #    each with its reason, are in packaging/lintian-overrides); errors fail the check.
 #
-# Packages: $CARGO_TARGET_DIR/debian/ (native) and $CARGO_TARGET_DIR/<triple>/debian/ (ARM).
+# Packages: edgemt_<version>_<arch>.deb in the debian/ folder of Cargo's target directory.
 # Cargo runs under `nice -n 10`. Needs root (or sudo) only to install missing packages.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-repo=$(pwd)
 
 # The installed model; Cargo.toml's asset list puts models/hapt_mlp.onnx there.
 installed_model=/usr/share/edgemt/hapt_mlp.onnx
@@ -135,7 +135,7 @@ declare -A deb_of build_secs
 for a in "${arches[@]}"; do
     triple=${triple_of[$a]}
     target_args=()
-    [[ -n "$triple" ]] && target_args=(--target "$triple")
+    [[ -n "$triple" ]] && target_args=(--target "$triple" --variant cross)
     log "cargo deb ${target_args[*]} --locked  (CARGO_TARGET_DIR=$target_dir)"
     start=$(date +%s)
     nice -n 10 cargo deb "${target_args[@]}" --locked | tee "$target_dir/package-$a.out"
@@ -149,12 +149,13 @@ done
 # ---------------------------------------------------------------- checks
 failures=()
 fail() { echo "FAIL: $*"; failures+=("$*"); }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 
 check_deb() {  # arch-name deb
-    local a=$1 deb=$2 tmp
-    tmp=$(mktemp -d)
-    # shellcheck disable=SC2064
-    trap "rm -rf '$tmp'" RETURN
+    local a=$1 deb=$2
+    local tmp=$work/$a
+    mkdir -p "$tmp"
     log "checking $deb"
     dpkg-deb --info "$deb"
     echo
