@@ -2,10 +2,11 @@
 # Verifies packaging/edgemt.service with `systemd-analyze verify` and fails on ANY stderr
 # output (systemd-analyze only warns, with exit status 0, about most problems).
 #
-# /usr/local/bin/edgemt usually does not exist on the build machine, and verify complains about
-# a missing ExecStart binary; so by default a temporary copy of the unit is verified whose
-# ExecStart binary is replaced with an existing one (EDGEMT_BIN, default /bin/true), keeping
-# the arguments. Pass --as-is to verify the unit untouched (e.g. on a board after installing).
+# /usr/bin/edgemt usually does not exist on the build machine (it does once the .deb is
+# installed), and verify complains about a missing ExecStart binary; so by default a temporary
+# copy of the unit is verified whose ExecStart binary is replaced with an existing one
+# (EDGEMT_BIN, default /bin/true), keeping the arguments. Pass --as-is to verify the unit
+# untouched (e.g. on a board after installing the package).
 #
 # Installs systemd with apt-get if systemd-analyze is missing and apt is available (as root);
 # otherwise skips with a message (exit 0). Also prints the `systemd-analyze security` score.
@@ -34,7 +35,11 @@ if [[ $as_is -eq 1 ]]; then
     cp "$unit" "$tmp/edgemt.service"
 else
     bin=${EDGEMT_BIN:-/bin/true}
-    sed "s|^ExecStart=/usr/local/bin/edgemt |ExecStart=$bin |" "$unit" > "$tmp/edgemt.service"
+    sed "s|^ExecStart=[^ ]*/edgemt |ExecStart=$bin |" "$unit" > "$tmp/edgemt.service"
+    if ! grep -q "^ExecStart=$bin " "$tmp/edgemt.service"; then
+        echo "check_packaging: FAIL: no 'ExecStart=<path>/edgemt ...' line in $unit to substitute"
+        exit 1
+    fi
     echo "check_packaging: verifying a copy of $unit with ExecStart binary $bin:"
     grep '^ExecStart=' "$tmp/edgemt.service"
 fi
