@@ -68,3 +68,32 @@ fn check_names_what_is_wrong_and_exits_non_zero() {
     let err = check_fails(&cfg);
     assert!(err.contains("password_file"), "{err}");
 }
+
+/// Under systemd (JOURNAL_STREAM set) every log line carries journald's `<N>` priority, so
+/// `journalctl -p warning` finds the warnings; on a terminal there is no prefix.
+#[test]
+fn log_lines_carry_syslog_priorities_when_stderr_is_the_journal() {
+    let run = |journal: bool| {
+        let mut cmd = edgemt();
+        cmd.args(["check", "--config"])
+            .arg(util::path("config/edgemt.toml"));
+        if journal {
+            cmd.env("JOURNAL_STREAM", "8:12345");
+        } else {
+            cmd.env_remove("JOURNAL_STREAM");
+        }
+        String::from_utf8_lossy(&cmd.output().unwrap().stderr).into_owned()
+    };
+    let journal = run(true);
+    let info = journal
+        .lines()
+        .find(|l| l.contains("model "))
+        .expect("an info line");
+    assert!(info.starts_with("<6>"), "{info}");
+    assert!(
+        !info.contains("Z "),
+        "journald stamps the time itself: {info}"
+    );
+    let plain = run(false);
+    assert!(plain.lines().all(|l| !l.starts_with('<')), "{plain}");
+}
