@@ -180,37 +180,32 @@ impl Router {
         if self.shared.stopping.load(Relaxed) {
             return;
         }
+        if !self.topics.inputs().contains(&topic) {
+            return;
+        }
+        if retained {
+            self.ignore_retained(topic);
+            return;
+        }
         let input = if topic == self.topics.samples {
             Input::Samples
         } else if topic == self.topics.rows {
             Input::Rows
         } else if topic == self.topics.labels {
             Input::Labels
-        } else if topic != self.topics.cmd {
-            return;
-        } else if retained {
-            self.ignore_retained(topic);
-            return;
         } else {
             if let Err(e) = self.command(payload) {
                 self.reject(topic, e);
             }
             return;
         };
-        if retained {
-            self.ignore_retained(topic);
-            return;
-        }
         if payload.len() > self.max_payload {
             self.reject(topic, Rejection::Oversized(payload.len(), self.max_payload));
             return;
         }
         let c = &self.shared.counters;
         self.raw.push_with(Raw::new(input, payload), |dropped| {
-            c.unread_dropped_total.fetch_add(1, Relaxed);
-            if dropped.labeled {
-                c.labeled_dropped_total.fetch_add(1, Relaxed);
-            }
+            c.count_drop(&c.unread_dropped_total, true, dropped.labeled)
         });
     }
 
@@ -405,14 +400,9 @@ impl Ingest {
         match dropped {
             None => {}
             Some(Incoming::Sample { label, .. }) => {
-                c.dropped_total.fetch_add(1, Relaxed);
-                if label.is_some() {
-                    c.labeled_dropped_total.fetch_add(1, Relaxed);
-                }
+                c.count_drop(&c.dropped_total, true, label.is_some())
             }
-            Some(Incoming::Feedback { .. }) => {
-                c.labeled_dropped_total.fetch_add(1, Relaxed);
-            }
+            Some(Incoming::Feedback { .. }) => c.count_drop(&c.dropped_total, false, true),
         }
     }
 

@@ -119,6 +119,19 @@ pub struct Shared {
     rejections: Mutex<super::ingest::RateLimitedLog>,
 }
 
+impl Counters {
+    /// Counts an item a full queue dropped: a sample in that queue's own counter, and a
+    /// label (a labeled sample or label feedback) in `labeled_dropped_total` as well.
+    pub fn count_drop(&self, queue_samples: &AtomicU64, sample: bool, labeled: bool) {
+        if sample {
+            queue_samples.fetch_add(1, Relaxed);
+        }
+        if labeled {
+            self.labeled_dropped_total.fetch_add(1, Relaxed);
+        }
+    }
+}
+
 impl Shared {
     pub fn new(teacher: Mlp, state_dir: Option<std::path::PathBuf>) -> Self {
         let now = Instant::now();

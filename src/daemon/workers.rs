@@ -265,14 +265,9 @@ impl InferenceWorker {
         match dropped {
             None => {}
             Some(TrainItem::Sample { label, .. }) => {
-                c.train_dropped_total.fetch_add(1, Relaxed);
-                if label.is_some() {
-                    c.labeled_dropped_total.fetch_add(1, Relaxed);
-                }
+                c.count_drop(&c.train_dropped_total, true, label.is_some())
             }
-            Some(TrainItem::Feedback { .. }) => {
-                c.labeled_dropped_total.fetch_add(1, Relaxed);
-            }
+            Some(TrainItem::Feedback { .. }) => c.count_drop(&c.train_dropped_total, false, true),
         }
     }
 }
