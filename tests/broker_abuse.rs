@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::broker::{daemon_config, last_metrics, num, on, Broker, Daemon, MqttPeer};
-use crate::util::stream;
+use crate::util::broker::{
+    daemon_config, daemon_config_mqtt, last_metrics, num, on, predicted_ids, Broker, Daemon,
+    MqttPeer,
+};
 use crate::util::tempdir;
+use crate::util::{sample_with_id, stream};
 
 /// Receives until the newest metrics message satisfies `done`; returns it.
 fn metrics_when(
@@ -25,35 +28,6 @@ fn metrics_when(
     let m = last_metrics(&got, topic).expect("metrics arrive");
     assert!(done(&m), "condition not reached within {timeout:?}: {m}");
     m
-}
-
-/// The ids of the predictions among `msgs`.
-fn predicted_ids(msgs: &[(String, Vec<u8>)], topic: &str) -> HashSet<String> {
-    on(msgs, topic)
-        .map(|p| {
-            serde_json::from_str::<Value>(&p).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
-/// Adds keys to the `[mqtt]` table `daemon_config` wrote.
-fn mqtt_keys(cfg: &std::path::Path, keys: &str) {
-    let text = std::fs::read_to_string(cfg).unwrap();
-    std::fs::write(
-        cfg,
-        text.replacen("[mqtt]\n", &format!("[mqtt]\n{keys}"), 1),
-    )
-    .unwrap();
-}
-
-fn with_id(sample: &Value, id: &str) -> String {
-    let mut s = sample.clone();
-    s["id"] = Value::from(id);
-    s.as_object_mut().unwrap().remove("truth");
-    s.to_string()
 }
 
 fn poison(label: Option<usize>) -> String {
@@ -91,7 +65,7 @@ fn a_sample_that_drives_the_backbone_to_infinity_is_counted_and_never_reaches_a_
             peer.publish(&samples_topic, poison(Some(i % 6)));
             peer.publish(&samples_topic, poison(None));
         }
-        peer.publish(&samples_topic, with_id(s, &format!("c{i}")));
+        peer.publish(&samples_topic, sample_with_id(s, &format!("c{i}")));
     }
     let m = metrics_when(&peer, &metrics, Duration::from_secs(20), |v| {
         num(v, "samples_total") >= 96.0 && num(v, "checkpoints_total") >= 2.0
@@ -226,7 +200,7 @@ fn a_retained_message_over_the_packet_limit_neither_loops_reconnects_nor_stops_p
         num(v, "mqtt_connected") == 1.0
     });
     for (i, s) in stream(20).iter().enumerate() {
-        peer.publish(&samples_topic, with_id(s, &format!("o{i}")));
+        peer.publish(&samples_topic, sample_with_id(s, &format!("o{i}")));
     }
     let got = peer.collect_until(Duration::from_secs(15), |m| on(m, &pred).count() >= 20);
     assert_eq!(on(&got, &pred).count(), 20);
@@ -253,7 +227,7 @@ fn samples_with_huge_ids_are_rejected_so_memory_does_not_grow_with_them() {
     let n = 400;
     for i in 0..n {
         let id = format!("{i:06}{}", "i".repeat(200_000));
-        peer.publish(&format!("{prefix}/samples"), with_id(sample, &id));
+        peer.publish(&format!("{prefix}/samples"), sample_with_id(sample, &id));
     }
     // Each is parsed and rejected, or, when they come faster than the parser, dropped unread
     // (4 MiB of raw queue holds about 20 of them); either way none is kept.
@@ -300,7 +274,10 @@ fn a_flood_of_labeled_samples_drops_the_oldest_labeled_counts_it_and_accounts_fo
     for i in 0..n {
         let mut s = samples[i % samples.len()].clone();
         s["label"] = s["truth"].clone();
-        peer.publish(&format!("{prefix}/samples"), with_id(&s, &format!("l{i}")));
+        peer.publish(
+            &format!("{prefix}/samples"),
+            sample_with_id(&s, &format!("l{i}")),
+        );
     }
     // Wait until every sample is accounted for and the counters stand still.
     let identity = |v: &Value| {
@@ -335,8 +312,7 @@ fn qos1_samples_sent_while_the_daemon_is_away_are_predicted_when_it_is_back() {
     let dir = tempdir();
     let broker = Broker::start();
     let prefix = "edgemt-test/persistent";
-    let cfg = daemon_config(dir.path(), &broker, prefix, "");
-    mqtt_keys(&cfg, "qos = 1\n");
+    let cfg = daemon_config_mqtt(dir.path(), &broker, prefix, "qos = 1\n", "");
     let pred = format!("{prefix}/predictions");
     let status = format!("{prefix}/status");
     let peer = MqttPeer::connect(broker.port, "sensor", &[&pred, &status]);
@@ -346,7 +322,10 @@ fn qos1_samples_sent_while_the_daemon_is_away_are_predicted_when_it_is_back() {
     });
     let samples = stream(40);
     for (i, s) in samples[..10].iter().enumerate() {
-        peer.publish(&format!("{prefix}/samples"), with_id(s, &format!("a{i}")));
+        peer.publish(
+            &format!("{prefix}/samples"),
+            sample_with_id(s, &format!("a{i}")),
+        );
     }
     let got = peer.collect_until(Duration::from_secs(10), |m| on(m, &pred).count() >= 10);
     assert_eq!(on(&got, &pred).count(), 10);
@@ -357,11 +336,14 @@ fn qos1_samples_sent_while_the_daemon_is_away_are_predicted_when_it_is_back() {
 
     // Away: the broker queues these for the daemon's session.
     for (i, s) in samples[10..].iter().enumerate() {
-        peer.publish(&format!("{prefix}/samples"), with_id(s, &format!("b{i}")));
+        peer.publish(
+            &format!("{prefix}/samples"),
+            sample_with_id(s, &format!("b{i}")),
+        );
     }
     let mut daemon = Daemon::start(&cfg, &[]);
     let got = peer.collect_until(Duration::from_secs(15), |m| on(m, &pred).count() >= 30);
-    let ids = predicted_ids(&got, &pred);
+    let ids: HashSet<String> = predicted_ids(&got, &pred).into_iter().collect();
     let missing: Vec<String> = (0..30)
         .map(|i| format!("b{i}"))
         .filter(|id| !ids.contains(id))
@@ -385,7 +367,7 @@ fn a_label_sent_right_after_its_sample_finds_it() {
     let samples = stream(200);
     for (i, s) in samples.iter().enumerate() {
         let id = format!("h{i}");
-        peer.publish(&format!("{prefix}/samples"), with_id(s, &id));
+        peer.publish(&format!("{prefix}/samples"), sample_with_id(s, &id));
         let truth = &s["truth"];
         peer.publish(
             &format!("{prefix}/labels"),
@@ -406,8 +388,13 @@ fn predictions_total_counts_published_predictions_and_the_rest_are_counted_as_dr
     let dir = tempdir();
     let broker = Broker::start();
     let prefix = "edgemt-test/pubdrop";
-    let cfg = daemon_config(dir.path(), &broker, prefix, "");
-    mqtt_keys(&cfg, "qos = 1\nrequest_queue = 2\n");
+    let cfg = daemon_config_mqtt(
+        dir.path(),
+        &broker,
+        prefix,
+        "qos = 1\nrequest_queue = 2\n",
+        "",
+    );
     let mut daemon = Daemon::start(&cfg, &[]);
     let metrics = format!("{prefix}/metrics");
     let pred = format!("{prefix}/predictions");
@@ -415,7 +402,10 @@ fn predictions_total_counts_published_predictions_and_the_rest_are_counted_as_dr
     metrics_when(&peer, &metrics, Duration::from_secs(10), |_| true);
     let samples = stream(771);
     for (i, s) in samples.iter().enumerate() {
-        peer.publish(&format!("{prefix}/samples"), with_id(s, &format!("p{i}")));
+        peer.publish(
+            &format!("{prefix}/samples"),
+            sample_with_id(s, &format!("p{i}")),
+        );
     }
     let got = peer.collect_until(Duration::from_secs(30), |m| {
         last_metrics(m, &metrics).is_some_and(|v| {

@@ -94,13 +94,10 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
     let rows: Vec<Vec<f32>> = samples[..3]
         .iter()
         .flat_map(|s| {
-            let x: Vec<f32> = s["x"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
-            x.chunks(6).map(<[f32]>::to_vec).collect::<Vec<_>>()
+            util::sample_x(s)
+                .chunks(6)
+                .map(<[f32]>::to_vec)
+                .collect::<Vec<_>>()
         })
         .collect();
     for chunk in rows.chunks(16) {

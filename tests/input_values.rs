@@ -28,15 +28,6 @@ fn expected(model: &Path, samples: &[Vec<f32>]) -> Vec<(u64, f64)> {
         .collect()
 }
 
-fn x_of(sample: &Value) -> Vec<f32> {
-    sample["x"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect()
-}
-
 /// Starts a paused daemon (so the pretrained model answers every sample) on `model` with
 /// `extra` config, and a peer subscribed to its predictions.
 fn paused_daemon(
@@ -112,7 +103,7 @@ fn windows_assembled_from_rows_in_every_form_predict_exactly_as_their_samples() 
     // Calibration off and hop = window, so window k is exactly sample k.
     let (mut daemon, peer) =
         paused_daemon(dir.path(), &broker, prefix, &model, "[input]\nhop = 64\n");
-    let samples: Vec<Vec<f32>> = stream(3).iter().map(x_of).collect();
+    let samples: Vec<Vec<f32>> = stream(3).iter().map(util::sample_x).collect();
     let want = expected(&model, &samples);
     let rows = format!("{prefix}/rows");
     let row = |s: &[f32], t: usize| s[t * 6..(t + 1) * 6].to_vec();
@@ -155,7 +146,7 @@ fn raw_f32le_samples_and_rows_predict_exactly_as_the_json_sample() {
         &model,
         "[input]\nformat = \"f32le\"\nhop = 64\n",
     );
-    let samples: Vec<Vec<f32>> = stream(3).iter().map(x_of).collect();
+    let samples: Vec<Vec<f32>> = stream(3).iter().map(util::sample_x).collect();
     let want = expected(&model, &samples);
     let le = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
     peer.publish(&format!("{prefix}/samples"), le(&samples[0]));
@@ -182,7 +173,12 @@ fn a_channel_first_model_fed_time_major_rows_predicts_its_transposed_window() {
     // Rows as a sensor sends them: time-major, 6 channels a row.
     let rows: Vec<Vec<f32>> = stream(2)
         .iter()
-        .flat_map(|s| x_of(s).chunks(6).map(<[f32]>::to_vec).collect::<Vec<_>>())
+        .flat_map(|s| {
+            util::sample_x(s)
+                .chunks(6)
+                .map(<[f32]>::to_vec)
+                .collect::<Vec<_>>()
+        })
         .collect();
     // The model reads [6, 64]: channel c's 64 steps, then channel c + 1's.
     let windows: Vec<Vec<f32>> = rows

@@ -650,27 +650,11 @@ fn gradient_clipping_bounds_each_plain_sgd_step_by_learning_rate_times_max_norm(
             max_grad_norm,
             ..Default::default()
         };
-        let mut learner = edgemt::learn::Learner::new(
-            c.pretrained(),
-            edgemt::stream::Layout::for_shape(&c.input_shape, None),
-            &cfg,
-            &Default::default(),
-            &edgemt::learn::GuardConfig {
-                enabled: false,
-                ..Default::default()
-            },
-            &Default::default(),
-            0,
-        );
+        let mut learner = util::learner_with(&c, &cfg);
         // Wrong labels on confident samples: a large gradient.
         let mut backbone = c.backbone.clone();
         for (i, s) in util::stream(16).iter().enumerate() {
-            let x: Vec<f32> = s["x"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
+            let x = util::sample_x(s);
             let emb = backbone.embed(&x, 1).unwrap();
             let wrong = (s["truth"].as_u64().unwrap() as usize + 1 + i % 4) % 6;
             learner.observe(&x, emb.row(0), Some(wrong), None);

@@ -5,11 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::util::broker::{
-    daemon_config_mqtt, has_line, last_metrics, num, on, users, wait_for_log, warn_line, Broker,
-    BrokerOptions, Daemon, MqttPeer, Notifications, PeerOptions,
+    daemon_config_mqtt, has_line, last_metrics, num, on, predicted_ids, users, wait_for_log,
+    warn_line, Broker, BrokerOptions, Daemon, MqttPeer, Notifications, PeerOptions,
 };
 use crate::util::{self, sample_with_id, stream, tempdir};
 
@@ -18,18 +16,6 @@ fn login(user: &str, password: &str) -> PeerOptions {
         credentials: Some((user.into(), password.into())),
         ..Default::default()
     }
-}
-
-/// The ids of the predictions among `msgs`.
-fn predicted_ids(msgs: &[(String, Vec<u8>)], topic: &str) -> Vec<String> {
-    on(msgs, topic)
-        .map(|p| {
-            serde_json::from_str::<Value>(&p).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
 }
 
 #[test]

@@ -731,6 +731,18 @@ pub fn num(v: &serde_json::Value, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("metrics lack {key}: {v}"))
 }
 
+/// The ids of the predictions among `msgs`, in arrival order.
+pub fn predicted_ids(msgs: &[(String, Vec<u8>)], topic: &str) -> Vec<String> {
+    on(msgs, topic)
+        .map(|p| {
+            serde_json::from_str::<serde_json::Value>(&p).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// The last metrics message received on `topic`, parsed.
 pub fn last_metrics(msgs: &[(String, Vec<u8>)], topic: &str) -> Option<serde_json::Value> {
     on(msgs, topic)

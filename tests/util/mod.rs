@@ -104,6 +104,16 @@ pub fn stream(n: usize) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A recording line's `x`, as the model's flat f32 input.
+pub fn sample_x(sample: &serde_json::Value) -> Vec<f32> {
+    sample["x"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
 /// A sample of the shipped stream as a sensor would send it: with `id`, without the truth.
 pub fn sample_with_id(sample: &serde_json::Value, id: &str) -> String {
     let mut s = sample.clone();
@@ -136,15 +146,26 @@ pub fn shipped_classifier() -> edgemt::model::Classifier {
 
 /// A learner on the shipped model's pretrained head that steps on every sample.
 pub fn stepping_learner(c: &edgemt::model::Classifier, ema_every: u64) -> edgemt::learn::Learner {
-    let cfg = edgemt::learn::LearnConfig {
-        train_every: 1,
-        ema_every,
-        ..Default::default()
-    };
+    learner_with(
+        c,
+        &edgemt::learn::LearnConfig {
+            train_every: 1,
+            ema_every,
+            ..Default::default()
+        },
+    )
+}
+
+/// A learner on `c`'s pretrained head with `cfg`, default augmentation, gate and seed, and
+/// the rollback guard off (these tests look at single steps).
+pub fn learner_with(
+    c: &edgemt::model::Classifier,
+    cfg: &edgemt::learn::LearnConfig,
+) -> edgemt::learn::Learner {
     edgemt::learn::Learner::new(
         c.pretrained(),
         edgemt::stream::Layout::for_shape(&c.input_shape, None),
-        &cfg,
+        cfg,
         &Default::default(),
         &edgemt::learn::GuardConfig {
             enabled: false,
