@@ -11,22 +11,6 @@ use serde_json::Value;
 
 use crate::util::broker::{daemon_config, last_metrics, num, on, Broker, Daemon, MqttPeer};
 use crate::util::{self, stream, tempdir};
-use edgemt::model::Classifier;
-use edgemt::session::Predictor;
-
-/// (class, confidence) of the pretrained model on each flat sample, from the library.
-fn expected(model: &Path, samples: &[Vec<f32>]) -> Vec<(u64, f64)> {
-    let c = Classifier::load(model, &Default::default()).unwrap();
-    let mut predictor = Predictor::new(c.backbone.clone());
-    let mut out = Vec::new();
-    let flat: Vec<f32> = samples.concat();
-    predictor
-        .run(&flat, samples.len(), None, &c.pretrained(), &mut out)
-        .unwrap();
-    out.iter()
-        .map(|p| (p.class as u64, p.confidence as f64))
-        .collect()
-}
 
 /// Starts a paused daemon (so the pretrained model answers every sample) on `model` with
 /// `extra` config, and a peer subscribed to its predictions.
@@ -104,7 +88,7 @@ fn windows_assembled_from_rows_in_every_form_predict_exactly_as_their_samples() 
     let (mut daemon, peer) =
         paused_daemon(dir.path(), &broker, prefix, &model, "[input]\nhop = 64\n");
     let samples: Vec<Vec<f32>> = stream(3).iter().map(util::sample_x).collect();
-    let want = expected(&model, &samples);
+    let want = util::pretrained_predictions(&model, &samples);
     let rows = format!("{prefix}/rows");
     let row = |s: &[f32], t: usize| s[t * 6..(t + 1) * 6].to_vec();
     // Sample 0: arrays of 16 rows.
@@ -147,7 +131,7 @@ fn raw_f32le_samples_and_rows_predict_exactly_as_the_json_sample() {
         "[input]\nformat = \"f32le\"\nhop = 64\n",
     );
     let samples: Vec<Vec<f32>> = stream(3).iter().map(util::sample_x).collect();
-    let want = expected(&model, &samples);
+    let want = util::pretrained_predictions(&model, &samples);
     let le = |v: &[f32]| v.iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>();
     peer.publish(&format!("{prefix}/samples"), le(&samples[0]));
     peer.publish(&format!("{prefix}/samples"), le(&samples[1]));
@@ -185,7 +169,7 @@ fn a_channel_first_model_fed_time_major_rows_predicts_its_transposed_window() {
         .chunks(64)
         .map(|w| (0..6).flat_map(|c| w.iter().map(move |r| r[c])).collect())
         .collect();
-    let want = expected(&model, &windows);
+    let want = util::pretrained_predictions(&model, &windows);
     for block in rows.chunks(16) {
         peer.publish(
             &format!("{prefix}/rows"),

@@ -110,11 +110,24 @@ fn the_report_has_every_documented_field_with_sane_values() {
     ] {
         f(&r, key);
     }
-    for acc in [
-        "/prequential_accuracy/teacher",
-        "/eval/teacher_accuracy",
-        "/eval/source_accuracy",
-    ] {
+    // Counts and the pretrained model's accuracies, held to the recordings themselves and to
+    // the library's own prediction of each sample.
+    let stream = util::recording_lines("data/control_stream.jsonl");
+    let labeled = stream.iter().filter(|l| l.get("label").is_some()).count();
+    let holdout = util::recording_lines("data/control_holdout.jsonl");
+    assert_eq!(f(&r, "/samples"), stream.len() as f64);
+    assert_eq!(f(&r, "/labeled"), labeled as f64);
+    assert_eq!(f(&r, "/rejected"), 0.0);
+    assert_eq!(f(&r, "/eval/samples"), holdout.len() as f64);
+    let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+    let source = util::pretrained_accuracy("data/control_holdout.jsonl", "truth");
+    assert!(close(f(&r, "/eval/source_accuracy"), source), "{source}");
+    let prequential = util::pretrained_accuracy("data/control_stream.jsonl", "truth");
+    assert!(
+        close(f(&r, "/prequential_accuracy/source"), prequential),
+        "{prequential}"
+    );
+    for acc in ["/prequential_accuracy/teacher", "/eval/teacher_accuracy"] {
         assert!((0.0..=1.0).contains(&f(&r, acc)), "{acc}");
     }
     assert_eq!(f(&r, "/samples"), f(&r, "/scored"));
@@ -124,6 +137,18 @@ fn the_report_has_every_documented_field_with_sane_values() {
     assert!(f(&r, "/peak_rss_bytes") > 1e6);
     let timeline = r["timeline"].as_array().expect("timeline");
     assert!(timeline.len() >= 5);
+    // One point every `timeline_every` samples, and a last one at the end of the stream.
+    let at: Vec<f64> = timeline.iter().map(|p| f(p, "/sample")).collect();
+    let (every, last) = (at[0], at[at.len() - 1]);
+    let regular = &at[..at.len() - 1];
+    assert!(
+        regular
+            .iter()
+            .enumerate()
+            .all(|(i, &s)| s == every * (i + 1) as f64),
+        "{at:?}"
+    );
+    assert_eq!(last, stream.len() as f64, "{at:?}");
     for key in [
         "/sample",
         "/teacher_accuracy",

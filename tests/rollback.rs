@@ -133,3 +133,59 @@ fn labels_the_last_good_teacher_almost_never_agrees_with_are_judged_misleading()
     guard.discard_pending();
     assert!(guard.pending.is_empty() && guard.rollbacks == 1);
 }
+
+/// A guard whose trusted labels are `labeled` (x₀ and class; x₁ = 0).
+fn guard_trusting(labeled: &[(f32, usize)], margin: f32) -> RollbackGuard {
+    let mut guard = RollbackGuard::new(GuardConfig {
+        min_trusted: 2,
+        min_pending: 1,
+        margin,
+        ..GuardConfig::default()
+    });
+    for &(x, y) in labeled {
+        guard.hold_out(array![x, 0.0].view(), y);
+    }
+    guard.promote();
+    assert_eq!(guard.trusted.len(), labeled.len());
+    guard
+}
+
+#[test]
+fn a_teacher_that_gets_two_more_trusted_labels_wrong_than_the_last_good_one_is_judged_worse() {
+    // The good head says class 0 for x₀ > 0; the teacher has moved its boundary to the right
+    // (past 0.75 whichever way the weights are read), so it misses 0.5 and 0.6.
+    let good = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
+    let teacher = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![-1.5, 0.0])]).unwrap();
+    let two_misses = [
+        (0.5, 0),
+        (0.6, 0),
+        (2.0, 0),
+        (3.0, 0),
+        (-1.0, 1),
+        (-2.0, 1),
+        (-3.0, 1),
+        (-4.0, 1),
+    ];
+    let mut guard = guard_trusting(&two_misses, 0.1);
+    let empty = Array2::zeros((0, 2));
+    match guard.judge(&teacher, &good, &good, empty.view()) {
+        Verdict::Worse { teacher, good } => assert_eq!((teacher, good), (0.75, 1.0)),
+        other => panic!("expected a regression, got {other:?}"),
+    }
+    // The same teacher against itself passes, with its accuracy reported.
+    match guard.judge(&teacher, &teacher, &good, empty.view()) {
+        Verdict::Pass { teacher, good } => assert_eq!((teacher, good), (0.75, 0.75)),
+        other => panic!("expected a pass, got {other:?}"),
+    }
+
+    // One miss is over a small margin but is a single sample: not enough to roll back.
+    let one_miss = &two_misses[1..];
+    let mut guard = guard_trusting(one_miss, 0.05);
+    match guard.judge(&teacher, &good, &good, empty.view()) {
+        Verdict::Pass { teacher, good } => {
+            assert_eq!(good, 1.0);
+            assert!((teacher - 6.0 / 7.0).abs() < 1e-6, "{teacher}");
+        }
+        other => panic!("one sample is not a regression, got {other:?}"),
+    }
+}

@@ -104,6 +104,47 @@ pub fn stream(n: usize) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Every line of a recording under the repository, parsed.
+pub fn recording_lines(rel: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path(rel))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (class, confidence) of a model's pretrained head on each flat sample, from the library:
+/// the reference that the daemon's and replay's numbers are held to.
+pub fn pretrained_predictions(model: &Path, samples: &[Vec<f32>]) -> Vec<(u64, f64)> {
+    let c = edgemt::model::Classifier::load(model, &Default::default()).unwrap();
+    let mut predictor = edgemt::session::Predictor::new(c.backbone.clone());
+    let mut out = Vec::new();
+    let flat: Vec<f32> = samples.concat();
+    predictor
+        .run(&flat, samples.len(), None, &c.pretrained(), &mut out)
+        .unwrap();
+    out.iter()
+        .map(|p| (p.class as u64, p.confidence as f64))
+        .collect()
+}
+
+/// The pretrained model's accuracy on a recording's samples that carry a truth (or label).
+pub fn pretrained_accuracy(rel: &str, key: &str) -> f64 {
+    let lines: Vec<_> = recording_lines(rel)
+        .into_iter()
+        .filter(|l| l.get(key).is_some())
+        .collect();
+    let xs: Vec<Vec<f32>> = lines.iter().map(sample_x).collect();
+    let predicted = pretrained_predictions(&path("models/hapt_mlp.onnx"), &xs);
+    let correct = predicted
+        .iter()
+        .zip(&lines)
+        .filter(|((class, _), l)| Some(*class) == l[key].as_u64())
+        .count();
+    correct as f64 / lines.len() as f64
+}
+
 /// A recording line's `x`, as the model's flat f32 input.
 pub fn sample_x(sample: &serde_json::Value) -> Vec<f32> {
     sample["x"]
