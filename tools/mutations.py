@@ -75,7 +75,7 @@ MUTATIONS = [
         "no-subscription-after-a-reconnect",
         "src/daemon/mqtt.rs",
         "for topic in self.router.topics.inputs() {",
-        "for topic in self.router.topics.inputs().filter(|_| {\n"
+        "for topic in self.router.topics.inputs().into_iter().filter(|_| {\n"
         "    self.shared.counters.mqtt_reconnects_total.load(Relaxed) == 0\n"
         "}) {",
         "daemon::daemon_recovers_by_itself",
