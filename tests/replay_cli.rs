@@ -37,6 +37,12 @@ fn adaptation_on_the_shifted_target_beats_the_pretrained_model_by_fifteen_points
         f(&r, "/eval/served_accuracy"),
         f(&r, "/eval/source_accuracy"),
     );
+    // The baseline itself is held to the library's prediction of each holdout sample.
+    let pretrained = util::pretrained_accuracy("data/target_holdout.jsonl", "truth");
+    assert!(
+        (source - pretrained).abs() < 1e-6,
+        "{source} vs {pretrained}"
+    );
     assert!(
         teacher >= source + 0.15,
         "teacher {teacher} vs pretrained {source}"

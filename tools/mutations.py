@@ -98,6 +98,20 @@ MUTATIONS = [
         "checkpoints::kill_nine_after_a_restore",
     ),
     (
+        "replay-scores-the-teacher-as-the-pretrained-model",
+        "src/replay.rs",
+        "(source_preds[row].class == truth) as usize,",
+        "(p.class == truth) as usize,",
+        "replay_cli::the_report_has_every_documented_field",
+    ),
+    (
+        "holdout-scores-the-teacher-as-the-pretrained-model",
+        "src/replay.rs",
+        "source_accuracy: correct[2] as f64 / n,",
+        "source_accuracy: correct[0] as f64 / n,",
+        "replay_cli::adaptation_on_the_shifted_target",
+    ),
+    (
         "optimizer-never-steps",
         "src/learn/learner.rs",
         "        self.optimizer.step(\n",
