@@ -81,18 +81,6 @@ impl<T: Droppable> BoundedQueue<T> {
         self.ready.notify_one();
     }
 
-    pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .items
-            .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Waits up to `wait` for at least one item, then moves up to `max` into `out`.
     /// Returns false once the queue is closed and empty.
     pub fn pop_batch(&self, max: usize, wait: Duration, out: &mut Vec<T>) -> bool {
