@@ -181,3 +181,47 @@ fn a_channel_first_model_fed_time_major_rows_predicts_its_transposed_window() {
     assert_same(&got, "2", want[1], "channel-first window 1");
     assert!(daemon.terminate().0.success());
 }
+
+/// Feeds rows 1, 2, 3, … (row r = [r, 10·r]) and returns (row count, window) per window.
+fn windows(layout: edgemt::stream::Layout, hop: usize, rows: usize) -> Vec<(usize, Vec<f32>)> {
+    let mut w = edgemt::stream::WindowAssembler::new(layout, hop);
+    (1..=rows)
+        .filter_map(|r| {
+            w.push_row(&[r as f32, 10.0 * r as f32])
+                .map(|window| (r, window))
+        })
+        .collect()
+}
+
+#[test]
+fn a_window_comes_once_it_is_full_then_every_hop_rows_with_the_latest_rows_in_order() {
+    let time_major = edgemt::stream::Layout {
+        steps: 4,
+        channels: 2,
+        step_stride: 2,
+        channel_stride: 1,
+    };
+    let got = windows(time_major, 2, 8);
+    assert_eq!(
+        got,
+        vec![
+            (4, vec![1., 10., 2., 20., 3., 30., 4., 40.]),
+            (6, vec![3., 30., 4., 40., 5., 50., 6., 60.]),
+            (8, vec![5., 50., 6., 60., 7., 70., 8., 80.]),
+        ]
+    );
+    // A hop longer than the window skips rows, but the first window still comes when full.
+    let at: Vec<usize> = windows(time_major, 6, 16).iter().map(|w| w.0).collect();
+    assert_eq!(at, vec![4, 10, 16]);
+    // A channel-first model gets the same rows transposed.
+    let channel_first = edgemt::stream::Layout {
+        steps: 4,
+        channels: 2,
+        step_stride: 1,
+        channel_stride: 4,
+    };
+    assert_eq!(
+        windows(channel_first, 4, 4),
+        vec![(4, vec![1., 2., 3., 4., 10., 20., 30., 40.])]
+    );
+}

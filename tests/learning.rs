@@ -351,29 +351,34 @@ fn the_diversity_term_is_the_negative_entropy_of_the_mean_prediction_by_hand() {
 #[test]
 fn a_masked_class_takes_no_supervised_loss() {
     // Label 0 with logits [ln 3, 0, 5]: unmasked p_0 is tiny; with class 2 masked out
-    // p = [3/4, 1/4, 0] and L_sup = −ln(3/4), and class 2 gets no gradient.
+    // p = [3/4, 1/4, 0] and L_sup = −ln(3/4), and class 2 gets no gradient. The second row
+    // is the first shifted by 80, which a stable softmax must not notice (e^160 overflows
+    // f32).
     let ln3 = 3f32.ln();
-    let labeled = array![[ln3, 0.0, 5.0]];
+    let labeled = array![[ln3, 0.0, 5.0], [80.0 + ln3, 80.0, 85.0]];
     let empty = Array2::<f32>::zeros((0, 3));
     let head = linear(Array2::eye(3), Array1::zeros(3));
     let batch = Batch {
         labeled: labeled.view(),
-        labels: &[0],
+        labels: &[0, 0],
         unlabeled: empty.view(),
         pseudo: &[],
         aug_a: empty.view(),
         aug_b: empty.view(),
         present: &[true, true, false],
     };
+    // Every unlabeled term is weighted in, but with no unlabeled rows they add nothing (not
+    // a NaN from a mean over zero rows).
     let w = LossWeights {
-        lambda: 0.0,
-        alpha: 0.0,
-        beta: 0.0,
+        lambda: 1.0,
+        alpha: 1.0,
+        beta: 1.0,
         consistency: ConsistencyMode::Student,
     };
     let mut grad = head.params().zeros_like();
     let parts = loss_and_grad(&head, &head, &batch, &w, &mut Scratch::default(), &mut grad);
     assert!(close(parts.sup, -(0.75f32.ln()), 1e-6), "{}", parts.sup);
+    assert_eq!(parts.total, parts.sup, "{parts:?}");
     assert_eq!(
         grad.matrix(0).row(2).iter().map(|v| v.abs()).sum::<f32>(),
         0.0
@@ -573,6 +578,31 @@ fn augmentations_are_seeded_and_shift_along_time() {
 }
 
 #[test]
+fn distribution_alignment_divides_by_a_running_mean_of_the_teachers_predictions_by_hand() {
+    // Momentum 0.5 from the uniform prior: after a batch of [0.92, 0.08] the running mean is
+    // [0.71, 0.29], so each row becomes [0.92/0.71, 0.08/0.29] renormalised, [0.82447,
+    // 0.17553], accepted at 0.8. The same batch again: running [0.815, 0.185], rows
+    // [0.72302, 0.27698], rejected.
+    let mut aligned = PseudoLabeler::new(2, 0.8, Balance::DistributionAlignment, 0.5);
+    let batch = Array2::from_shape_fn((4, 2), |(_, j)| if j == 0 { 0.92 } else { 0.08 });
+    let mut out = Vec::new();
+    for (want, verdict) in [
+        ([0.824_474_6, 0.175_525_3], Some(0)),
+        ([0.723_024_7, 0.276_975_4], None),
+    ] {
+        let mut probs = batch.clone();
+        aligned.label(&mut probs, &mut out);
+        assert_eq!(out, vec![verdict; 4]);
+        for row in probs.rows() {
+            assert!(
+                close(row[0], want[0], 1e-5) && close(row[1], want[1], 1e-5),
+                "{row} vs {want:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn distribution_alignment_makes_an_over_predicted_class_harder_to_accept() {
     let mut aligned = PseudoLabeler::new(2, 0.9, Balance::DistributionAlignment, 0.0);
     let mut plain = PseudoLabeler::new(2, 0.9, Balance::None, 0.0);
@@ -581,6 +611,7 @@ fn distribution_alignment_makes_an_over_predicted_class_harder_to_accept() {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     plain.label(&mut probs.clone(), &mut b);
     aligned.label(&mut probs.clone(), &mut a);
+    assert_eq!((a.len(), b.len()), (8, 8), "one verdict per row");
     assert!(b.iter().all(|p| *p == Some(0)));
     assert!(
         a.iter().all(Option::is_none),
