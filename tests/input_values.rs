@@ -225,3 +225,24 @@ fn a_window_comes_once_it_is_full_then_every_hop_rows_with_the_latest_rows_in_or
         vec![(4, vec![1., 2., 3., 4., 10., 20., 30., 40.])]
     );
 }
+
+#[test]
+fn raw_rows_must_be_a_whole_nonzero_number_of_rows() {
+    use edgemt::stream::window::rows_from_f32le;
+    let bytes: Vec<u8> = [1f32, 10., 2., 20.]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let mut out = Vec::new();
+    assert_eq!(rows_from_f32le(&bytes, 2, &mut out).unwrap(), 2);
+    assert_eq!(out, vec![1., 10., 2., 20.]);
+    assert!(
+        rows_from_f32le(&bytes[..12], 2, &mut out).is_err(),
+        "1.5 rows"
+    );
+    assert!(
+        rows_from_f32le(&bytes[..6], 2, &mut out).is_err(),
+        "a ragged float"
+    );
+    assert!(rows_from_f32le(&[], 2, &mut out).is_err(), "no row at all");
+}
