@@ -241,8 +241,15 @@ fn raw_rows_must_be_a_whole_nonzero_number_of_rows() {
         "1.5 rows"
     );
     assert!(
-        rows_from_f32le(&bytes[..6], 2, &mut out).is_err(),
-        "a ragged float"
+        matches!(
+            rows_from_f32le(&bytes[..6], 2, &mut out),
+            Err(edgemt::stream::DecodeError::WrongLength {
+                got: 6,
+                expected: 4,
+                ..
+            })
+        ),
+        "a ragged float: 6 bytes, of which 4 make whole values"
     );
     assert!(rows_from_f32le(&[], 2, &mut out).is_err(), "no row at all");
 }
