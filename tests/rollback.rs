@@ -189,3 +189,106 @@ fn a_teacher_that_gets_two_more_trusted_labels_wrong_than_the_last_good_one_is_j
         other => panic!("one sample is not a regression, got {other:?}"),
     }
 }
+
+#[test]
+fn the_guard_withholds_every_nth_label_keeps_at_most_its_capacity_and_is_due_every_k_steps() {
+    let mut guard = RollbackGuard::new(GuardConfig {
+        holdout_every: 3,
+        capacity: 4,
+        check_every_steps: 10,
+        ..GuardConfig::default()
+    });
+    let withheld: Vec<bool> = (0..7)
+        .map(|i| guard.hold_out(array![i as f32, 0.0].view(), i % 2))
+        .collect();
+    assert_eq!(
+        withheld,
+        [false, false, true, false, false, true, false],
+        "the 3rd and 6th labels are withheld from training"
+    );
+    // Capacity 4: the three oldest of the seven went.
+    assert_eq!(guard.pending.len(), 4);
+    assert!(!guard.pending.is_empty());
+    assert_eq!(guard.pending.embeddings[0], vec![3.0, 0.0]);
+    assert_eq!(Vec::from(guard.pending.labels.clone()), vec![1, 0, 1, 0]);
+    let due: Vec<u64> = (1..=30).filter(|&s| guard.due(s)).collect();
+    assert_eq!(due, vec![10, 20, 30]);
+
+    // With holdout_every = 0 every label also trains; a disabled guard files nothing.
+    let mut every = RollbackGuard::new(GuardConfig::default());
+    assert!((0..6).all(|i| !every.hold_out(array![i as f32, 0.0].view(), 0)));
+    let mut off = RollbackGuard::new(GuardConfig {
+        enabled: false,
+        holdout_every: 1,
+        ..GuardConfig::default()
+    });
+    assert!(!off.hold_out(array![1.0, 0.0].view(), 0));
+    assert!(off.pending.is_empty() && !off.due(10));
+}
+
+#[test]
+fn the_guards_thresholds_are_strict_where_it_says_below_and_inclusive_where_it_says_at_least() {
+    let good = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
+    let teacher = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![-1.5, 0.0])]).unwrap();
+    let empty = Array2::zeros((0, 2));
+    // Exactly min_trusted (8) trusted labels are enough to judge; the teacher misses two:
+    // 0.75 against 1.0.
+    let eight = [
+        (0.5, 0),
+        (0.6, 0),
+        (2.0, 0),
+        (3.0, 0),
+        (-1.0, 1),
+        (-2.0, 1),
+        (-3.0, 1),
+        (-4.0, 1),
+    ];
+    let judged = |margin: f32| {
+        let mut guard = guard_trusting(&eight, margin);
+        guard.cfg.min_trusted = 8;
+        let verdict = guard.judge(&teacher, &good, &good, empty.view());
+        assert_eq!(guard.checks, 1);
+        verdict
+    };
+    assert!(matches!(judged(0.1), Verdict::Worse { .. }));
+    // Worse only when the teacher is more than the margin below: 0.75 + 0.25 is not < 1.0,
+    // nor is 0.75 + 0.3.
+    assert!(matches!(judged(0.25), Verdict::Pass { .. }));
+    assert!(matches!(judged(0.3), Verdict::Pass { .. }));
+
+    // Pending labels the good teacher agrees with exactly at min_agreement are not
+    // misleading (two of four, min_agreement 0.5).
+    let mut guard = guard_trusting(&eight, 0.1);
+    guard.cfg.min_pending = 4;
+    guard.cfg.min_agreement = 0.5;
+    for (x, y) in [(1.0, 0), (-1.0, 1), (1.0, 1), (-1.0, 0)] {
+        guard.hold_out(array![x, 0.0].view(), y);
+    }
+    assert!(matches!(
+        guard.judge(&good, &good, &good, empty.view()),
+        Verdict::Pass { .. }
+    ));
+
+    // A collapse needs at least 32 recent samples, and collapse_ratio 0 turns it off.
+    let collapsed = Mlp::new(vec![(array![[0.0, 0.0], [0.0, 0.0]], array![0.0, 5.0])]).unwrap();
+    let recent = |n: usize| {
+        Array2::from_shape_fn((n, 2), |(i, j)| [1.0, -1.0][i % 2] * (j == 0) as u8 as f32)
+    };
+    let mut guard = RollbackGuard::new(GuardConfig::default());
+    assert!(matches!(
+        guard.judge(&collapsed, &good, &good, recent(31).view()),
+        Verdict::Pass { .. }
+    ));
+    assert!(matches!(
+        guard.judge(&collapsed, &good, &good, recent(32).view()),
+        Verdict::Collapsed { .. }
+    ));
+    let mut off = RollbackGuard::new(GuardConfig {
+        collapse_ratio: 0.0,
+        ..GuardConfig::default()
+    });
+    assert!(matches!(
+        off.judge(&collapsed, &good, &good, recent(64).view()),
+        Verdict::Pass { .. }
+    ));
+}
