@@ -292,3 +292,23 @@ fn the_guards_thresholds_are_strict_where_it_says_below_and_inclusive_where_it_s
         Verdict::Pass { .. }
     ));
 }
+
+#[test]
+fn pending_labels_are_promoted_while_the_trusted_set_is_being_built_then_only_in_full_batches() {
+    let mut guard = RollbackGuard::new(GuardConfig {
+        min_trusted: 2,
+        min_pending: 3,
+        ..GuardConfig::default()
+    });
+    let file = |guard: &mut RollbackGuard, n: usize| {
+        for i in 0..n {
+            guard.hold_out(array![i as f32, 0.0].view(), 0);
+        }
+        guard.promote();
+        (guard.trusted.len(), guard.pending.len())
+    };
+    assert_eq!(file(&mut guard, 1), (1, 0), "building: promoted at once");
+    assert_eq!(file(&mut guard, 1), (2, 0), "building: promoted at once");
+    assert_eq!(file(&mut guard, 2), (2, 2), "built: two of three wait");
+    assert_eq!(file(&mut guard, 1), (5, 0), "three pending: promoted");
+}
