@@ -283,6 +283,13 @@ fn the_guards_thresholds_are_strict_where_it_says_below_and_inclusive_where_it_s
         guard.judge(&collapsed, &good, &good, recent(32).view()),
         Verdict::Collapsed { .. }
     ));
+    // A stretch of one activity (all recent samples on one side): the pretrained model sees
+    // one class too, so a teacher that does the same has not collapsed (0 is not below 0).
+    let one_sided = Array2::from_shape_fn((64, 2), |(_, j)| (j == 0) as u8 as f32);
+    assert!(matches!(
+        guard.judge(&good, &good, &good, one_sided.view()),
+        Verdict::Pass { .. }
+    ));
     let mut off = RollbackGuard::new(GuardConfig {
         collapse_ratio: 0.0,
         ..GuardConfig::default()
