@@ -134,6 +134,18 @@ fn labels_the_last_good_teacher_almost_never_agrees_with_are_judged_misleading()
     assert!(guard.pending.is_empty() && guard.rollbacks == 1);
 }
 
+/// Eight labels (x₀, class) the good head gets all right and the moved teacher 6 of.
+const EIGHT_LABELS: [(f32, usize); 8] = [
+    (0.5, 0),
+    (0.6, 0),
+    (2.0, 0),
+    (3.0, 0),
+    (-1.0, 1),
+    (-2.0, 1),
+    (-3.0, 1),
+    (-4.0, 1),
+];
+
 /// A guard whose trusted labels are `labeled` (x₀ and class; x₁ = 0).
 fn guard_trusting(labeled: &[(f32, usize)], margin: f32) -> RollbackGuard {
     let mut guard = RollbackGuard::new(GuardConfig {
@@ -156,16 +168,7 @@ fn a_teacher_that_gets_two_more_trusted_labels_wrong_than_the_last_good_one_is_j
     // (past 0.75 whichever way the weights are read), so it misses 0.5 and 0.6.
     let good = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
     let teacher = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![-1.5, 0.0])]).unwrap();
-    let two_misses = [
-        (0.5, 0),
-        (0.6, 0),
-        (2.0, 0),
-        (3.0, 0),
-        (-1.0, 1),
-        (-2.0, 1),
-        (-3.0, 1),
-        (-4.0, 1),
-    ];
+    let two_misses = EIGHT_LABELS;
     let mut guard = guard_trusting(&two_misses, 0.1);
     let empty = Array2::zeros((0, 2));
     match guard.judge(&teacher, &good, &good, empty.view()) {
@@ -233,16 +236,7 @@ fn the_guards_thresholds_are_strict_where_it_says_below_and_inclusive_where_it_s
     let empty = Array2::zeros((0, 2));
     // Exactly min_trusted (8) trusted labels are enough to judge; the teacher misses two:
     // 0.75 against 1.0.
-    let eight = [
-        (0.5, 0),
-        (0.6, 0),
-        (2.0, 0),
-        (3.0, 0),
-        (-1.0, 1),
-        (-2.0, 1),
-        (-3.0, 1),
-        (-4.0, 1),
-    ];
+    let eight = EIGHT_LABELS;
     let judged = |margin: f32| {
         let mut guard = guard_trusting(&eight, margin);
         guard.cfg.min_trusted = 8;
