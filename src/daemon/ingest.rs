@@ -180,20 +180,23 @@ impl Router {
         if self.shared.stopping.load(Relaxed) {
             return;
         }
-        if !self.topics.inputs().contains(&topic) {
+        // One comparison chain: `None` is the command topic, anything else is not ours.
+        let input = if topic == self.topics.samples {
+            Some(Input::Samples)
+        } else if topic == self.topics.rows {
+            Some(Input::Rows)
+        } else if topic == self.topics.labels {
+            Some(Input::Labels)
+        } else if topic == self.topics.cmd {
+            None
+        } else {
             return;
-        }
+        };
         if retained {
             self.ignore_retained(topic);
             return;
         }
-        let input = if topic == self.topics.samples {
-            Input::Samples
-        } else if topic == self.topics.rows {
-            Input::Rows
-        } else if topic == self.topics.labels {
-            Input::Labels
-        } else {
+        let Some(input) = input else {
             if let Err(e) = self.command(payload) {
                 self.reject(topic, e);
             }
@@ -205,7 +208,7 @@ impl Router {
         }
         let c = &self.shared.counters;
         self.raw.push_with(Raw::new(input, payload), |dropped| {
-            c.count_drop(&c.unread_dropped_total, true, dropped.labeled)
+            c.count_drop(&c.unread_dropped_total, &dropped)
         });
     }
 
@@ -396,13 +399,9 @@ impl Ingest {
     }
 
     fn count_drop(&self, dropped: Option<Incoming>) {
-        let c = &self.shared.counters;
-        match dropped {
-            None => {}
-            Some(Incoming::Sample { label, .. }) => {
-                c.count_drop(&c.dropped_total, true, label.is_some())
-            }
-            Some(Incoming::Feedback { .. }) => c.count_drop(&c.dropped_total, false, true),
+        if let Some(d) = dropped {
+            let c = &self.shared.counters;
+            c.count_drop(&c.dropped_total, &d);
         }
     }
 

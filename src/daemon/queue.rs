@@ -10,7 +10,14 @@ use std::time::Duration;
 
 /// Whether an item may be dropped under overload, and how much of the capacity it takes.
 pub trait Droppable {
+    /// Unlabeled items may be dropped first; a labeled one (a labeled sample or label
+    /// feedback) only when labeled items alone fill the queue.
     fn droppable(&self) -> bool;
+    /// Whether a drop counts in the queue's own counter (a sample or a raw message; label
+    /// feedback counts only as a dropped label).
+    fn is_sample(&self) -> bool {
+        true
+    }
     /// Capacity units this item uses: 1 for a count-bounded queue, bytes for a byte budget.
     fn weight(&self) -> usize {
         1

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::queue::Droppable;
 use crate::calibration::Mounting;
 use crate::learn::Serving;
 use crate::metrics::LatencyWindow;
@@ -122,11 +123,11 @@ pub struct Shared {
 impl Counters {
     /// Counts an item a full queue dropped: a sample in that queue's own counter, and a
     /// label (a labeled sample or label feedback) in `labeled_dropped_total` as well.
-    pub fn count_drop(&self, queue_samples: &AtomicU64, sample: bool, labeled: bool) {
-        if sample {
-            queue_samples.fetch_add(1, Relaxed);
+    pub fn count_drop(&self, queue_counter: &AtomicU64, dropped: &impl Droppable) {
+        if dropped.is_sample() {
+            queue_counter.fetch_add(1, Relaxed);
         }
-        if labeled {
+        if !dropped.droppable() {
             self.labeled_dropped_total.fetch_add(1, Relaxed);
         }
     }

@@ -40,6 +40,9 @@ impl Droppable for Incoming {
     fn droppable(&self) -> bool {
         matches!(self, Incoming::Sample { label: None, .. })
     }
+    fn is_sample(&self) -> bool {
+        matches!(self, Incoming::Sample { .. })
+    }
 }
 
 /// What inference hands to training, in arrival order.
@@ -62,6 +65,9 @@ pub enum TrainItem {
 impl Droppable for TrainItem {
     fn droppable(&self) -> bool {
         matches!(self, TrainItem::Sample { label: None, .. })
+    }
+    fn is_sample(&self) -> bool {
+        matches!(self, TrainItem::Sample { .. })
     }
 }
 
@@ -261,13 +267,9 @@ impl InferenceWorker {
 
 impl InferenceWorker {
     fn count_drop(&self, dropped: Option<TrainItem>) {
-        let c = &self.shared.counters;
-        match dropped {
-            None => {}
-            Some(TrainItem::Sample { label, .. }) => {
-                c.count_drop(&c.train_dropped_total, true, label.is_some())
-            }
-            Some(TrainItem::Feedback { .. }) => c.count_drop(&c.train_dropped_total, false, true),
+        if let Some(d) = dropped {
+            let c = &self.shared.counters;
+            c.count_drop(&c.train_dropped_total, &d);
         }
     }
 }
