@@ -154,12 +154,7 @@ fn a_calibrated_export_takes_raw_device_data_and_matches_in_onnxruntime() {
     );
     // In memory: the checkpoint's teacher behind its mounting, on raw (rotated) samples.
     let mut c = util::shipped_classifier();
-    let store = edgemt::checkpoint::CheckpointStore::open(
-        &ck,
-        5,
-        edgemt::checkpoint::Identity::new(&c, &Default::default()),
-    )
-    .unwrap();
+    let store = util::checkpoint_store(&ck, &c, 5);
     let (m, state) = store.latest_valid().unwrap();
     let rec = m.mounting.expect("a mounting was adopted");
     assert_eq!(rec.name, "x,z,-y");

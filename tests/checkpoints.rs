@@ -64,7 +64,7 @@ fn saved(learner: &Learner) -> edgemt::checkpoint::Saved {
 }
 
 fn store(dir: &Path, c: &Classifier) -> CheckpointStore {
-    CheckpointStore::open(dir, 5, Identity::new(c, &LearnConfig::default())).unwrap()
+    util::checkpoint_store(dir, c, 5)
 }
 
 fn fresh(c: &Classifier) -> Learner {

@@ -91,15 +91,7 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
     }
     // Raw rows: three windows' worth (192 rows of 6 channels) in messages of 16 rows. With
     // window 64 and hop 32 that makes windows at rows 64, 96, 128, 160 and 192.
-    let rows: Vec<Vec<f32>> = samples[..3]
-        .iter()
-        .flat_map(|s| {
-            util::sample_x(s)
-                .chunks(6)
-                .map(<[f32]>::to_vec)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let rows = util::rows_of(&samples[..3]);
     for chunk in rows.chunks(16) {
         sensor.publish(
             &format!("{prefix}/rows"),
@@ -469,9 +461,7 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
     let metrics = format!("{prefix}/metrics");
     let peer = MqttPeer::connect(broker.port, "operator", &[&metrics]);
     peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
-    let c =
-        edgemt::model::Classifier::load(&util::path("models/hapt_mlp.onnx"), &Default::default())
-            .unwrap();
+    let c = util::shipped_classifier();
     let pretrained = c.pretrained();
     // The newest checkpoint once `checkpoints_total` reaches `n` (none is periodic here:
     // fewer than every_steps steps, well under every_s).
@@ -483,14 +473,9 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
             num(&last_metrics(&got, &metrics).unwrap(), "checkpoints_total"),
             n
         );
-        edgemt::checkpoint::CheckpointStore::open(
-            &state,
-            3,
-            edgemt::checkpoint::Identity::new(&c, &Default::default()),
-        )
-        .unwrap()
-        .latest_valid()
-        .expect("a valid checkpoint")
+        util::checkpoint_store(&state, &c, 3)
+            .latest_valid()
+            .expect("a valid checkpoint")
     };
     let samples = stream(80);
     let send = |r: std::ops::Range<usize>| {
@@ -561,12 +546,7 @@ fn commands_pause_and_resume_training_and_reset_the_teacher() {
             .is_some_and(|v| num(&v, "train_steps") > 0.0 && num(&v, "samples_total") >= 80.0)
     });
     assert!(daemon.terminate().0.success());
-    let store = edgemt::checkpoint::CheckpointStore::open(
-        &state,
-        3,
-        edgemt::checkpoint::Identity::new(&c, &Default::default()),
-    )
-    .unwrap();
+    let store = util::checkpoint_store(&state, &c, 3);
     let (last, at_stop) = store.latest_valid().unwrap();
     assert_eq!(store.manifests().len(), 3, "checkpoint, reset, shutdown");
     assert!(last.counters.train_steps > 0);
@@ -616,15 +596,8 @@ fn daemon_checkpoints_to_its_state_directory_exports_on_command_and_resumes_afte
     assert!(daemon.terminate().0.success());
 
     // The final checkpoint holds the last teacher; a new daemon resumes from it.
-    let c =
-        edgemt::model::Classifier::load(&util::path("models/hapt_mlp.onnx"), &Default::default())
-            .unwrap();
-    let store = edgemt::checkpoint::CheckpointStore::open(
-        &state,
-        3,
-        edgemt::checkpoint::Identity::new(&c, &Default::default()),
-    )
-    .unwrap();
+    let c = util::shipped_classifier();
+    let store = util::checkpoint_store(&state, &c, 3);
     let (last, _) = store
         .latest_valid()
         .expect("a valid checkpoint after shutdown");

@@ -155,15 +155,7 @@ fn a_channel_first_model_fed_time_major_rows_predicts_its_transposed_window() {
     let (mut daemon, peer) =
         paused_daemon(dir.path(), &broker, prefix, &model, "[input]\nhop = 64\n");
     // Rows as a sensor sends them: time-major, 6 channels a row.
-    let rows: Vec<Vec<f32>> = stream(2)
-        .iter()
-        .flat_map(|s| {
-            util::sample_x(s)
-                .chunks(6)
-                .map(<[f32]>::to_vec)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let rows = util::rows_of(&stream(2));
     // The model reads [6, 64]: channel c's 64 steps, then channel c + 1's.
     let windows: Vec<Vec<f32>> = rows
         .chunks(64)

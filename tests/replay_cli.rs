@@ -245,20 +245,11 @@ fn replay_writes_one_prediction_per_sample_that_scores_as_the_report_says() {
         "data/target_holdout.jsonl",
         &["--predictions", &predictions],
     );
-    let truth: Vec<u64> = std::fs::read_to_string(util::path("data/target_stream.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["truth"]
-                .as_u64()
-                .unwrap()
-        })
+    let truth: Vec<u64> = util::recording_lines("data/target_stream.jsonl")
+        .iter()
+        .map(|l| l["truth"].as_u64().unwrap())
         .collect();
-    let lines: Vec<Value> = std::fs::read_to_string(&out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = util::jsonl(&out);
     assert_eq!(lines.len() as f64, f(&r, "/samples"));
     let mut right = 0;
     for (i, p) in lines.iter().enumerate() {

@@ -96,22 +96,25 @@ pub fn max_abs_diff<'a>(
 
 /// The first `n` lines of the shipped target stream (data/target_stream.jsonl), parsed.
 pub fn stream(n: usize) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path("data/target_stream.jsonl"))
+    recording_lines("data/target_stream.jsonl")
+        .into_iter()
+        .take(n)
+        .collect()
+}
+
+/// Every line of a JSON-lines file, parsed.
+pub fn jsonl(file: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(file)
         .unwrap()
         .lines()
-        .take(n)
+        .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 
 /// Every line of a recording under the repository, parsed.
 pub fn recording_lines(rel: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path(rel))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    jsonl(&path(rel))
 }
 
 /// (class, confidence) of a model's pretrained head on each flat sample, from the library:
@@ -153,6 +156,34 @@ pub fn sample_x(sample: &serde_json::Value) -> Vec<f32> {
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
         .collect()
+}
+
+/// The samples' inputs as the shipped model's sensor sends them: time-major rows of 6
+/// channels, one sample after the other.
+pub fn rows_of(samples: &[serde_json::Value]) -> Vec<Vec<f32>> {
+    samples
+        .iter()
+        .flat_map(|s| {
+            sample_x(s)
+                .chunks(6)
+                .map(<[f32]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The checkpoint store in `dir` for classifier `c` (default learning config), keeping `keep`.
+pub fn checkpoint_store(
+    dir: &Path,
+    c: &edgemt::model::Classifier,
+    keep: usize,
+) -> edgemt::checkpoint::CheckpointStore {
+    edgemt::checkpoint::CheckpointStore::open(
+        dir,
+        keep,
+        edgemt::checkpoint::Identity::new(c, &Default::default()),
+    )
+    .unwrap()
 }
 
 /// A sample of the shipped stream as a sensor would send it: with `id`, without the truth.
