@@ -95,5 +95,10 @@ fn log_lines_carry_syslog_priorities_when_stderr_is_the_journal() {
         "journald stamps the time itself: {info}"
     );
     let plain = run(false);
+    let info = plain
+        .lines()
+        .find(|l| l.contains("model "))
+        .expect("the same info line");
+    assert!(!info.starts_with('<'), "{info}");
     assert!(plain.lines().all(|l| !l.starts_with('<')), "{plain}");
 }
