@@ -47,6 +47,17 @@ fn replay(dir: &std::path::Path, recording: &std::path::Path, guard: bool) -> Va
     serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
 }
 
+/// Two classes on x₀'s sign: class 0 where x₀ is (roughly) past `shift`, whichever way the
+/// weights are read.
+fn sign_head(shift: f32) -> Mlp {
+    Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![-shift, 0.0])]).unwrap()
+}
+
+/// Class 1 for every input.
+fn one_class_head() -> Mlp {
+    Mlp::new(vec![(array![[0.0, 0.0], [0.0, 0.0]], array![0.0, 5.0])]).unwrap()
+}
+
 #[test]
 fn the_guard_reverts_the_damage_of_a_stretch_of_mislabeled_feedback() {
     let dir = tempdir();
@@ -76,8 +87,8 @@ fn the_guard_reverts_the_damage_of_a_stretch_of_mislabeled_feedback() {
 
 #[test]
 fn a_teacher_that_predicts_one_class_for_everything_is_judged_collapsed() {
-    let source = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
-    let collapsed = Mlp::new(vec![(array![[0.0, 0.0], [0.0, 0.0]], array![0.0, 5.0])]).unwrap();
+    let source = sign_head(0.0);
+    let collapsed = one_class_head();
     // Recent embeddings on both sides of the source's boundary.
     let recent = Array2::from_shape_fn((64, 2), |(i, j)| {
         if j == 0 {
@@ -109,7 +120,7 @@ fn a_teacher_that_predicts_one_class_for_everything_is_judged_collapsed() {
 
 #[test]
 fn labels_the_last_good_teacher_almost_never_agrees_with_are_judged_misleading() {
-    let good = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
+    let good = sign_head(0.0);
     let mut guard = RollbackGuard::new(GuardConfig {
         min_trusted: 2,
         min_pending: 3,
@@ -166,8 +177,8 @@ fn guard_trusting(labeled: &[(f32, usize)], margin: f32) -> RollbackGuard {
 fn a_teacher_that_gets_two_more_trusted_labels_wrong_than_the_last_good_one_is_judged_worse() {
     // The good head says class 0 for x₀ > 0; the teacher has moved its boundary to the right
     // (past 0.75 whichever way the weights are read), so it misses 0.5 and 0.6.
-    let good = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
-    let teacher = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![-1.5, 0.0])]).unwrap();
+    let good = sign_head(0.0);
+    let teacher = sign_head(1.5);
     let two_misses = EIGHT_LABELS;
     let mut guard = guard_trusting(&two_misses, 0.1);
     let empty = Array2::zeros((0, 2));
@@ -231,8 +242,8 @@ fn the_guard_withholds_every_nth_label_keeps_at_most_its_capacity_and_is_due_eve
 
 #[test]
 fn the_guards_thresholds_are_strict_where_it_says_below_and_inclusive_where_it_says_at_least() {
-    let good = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![0.0, 0.0])]).unwrap();
-    let teacher = Mlp::new(vec![(array![[1.0, 0.0], [-1.0, 0.0]], array![-1.5, 0.0])]).unwrap();
+    let good = sign_head(0.0);
+    let teacher = sign_head(1.5);
     let empty = Array2::zeros((0, 2));
     // Exactly min_trusted (8) trusted labels are enough to judge; the teacher misses two:
     // 0.75 against 1.0.
@@ -264,7 +275,7 @@ fn the_guards_thresholds_are_strict_where_it_says_below_and_inclusive_where_it_s
     ));
 
     // A collapse needs at least 32 recent samples, and collapse_ratio 0 turns it off.
-    let collapsed = Mlp::new(vec![(array![[0.0, 0.0], [0.0, 0.0]], array![0.0, 5.0])]).unwrap();
+    let collapsed = one_class_head();
     let recent = |n: usize| {
         Array2::from_shape_fn((n, 2), |(i, j)| [1.0, -1.0][i % 2] * (j == 0) as u8 as f32)
     };
