@@ -114,19 +114,11 @@ MUTATIONS = [
     (
         "optimizer-never-steps",
         "src/learn/learner.rs",
-        "        self.optimizer.step(\n",
-        "        if false { self.optimizer.step(\n",
+        "            self.cfg.learning_rate,\n        );\n        self.counters.train_steps",
+        "            0.0,\n        );\n        self.counters.train_steps",
         "replay_cli::adaptation_on",
     ),
 ]
-
-# The closing brace that goes with "optimizer-never-steps".
-EXTRA = {
-    "optimizer-never-steps": (
-        "            self.cfg.learning_rate,\n        );\n        self.counters.train_steps",
-        "            self.cfg.learning_rate,\n        ); }\n        self.counters.train_steps",
-    )
-}
 
 
 def cargo(args, log):
@@ -146,13 +138,11 @@ def main():
         path = REPO / rel
         original = path.read_text()
         text = original
-        edits = [(old, new)] + ([EXTRA[name]] if name in EXTRA else [])
-        if any(text.count(o) != 1 for o, _ in edits):
+        if text.count(old) != 1:
             missed.append(f"{name} (does not apply: the code moved)")
             print(f"== {name}: does not apply", file=sys.stderr)
             continue
-        for o, n in edits:
-            text = text.replace(o, n)
+        text = text.replace(old, new)
         log = REPO / "target" / f"mutation-{name}.log"
         started = time.time()
         try:
