@@ -23,6 +23,7 @@ pub mod model;
 pub mod nn;
 pub mod plot;
 pub mod replay;
+pub mod scores;
 pub mod session;
 pub mod stream;
 

@@ -10,6 +10,7 @@ use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
 use edgemt::model::{Classifier, HeadSelection};
 use edgemt::replay::{replay, Progress, ReplayOptions};
+use edgemt::session::PredictionMessage;
 use std::io::Write;
 
 #[derive(Parser)]
@@ -44,7 +45,8 @@ enum Command {
         /// Resume from the newest valid checkpoint in DIR and save checkpoints there.
         #[arg(long, value_name = "DIR")]
         checkpoint: Option<PathBuf>,
-        /// Write the teacher's prediction for every sample as JSON Lines here.
+        /// Write the device's answer for every sample as JSON Lines here: the served model's
+        /// class, as the daemon would have published it, and which model answered.
         #[arg(long)]
         predictions: Option<PathBuf>,
         /// Draw the timeline as an SVG here: the adapted teacher's and the pretrained
@@ -135,10 +137,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                             bar.set_position(bytes);
                         }
                     }
-                    Progress::Prediction { sample, prediction } => {
+                    Progress::Prediction {
+                        sample,
+                        id,
+                        answer,
+                        teacher_version,
+                    } => {
                         if let (Some(out), None) = (out.as_mut(), &write_error) {
-                            let line = serde_json::json!({"sample": sample, "class": prediction.class, "confidence": prediction.confidence});
-                            if let Err(e) = writeln!(out, "{line}") {
+                            let message = PredictionMessage {
+                                sample: Some(sample),
+                                id,
+                                ..PredictionMessage::new(
+                                    &answer,
+                                    &classifier.class_names,
+                                    teacher_version,
+                                )
+                            };
+                            let written = serde_json::to_writer(&mut *out, &message)
+                                .map_err(std::io::Error::from)
+                                .and_then(|()| writeln!(out));
+                            if let Err(e) = written {
                                 write_error = Some(e);
                             }
                         }

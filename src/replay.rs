@@ -1,13 +1,15 @@
-//! Prequential replay of a recording through a [`Session`]: predict each sample with the
-//! deployed teacher (and the frozen pretrained model, for comparison), then hand it to the
-//! session, exactly as the daemon's threads do.
+//! Prequential replay of a recording through a [`Session`]: answer each sample through the
+//! daemon's prediction path ([`Predictor`]: the model the serving gate lets answer, which is
+//! what the device would have published), score that answer and, as their own series, the
+//! adapted teacher's and the pretrained model's, then hand the sample to [`Session::take`],
+//! the same loop body the daemon's training thread runs.
 //!
 //! The recording is streamed: up to `[replay] batch` lines are read and validated at a time
 //! and their samples embedded in one backbone pass, so memory does not grow with the
-//! recording's length. The teacher still predicts sample by sample, after every step that
-//! came before, which keeps the evaluation strictly prequential. Feedback lines
+//! recording's length. The models still answer sample by sample, after every step that came
+//! before, which keeps the evaluation strictly prequential. Feedback lines
 //! (`{"id": ..., "label": k}`) label an earlier sample after the fact, like the daemon's
-//! labels topic.
+//! labels topic, and are scored against the answer the device gave.
 
 use std::path::Path;
 use std::time::Instant;
@@ -18,11 +20,14 @@ use serde::Serialize;
 use crate::calibration::SignedPerm;
 use crate::checkpoint::{CheckpointError, CheckpointStore, Identity};
 use crate::config::Config;
-use crate::learn::{Serving, StepReport};
+use crate::learn::Serving;
 use crate::metrics::peak_rss_bytes;
 use crate::model::{Classifier, ModelError};
 use crate::nn::{Mlp, Workspace};
-use crate::session::{predict_rows, Observation, Prediction, Session, SessionError};
+use crate::scores::{Accuracy, StepTotals};
+use crate::session::{
+    predict_rows, Answer, Item, Observation, Predictor, Session, SessionError, Taken,
+};
 use crate::stream::{Line, RecordingError, RecordingReader, Rejected, SampleDecoder};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,15 +48,22 @@ pub enum ReplayError {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// Valid samples read; each was answered, or refused as `unembeddable`.
     pub samples: usize,
     /// Labels learned from: on sample lines, or matched by feedback lines.
     pub labeled: u64,
     /// Feedback lines that found their sample, and those that came too late.
     pub feedback: u64,
     pub late_labels: u64,
+    /// Share of the matched feedback labels that the device's answer (the served model's)
+    /// got right, as the daemon's `feedback_accuracy` counts it; 0 without feedback.
+    pub feedback_accuracy: f64,
     pub scored: usize,
     pub rejected: usize,
-    pub prequential_accuracy: Accuracy,
+    /// Samples whose embedding came out non-finite or absurd: not answered, not scored, not
+    /// learned from (the daemon's `unembeddable_total`).
+    pub unembeddable: u64,
+    pub prequential_accuracy: PrequentialAccuracy,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval: Option<Eval>,
     pub pseudo_labels: PseudoLabels,
@@ -80,9 +92,13 @@ pub struct Report {
     pub timeline: Vec<TimelinePoint>,
 }
 
+/// Accuracy of each model's answers on the samples with a `truth`, each made before the
+/// sample was learned from.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct Accuracy {
+pub struct PrequentialAccuracy {
+    /// The adapted teacher's own series (whether or not the gate let it answer).
     pub teacher: f64,
+    /// The pretrained model's own series (behind the adopted mounting).
     pub source: f64,
     /// Of the model the gate served at each sample: what a device's users saw.
     pub served: f64,
@@ -139,12 +155,14 @@ pub struct PseudoLabels {
     pub accepted_with_truth: u64,
 }
 
-impl PseudoLabels {
-    fn add(&mut self, step: &StepReport) {
-        self.offered += step.offered as u64;
-        self.accepted += step.accepted as u64;
-        self.accepted_correct += step.accepted_correct as u64;
-        self.accepted_with_truth += step.accepted_with_truth as u64;
+impl From<&StepTotals> for PseudoLabels {
+    fn from(t: &StepTotals) -> Self {
+        PseudoLabels {
+            offered: t.offered,
+            accepted: t.accepted,
+            accepted_correct: t.accepted_correct,
+            accepted_with_truth: t.accepted_with_truth,
+        }
     }
 }
 
@@ -163,48 +181,44 @@ pub struct TimelinePoint {
     pub acceptance: f64,
 }
 
+/// One model's, and each series', accuracies: the three answers a replay scores.
+#[derive(Debug, Clone, Copy, Default)]
+struct Scored {
+    teacher: Accuracy,
+    source: Accuracy,
+    served: Accuracy,
+}
+
+impl Scored {
+    fn update(&mut self, a: &Answer, truth: usize) {
+        let right = |p: Option<crate::session::Prediction>| p.is_some_and(|p| p.class == truth);
+        self.teacher.update(right(a.teacher));
+        self.source.update(right(a.pretrained));
+        self.served.update(a.served.class == truth);
+    }
+}
+
+/// The span a timeline point closes: the answers scored and the steps taken since the
+/// previous point.
 #[derive(Default)]
 struct Window {
-    scored: usize,
-    teacher_correct: usize,
-    source_correct: usize,
-    steps: usize,
-    sup: f64,
-    pseudo: f64,
-    consistency: f64,
-    offered: usize,
-    accepted: usize,
+    scored: Scored,
+    steps: StepTotals,
 }
 
 impl Window {
     fn point(&self, sample: usize) -> TimelinePoint {
-        let frac = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-        let mean = |v: f64| {
-            if self.steps == 0 {
-                0.0
-            } else {
-                v / self.steps as f64
-            }
-        };
+        let s = &self.steps;
         TimelinePoint {
             sample,
-            scored: self.scored,
-            teacher_accuracy: frac(self.teacher_correct, self.scored),
-            source_accuracy: frac(self.source_correct, self.scored),
-            loss_sup: mean(self.sup),
-            loss_pseudo: mean(self.pseudo),
-            loss_consistency: mean(self.consistency),
-            acceptance: frac(self.accepted, self.offered),
+            scored: self.scored.served.total as usize,
+            teacher_accuracy: self.scored.teacher.or_zero(),
+            source_accuracy: self.scored.source.or_zero(),
+            loss_sup: s.mean_sup().unwrap_or(0.0),
+            loss_pseudo: s.mean_pseudo().unwrap_or(0.0),
+            loss_consistency: s.mean_consistency().unwrap_or(0.0),
+            acceptance: s.acceptance().unwrap_or(0.0),
         }
-    }
-
-    fn add(&mut self, step: &StepReport) {
-        self.steps += 1;
-        self.sup += step.losses.sup as f64;
-        self.pseudo += step.losses.pseudo as f64;
-        self.consistency += step.losses.consistency as f64;
-        self.offered += step.offered;
-        self.accepted += step.accepted;
     }
 }
 
@@ -224,12 +238,14 @@ pub struct ReplayOptions {
 }
 
 /// What a replay tells its caller as it goes.
-pub enum Progress {
-    /// The teacher's prediction for the `sample`-th sample (0-based), made before it was
-    /// learned from.
+pub enum Progress<'a> {
+    /// The device's answer for the `sample`-th sample (0-based), made before it was learned
+    /// from: the served model's, saying which model that was.
     Prediction {
         sample: usize,
-        prediction: Prediction,
+        id: Option<&'a str>,
+        answer: Answer,
+        teacher_version: u64,
     },
     /// Bytes of the recording read so far.
     Read { bytes: u64 },
@@ -301,25 +317,22 @@ pub fn replay(
     let mut checkpoints_written = 0;
 
     let started = Instant::now();
-    // The pretrained model as the gate serves it: behind the adopted mounting.
-    let source = session.learner().source().clone();
+    let mut predictor = Predictor::new(classifier.backbone.clone());
     let mut reader = RecordingReader::open(recording, &decoder)?;
     let mut chunk = Chunk {
         lines: Vec::with_capacity(cfg.replay.batch),
         inputs: Vec::with_capacity(cfg.replay.batch * classifier.sample_len()),
         samples: 0,
     };
-    let mut emb = Array2::zeros((0, classifier.embedding_dim));
-    let (mut ws, mut probs, mut source_preds) =
-        (Workspace::default(), Array2::zeros((0, 0)), Vec::new());
+    let mut answers = Vec::with_capacity(1);
     let mut rejected = 0usize;
     let mut samples = 0usize;
-    let (mut scored, mut teacher_correct, mut source_correct, mut served_correct) =
-        (0usize, 0usize, 0usize, 0usize);
+    let mut unembeddable = 0u64;
+    let mut scored = Scored::default();
+    let mut steps = StepTotals::default();
     let mut switches = Vec::new();
     let mut rollbacks_at = Vec::new();
     let mut adoptions = Vec::new();
-    let mut pseudo = PseudoLabels::default();
     let mut window = Window::default();
     let mut timeline = Vec::new();
     let log_rejected = |r: Rejected, rejected: &mut usize| {
@@ -332,54 +345,50 @@ pub fn replay(
         log_rejected(r, &mut rejected)
     })? {
         let mounting = session.mounting_r();
-        session.embed(&chunk.inputs, chunk.samples, &mut emb)?;
-        predict_rows(&source, emb.view(), &mut ws, &mut probs, &mut source_preds);
+        predictor.embed(&chunk.inputs, chunk.samples, session.mounting())?;
         let mut row = 0;
         for line in chunk.lines.drain(..) {
-            match line {
+            let taken = match &line {
                 Line::Sample(s) => {
-                    let e = emb.row(row);
-                    let p = session.predict(e);
-                    let served = match session.serving() {
-                        Serving::Adapted => p,
-                        Serving::Pretrained => source_preds[row],
-                    };
-                    on_progress(Progress::Prediction {
-                        sample: samples,
-                        prediction: served,
-                    });
-                    if let Some(truth) = s.truth {
-                        let (t, src) = (
-                            (p.class == truth) as usize,
-                            (source_preds[row].class == truth) as usize,
-                        );
-                        scored += 1;
-                        teacher_correct += t;
-                        source_correct += src;
-                        served_correct += (served.class == truth) as usize;
-                        window.scored += 1;
-                        window.teacher_correct += t;
-                        window.source_correct += src;
-                    }
-                    session.observe(Observation {
-                        id: s.id.as_deref(),
-                        x: &s.x,
-                        embedding: e,
-                        mounting,
-                        label: s.label,
-                        truth: s.truth,
-                        predicted: p.class,
-                    })?;
+                    let r = row;
                     row += 1;
                     samples += 1;
+                    predictor.answer(r..r + 1, &session.models(), &mut answers);
+                    match answers[0] {
+                        None => {
+                            unembeddable += 1;
+                            Taken::default()
+                        }
+                        Some(answer) => {
+                            on_progress(Progress::Prediction {
+                                sample: samples - 1,
+                                id: s.id.as_deref(),
+                                answer,
+                                teacher_version: session.teacher_version(),
+                            });
+                            if let Some(truth) = s.truth {
+                                scored.update(&answer, truth);
+                                window.scored.update(&answer, truth);
+                            }
+                            session.take(Item::Sample(Observation {
+                                id: s.id.as_deref(),
+                                x: &s.x,
+                                embedding: predictor.embeddings().row(r),
+                                mounting,
+                                label: s.label,
+                                truth: s.truth,
+                                predicted: answer.served.class,
+                            }))?
+                        }
+                    }
                 }
                 Line::Feedback { id, label } => {
-                    session.feedback(&id, label)?;
+                    session.take(Item::Feedback { id, label: *label })?
                 }
-            }
-            if let Some(step) = session.maybe_step()? {
-                window.add(&step);
-                pseudo.add(&step);
+            };
+            if let Some(step) = &taken.step {
+                window.steps.add(step);
+                steps.add(step);
                 if step.rollback.is_some() {
                     rollbacks_at.push(samples);
                 }
@@ -448,23 +457,24 @@ pub fn replay(
         Some(path) => Some(evaluate(classifier, &session, path, cfg.replay.batch)?),
         None => None,
     };
-    let frac = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let counters = *session.learner().counters();
     let stats = *session.stats();
     let report = Report {
         samples,
         labeled: stats.labels,
-        feedback: stats.feedback,
+        feedback: stats.feedback.total,
         late_labels: stats.late_labels,
-        scored,
+        feedback_accuracy: stats.feedback.or_zero(),
+        scored: scored.served.total as usize,
         rejected,
-        prequential_accuracy: Accuracy {
-            teacher: frac(teacher_correct, scored),
-            source: frac(source_correct, scored),
-            served: frac(served_correct, scored),
+        unembeddable,
+        prequential_accuracy: PrequentialAccuracy {
+            teacher: scored.teacher.or_zero(),
+            source: scored.source.or_zero(),
+            served: scored.served.or_zero(),
         },
         eval,
-        pseudo_labels: pseudo,
+        pseudo_labels: PseudoLabels::from(&steps),
         train_steps: counters.train_steps,
         ema_updates: counters.ema_updates,
         teacher_version: counters.teacher_version,
@@ -515,14 +525,16 @@ pub fn evaluate(
     let l = session.learner();
     // The pretrained baseline sees the raw holdout; the adapted and served models see it
     // through the adopted mounting, as on the device.
-    let heads: [&Mlp; 4] = [l.teacher(), l.student(), l.source(), l.served()];
-    let mut backbone = classifier.backbone.clone();
+    let heads: [(&Mlp, Option<&crate::calibration::Mounting>); 4] = [
+        (l.teacher(), session.mounting()),
+        (l.student(), session.mounting()),
+        (l.source(), None),
+        (l.served(), session.mounting()),
+    ];
+    let mut predictor = Predictor::new(classifier.backbone.clone());
     let mut correct = [0usize; 4];
-    let mut mounted = Vec::new();
-    let mut emb_mounted = Array2::zeros((0, classifier.embedding_dim));
     let mut total = 0usize;
     let (mut inputs, mut truths) = (Vec::new(), Vec::new());
-    let mut emb = Array2::zeros((0, classifier.embedding_dim));
     let (mut ws, mut probs, mut preds) = (Workspace::default(), Array2::zeros((0, 0)), Vec::new());
     loop {
         inputs.clear();
@@ -543,24 +555,20 @@ pub fn evaluate(
         if truths.is_empty() {
             break;
         }
-        backbone.embed_into(&inputs, truths.len(), &mut emb)?;
-        if let Some(m) = session.mounting() {
-            mounted.resize(inputs.len(), 0.0);
-            for (x, out) in inputs
-                .chunks_exact(m.sample_len())
-                .zip(mounted.chunks_exact_mut(m.sample_len()))
-            {
-                m.apply(x, out);
+        let mut embedded = None;
+        for (h, (head, mounting)) in heads.iter().enumerate() {
+            let r = mounting.map(|m| m.r());
+            if embedded != Some(r) {
+                predictor.embed(&inputs, truths.len(), *mounting)?;
+                embedded = Some(r);
             }
-            backbone.embed_into(&mounted, truths.len(), &mut emb_mounted)?;
-        }
-        for (h, head) in heads.iter().enumerate() {
-            let e = if h == 2 || session.mounting().is_none() {
-                emb.view()
-            } else {
-                emb_mounted.view()
-            };
-            predict_rows(head, e, &mut ws, &mut probs, &mut preds);
+            predict_rows(
+                head,
+                predictor.embeddings(),
+                &mut ws,
+                &mut probs,
+                &mut preds,
+            );
             correct[h] += preds
                 .iter()
                 .zip(&truths)

@@ -2,10 +2,13 @@
 //!
 //! A [`Session`] owns the learner, the backbone it trains through, the feedback bookkeeping
 //! (recent samples by id, so a label that arrives later finds its sample) and the checkpoint
-//! policy. Replay drives it sample by sample; the daemon's training thread drives the same
-//! type, fed by an inference thread that predicts with a teacher snapshot ([`Predictor`]).
-//! Both call `observe` / `feedback` / `maybe_step` / `take_checkpoint` in the same way, so
-//! what replay measures is what the daemon does.
+//! policy. Its one loop body is [`Session::take`]: replay, the daemon's training thread and
+//! the equivalence test hand it every [`Item`] in arrival order. Its one prediction path is
+//! [`Predictor`]: a batched backbone pass, then the answer of the model the serving gate
+//! lets answer (with the adapted teacher's and the pretrained model's answers for whoever
+//! scores them). A sample whose embedding cannot be used gets no answer in either driver.
+//! So what replay measures is what the device answers; what differs is only when a driver
+//! asks (replay after every step, the daemon once per batch with a snapshot).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ use crate::config::{duration_s, Config};
 use crate::learn::{Embed, EmbedError, LearnError, Learner, Serving, StepReport};
 use crate::model::{Backbone, Classifier, ModelError};
 use crate::nn::{argmax, Mlp, Workspace};
+use crate::scores::Accuracy;
 use crate::stream::Layout;
 
 #[derive(Debug, thiserror::Error)]
@@ -72,14 +76,82 @@ pub fn predict_rows(
     }));
 }
 
-/// The inference side: a backbone of its own and scratch, predicting with whatever teacher
-/// it is handed (the daemon's inference thread holds a snapshot that training swaps).
+/// The models a prediction can be asked of: the one the serving gate lets answer (always),
+/// and the adapted teacher and the pretrained model when a caller scores them. All three
+/// see the sample through `mounting`, as the device does.
+#[derive(Debug, Clone, Copy)]
+pub struct Models<'a> {
+    pub served: &'a Mlp,
+    pub serving: Serving,
+    pub mounting: Option<&'a Mounting>,
+    pub teacher: Option<&'a Mlp>,
+    pub pretrained: Option<&'a Mlp>,
+}
+
+impl<'a> Models<'a> {
+    /// Only the pretrained model, on the device's own axes (before any adaptation).
+    pub fn pretrained(head: &'a Mlp) -> Self {
+        Models {
+            served: head,
+            serving: Serving::Pretrained,
+            mounting: None,
+            teacher: None,
+            pretrained: None,
+        }
+    }
+}
+
+/// What the device answers for one sample, which model answered, and (when asked) what the
+/// adapted teacher and the pretrained model would have answered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Answer {
+    pub served: Prediction,
+    pub serving: Serving,
+    pub teacher: Option<Prediction>,
+    pub pretrained: Option<Prediction>,
+}
+
+/// One prediction as the device publishes it: the daemon's `{prefix}/predictions` message
+/// and replay's `--predictions` line (which adds the sample's position in the recording).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PredictionMessage<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<&'a str>,
+    pub class: usize,
+    pub name: &'a str,
+    pub confidence: f32,
+    pub teacher_version: u64,
+    /// Which model answered: "adapted" or "pretrained" (the serving gate's choice).
+    pub serving: Serving,
+}
+
+impl<'a> PredictionMessage<'a> {
+    pub fn new(answer: &Answer, class_names: &'a [String], teacher_version: u64) -> Self {
+        let p = answer.served;
+        PredictionMessage {
+            sample: None,
+            id: None,
+            class: p.class,
+            name: class_names.get(p.class).map(String::as_str).unwrap_or(""),
+            confidence: p.confidence,
+            teacher_version,
+            serving: answer.serving,
+        }
+    }
+}
+
+/// The one prediction path: a backbone of its own and scratch. It embeds a batch in one
+/// backbone pass, then answers rows of it with whatever models it is handed (the daemon's
+/// inference thread holds a snapshot that training swaps; replay asks after every step).
 pub struct Predictor {
     backbone: Backbone,
     calibrated: Vec<f32>,
     emb: Array2<f32>,
     probs: Array2<f32>,
     ws: Workspace,
+    preds: [Vec<Prediction>; 3],
 }
 
 impl Predictor {
@@ -91,28 +163,54 @@ impl Predictor {
             emb: Array2::zeros((0, dim)),
             probs: Array2::zeros((0, 0)),
             ws: Workspace::default(),
+            preds: Default::default(),
         }
     }
 
-    /// Embeds a batch of raw samples (`n`, back to back) through `mounting` (the adopted
-    /// calibration, if any) and predicts it with `head`; the embeddings stay readable through
+    /// Embeds `n` raw samples (back to back) through `mounting` (the adopted calibration, if
+    /// any) in one backbone pass; the embeddings stay readable through
     /// [`Predictor::embeddings`] until the next call.
-    pub fn run(
+    pub fn embed(
         &mut self,
         inputs: &[f32],
         n: usize,
         mounting: Option<&Mounting>,
-        head: &Mlp,
-        out: &mut Vec<Prediction>,
     ) -> Result<(), ModelError> {
         let inputs = mount_batch(mounting, inputs, &mut self.calibrated);
-        self.backbone.embed_into(inputs, n, &mut self.emb)?;
-        predict_rows(head, self.emb.view(), &mut self.ws, &mut self.probs, out);
-        Ok(())
+        self.backbone.embed_into(inputs, n, &mut self.emb)
     }
 
     pub fn embeddings(&self) -> ArrayView2<'_, f32> {
         self.emb.view()
+    }
+
+    /// Answers rows `rows` of the last embedded batch with `models`, into `out` (cleared
+    /// first). A row whose embedding cannot be used ([`embedding_ok`]) gets `None`: a sample
+    /// can pass every input check and still drive the backbone to infinities, and then it
+    /// must be neither published nor scored nor learned from.
+    pub fn answer(
+        &mut self,
+        rows: std::ops::Range<usize>,
+        models: &Models,
+        out: &mut Vec<Option<Answer>>,
+    ) {
+        let emb = self.emb.slice(ndarray::s![rows.clone(), ..]);
+        let heads = [Some(models.served), models.teacher, models.pretrained];
+        for (head, preds) in heads.iter().zip(self.preds.iter_mut()) {
+            match head {
+                Some(h) => predict_rows(h, emb, &mut self.ws, &mut self.probs, preds),
+                None => preds.clear(),
+            }
+        }
+        out.clear();
+        out.extend(emb.rows().into_iter().enumerate().map(|(r, e)| {
+            embedding_ok(e).then(|| Answer {
+                served: self.preds[0][r],
+                serving: models.serving,
+                teacher: self.preds[1].get(r).copied(),
+                pretrained: self.preds[2].get(r).copied(),
+            })
+        }));
     }
 }
 
@@ -195,8 +293,9 @@ pub enum Feedback {
 pub struct SessionStats {
     /// Labels learned from: on arrival, or matched by feedback.
     pub labels: u64,
-    pub feedback: u64,
-    pub feedback_correct: u64,
+    /// Labels that found their sample, scored against the answer the device gave for it
+    /// (the served model's).
+    pub feedback: Accuracy,
     pub late_labels: u64,
     /// Samples refused because their embedding was not finite or absurd.
     pub rejected_embeddings: u64,
@@ -263,8 +362,8 @@ impl RecentSamples {
     }
 }
 
-/// One sample for [`Session::observe`]: its input, the embedding its prediction was made
-/// from, and what is known about it.
+/// One sample for the session: its input, the embedding its prediction was made from, and
+/// what is known about it.
 #[derive(Debug, Clone, Copy)]
 pub struct Observation<'a> {
     pub id: Option<&'a str>,
@@ -278,8 +377,27 @@ pub struct Observation<'a> {
     pub label: Option<usize>,
     /// Ground truth for scoring only (recordings), never learned from.
     pub truth: Option<usize>,
-    /// The deployed teacher's class for it, scored when feedback arrives.
+    /// The class the device answered for it (the served model's), scored when feedback
+    /// arrives.
     pub predicted: usize,
+}
+
+/// What a driver hands the session, in arrival order.
+#[derive(Debug, Clone, Copy)]
+pub enum Item<'a> {
+    /// A predicted sample.
+    Sample(Observation<'a>),
+    /// A label for an earlier sample, by id.
+    Feedback { id: &'a str, label: usize },
+}
+
+/// What [`Session::take`] did with an item.
+#[derive(Debug, Clone, Default)]
+pub struct Taken {
+    /// For a label: whether it found its sample, and whether the device's answer was right.
+    pub feedback: Option<Feedback>,
+    /// The student step the item made due, if one ran.
+    pub step: Option<StepReport>,
 }
 
 /// See the module docs.
@@ -298,9 +416,6 @@ pub struct Session {
     policy: CheckpointPolicy,
     paused: bool,
     stats: SessionStats,
-    ws: Workspace,
-    probs: Array2<f32>,
-    one: Vec<Prediction>,
 }
 
 impl Session {
@@ -346,9 +461,6 @@ impl Session {
             ),
             paused: false,
             stats: SessionStats::default(),
-            ws: Workspace::default(),
-            probs: Array2::zeros((0, 0)),
-            one: Vec::with_capacity(1),
         })
     }
 
@@ -402,37 +514,39 @@ impl Session {
         self.calibrator.as_ref()
     }
 
-    /// Embeds `n` raw samples through the adopted mounting with the session's own backbone
-    /// (replay's batched pass).
-    pub fn embed(
-        &mut self,
-        inputs: &[f32],
-        n: usize,
-        out: &mut Array2<f32>,
-    ) -> Result<(), SessionError> {
-        let inputs = mount_batch(self.mounting.as_ref(), inputs, &mut self.mounted);
-        Ok(self.backbone.embed_into(inputs, n, out)?)
+    /// The models a prediction can be asked of now: the served one, the adapted teacher and
+    /// the pretrained model, behind the adopted mounting.
+    pub fn models(&self) -> Models<'_> {
+        Models {
+            served: self.learner.served(),
+            serving: self.learner.serving(),
+            mounting: self.mounting.as_ref(),
+            teacher: Some(self.learner.teacher()),
+            pretrained: Some(self.learner.source()),
+        }
     }
 
-    /// The current teacher's prediction for one embedded sample (replay's prequential
-    /// prediction, made after every step that came before it).
-    pub fn predict(&mut self, embedding: ArrayView1<f32>) -> Prediction {
-        let row = embedding.insert_axis(ndarray::Axis(0));
-        predict_rows(
-            self.learner.teacher(),
-            row,
-            &mut self.ws,
-            &mut self.probs,
-            &mut self.one,
-        );
-        self.one[0]
+    /// The loop body of every driver: files `item` (a sample, or a label for an earlier one),
+    /// then takes a student step if one is due.
+    pub fn take(&mut self, item: Item) -> Result<Taken, SessionError> {
+        let feedback = match item {
+            Item::Sample(o) => {
+                self.observe(o)?;
+                None
+            }
+            Item::Feedback { id, label } => Some(self.feedback(id, label)?),
+        };
+        Ok(Taken {
+            feedback,
+            step: self.maybe_step()?,
+        })
     }
 
     /// Files a sample: shown to calibration, remembered by id for later feedback, and given
     /// to the learner. A sample whose embedding is not usable is refused (and counted) so it
     /// cannot poison the buffers; one embedded under a mounting calibration has since
     /// replaced is not learned from. Returns whether the learner took it.
-    pub fn observe(&mut self, o: Observation) -> Result<bool, SessionError> {
+    fn observe(&mut self, o: Observation) -> Result<bool, SessionError> {
         if !embedding_ok(o.embedding) {
             self.stats.rejected_embeddings += 1;
             return Ok(false);
@@ -455,14 +569,13 @@ impl Session {
 
     /// A label for an earlier sample, by id: scored against the prediction made for it, then
     /// (a clean test for calibration as well) learned from.
-    pub fn feedback(&mut self, id: &str, label: usize) -> Result<Feedback, SessionError> {
+    fn feedback(&mut self, id: &str, label: usize) -> Result<Feedback, SessionError> {
         let Some(slot) = self.recent.take(id) else {
             self.stats.late_labels += 1;
             return Ok(Feedback::Late);
         };
         let correct = self.recent.predicted[slot] == label;
-        self.stats.feedback += 1;
-        self.stats.feedback_correct += correct as u64;
+        self.stats.feedback.update(correct);
         let raw = self.recent.inputs.row(slot).to_vec();
         self.calibrate(&raw, Some(label), false)?;
         if self.recent.mountings[slot] != self.mounting_r() {
@@ -569,7 +682,7 @@ impl Session {
     }
 
     /// One student step if enough new samples arrived (and training is not paused).
-    pub fn maybe_step(&mut self) -> Result<Option<StepReport>, SessionError> {
+    fn maybe_step(&mut self) -> Result<Option<StepReport>, SessionError> {
         if self.paused || !self.learner.due() {
             return Ok(None);
         }

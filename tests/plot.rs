@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use edgemt::learn::Serving;
-use edgemt::replay::{Accuracy, GateReport, PseudoLabels, Report, Switch, TimelinePoint};
+use edgemt::replay::{
+    GateReport, PrequentialAccuracy, PseudoLabels, Report, Switch, TimelinePoint,
+};
 use roxmltree::{Document, Node};
 use serde_json::Value;
 
@@ -355,9 +357,11 @@ fn synthetic_report(switches: &[(usize, Serving)], rollbacks_at: Vec<usize>) -> 
         labeled: 5,
         feedback: 0,
         late_labels: 0,
+        feedback_accuracy: 0.0,
         scored: 90,
         rejected: 0,
-        prequential_accuracy: Accuracy::default(),
+        unembeddable: 0,
+        prequential_accuracy: PrequentialAccuracy::default(),
         eval: None,
         pseudo_labels: PseudoLabels::default(),
         train_steps: 20,

@@ -7,9 +7,13 @@ use std::time::{Duration, Instant};
 
 use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
-use edgemt::daemon::workers::{train_on, TrainItem};
+use edgemt::daemon::items::Incoming;
+use edgemt::daemon::publish::PredictionSink;
+use edgemt::daemon::queue::BoundedQueue;
+use edgemt::daemon::state::Shared;
+use edgemt::daemon::workers::Stages;
 use edgemt::replay::{replay, ReplayOptions};
-use edgemt::session::{Feedback, Observation, Predictor, Session};
+use edgemt::session::{Feedback, Item, Observation, Predictor, Session};
 use edgemt::stream::{Line, RecordingReader, SampleDecoder};
 
 use crate::util::{self, edgemt, run_ok, tempdir};
@@ -43,60 +47,79 @@ fn with_late_feedback(path: &Path, delay: usize) -> usize {
     feedback
 }
 
-/// Drives a session the way the daemon's threads do: the inference side embeds each batch
-/// of `batch` items and predicts with a teacher snapshot taken per batch; the training side
-/// applies `train_on` to every item in arrival order.
-fn daemon_path(cfg: &Config, recording: &Path, seed: u64) -> Session {
+/// Keeps what the inference stage publishes: the payloads, in order.
+#[derive(Default)]
+struct Published(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl PredictionSink for Published {
+    fn prediction(&mut self, payload: Vec<u8>) -> bool {
+        self.0.lock().unwrap().push(payload);
+        true
+    }
+    fn state(&mut self, _: Vec<u8>) -> bool {
+        true
+    }
+}
+
+/// The recording through the daemon's own two stages (not threads: batch by batch, so the
+/// run is deterministic): the inference stage answers each batch of `[input] max_batch`
+/// lines and hands its items to the training queue, the training stage takes them in
+/// arrival order. Returns the trainer's session and the published predictions.
+fn through_the_daemons_stages(
+    cfg: &Config,
+    recording: &Path,
+    seed: u64,
+) -> (Session, Vec<serde_json::Value>) {
     let c = util::shipped_classifier();
-    let mut session = Session::new(&c, cfg, seed).unwrap();
-    let mut predictor = Predictor::new(c.backbone.clone());
+    let mut cfg = cfg.clone();
+    cfg.daemon.seed = seed;
+    let shared = std::sync::Arc::new(Shared::new(c.pretrained(), None));
+    let train = std::sync::Arc::new(BoundedQueue::new(1 << 20));
+    let published = Published::default();
+    let out = published.0.clone();
+    let Stages {
+        mut inference,
+        mut trainer,
+    } = Stages::new(
+        &cfg,
+        &c,
+        shared,
+        (std::sync::Arc::new(BoundedQueue::new(1)), train.clone()),
+        Box::new(published),
+        None,
+    )
+    .unwrap();
+    trainer.begin();
     let decoder = SampleDecoder::new(&c.input_shape, c.classes());
     let mut reader = RecordingReader::open(recording, &decoder).unwrap();
-    let mut preds = Vec::new();
+    let (mut items, mut trained) = (Vec::new(), Vec::new());
     loop {
-        let mut lines = Vec::new();
-        while lines.len() < cfg.input.max_batch {
+        while items.len() < cfg.input.max_batch {
             match reader.next_line() {
                 None => break,
-                Some(l) => lines.push(l.unwrap().expect("valid line")),
+                Some(l) => items.push(match l.unwrap().expect("valid line") {
+                    Line::Sample(s) => Incoming::Sample {
+                        x: s.x,
+                        id: s.id.unwrap(),
+                        label: s.label,
+                        received: Instant::now(),
+                    },
+                    Line::Feedback { id, label } => Incoming::Feedback { id, label },
+                }),
             }
         }
-        if lines.is_empty() {
-            return session;
+        if items.is_empty() {
+            let predictions = out
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|p| serde_json::from_slice(p).unwrap())
+                .collect();
+            return (trainer.session, predictions);
         }
-        let inputs: Vec<f32> = lines
-            .iter()
-            .filter_map(|l| match l {
-                Line::Sample(s) => Some(s.x.clone()),
-                Line::Feedback { .. } => None,
-            })
-            .flatten()
-            .collect();
-        let n = inputs.len() / c.sample_len();
-        let teacher = session.teacher().clone();
-        let mounting = session.mounting().cloned();
-        predictor
-            .run(&inputs, n, mounting.as_ref(), &teacher, &mut preds)
-            .unwrap();
-        let mut row = 0;
-        for line in lines {
-            let item = match line {
-                Line::Sample(s) => {
-                    let item = TrainItem::Sample {
-                        id: s.id.unwrap(),
-                        x: s.x,
-                        embedding: predictor.embeddings().row(row).to_vec(),
-                        label: s.label,
-                        predicted: preds[row].class,
-                        mounting: session.mounting_r(),
-                    };
-                    row += 1;
-                    item
-                }
-                Line::Feedback { id, label } => TrainItem::Feedback { id, label },
-            };
-            train_on(&mut session, &item).unwrap();
-        }
+        inference.answer_batch(&mut items);
+        train.pop_batch(usize::MAX, Duration::ZERO, &mut trained);
+        trainer.take_batch(&mut trained);
     }
 }
 
@@ -128,7 +151,12 @@ fn replay_and_the_daemons_session_end_with_bit_identical_teacher_weights() {
     );
     assert_eq!(replayed.report.late_labels, 0);
 
-    let daemon = daemon_path(&cfg, &recording, seed);
+    let (daemon, published) = through_the_daemons_stages(&cfg, &recording, seed);
+    assert_eq!(
+        published.len(),
+        replayed.report.samples,
+        "one prediction a sample"
+    );
     let (r, d) = (replayed.session.learner(), daemon.learner());
     assert!(r.counters().train_steps > 100, "the learner trained");
     assert_ne!(r.teacher(), r.source(), "the teacher moved");
@@ -139,40 +167,52 @@ fn replay_and_the_daemons_session_end_with_bit_identical_teacher_weights() {
         "bit-identical teacher weights"
     );
     assert_eq!(r.student(), d.student());
-    // Predictions (and so feedback scores) differ: replay predicts after every step, the
-    // daemon with a teacher snapshot per batch. What was learned from must not.
+    // The served model may answer differently around a gate switch (replay asks after
+    // every step, the daemon once per batch), so feedback scores may differ there. What was
+    // learned from must not.
     let (rs, ds) = (replayed.session.stats(), daemon.stats());
     assert_eq!(
-        (rs.labels, rs.feedback, rs.late_labels),
-        (ds.labels, ds.feedback, ds.late_labels)
+        (rs.labels, rs.feedback.total, rs.late_labels),
+        (ds.labels, ds.feedback.total, ds.late_labels)
     );
 }
 
-/// A session on the shipped model with the first `n` target samples observed (stepping).
-fn session_with(cfg: &Config, n: usize) -> (Session, Vec<edgemt::stream::Sample>) {
+/// The embedding of one raw sample, on the device's own axes.
+fn embedding_of(predictor: &mut Predictor, x: &[f32]) -> ndarray::Array1<f32> {
+    predictor.embed(x, 1, None).unwrap();
+    predictor.embeddings().row(0).to_owned()
+}
+
+/// Hands `session` one sample (no id, no truth) through its loop body.
+fn take_sample(session: &mut Session, predictor: &mut Predictor, x: &[f32], label: Option<usize>) {
+    let e = embedding_of(predictor, x);
+    session
+        .take(Item::Sample(Observation {
+            id: None,
+            x,
+            embedding: e.view(),
+            mounting: Default::default(),
+            label,
+            truth: None,
+            predicted: 0,
+        }))
+        .unwrap();
+}
+
+/// A session on the shipped model with the first `n` target samples taken (stepping).
+fn session_with(cfg: &Config, n: usize) -> (Session, Vec<edgemt::stream::Sample>, Predictor) {
     let c = util::shipped_classifier();
     let mut session = Session::new(&c, cfg, 0).unwrap();
+    let mut predictor = Predictor::new(c.backbone.clone());
     let rec = edgemt::stream::Recording::read(
         &util::path("data/target_stream.jsonl"),
         &SampleDecoder::new(&c.input_shape, c.classes()),
     )
     .unwrap();
-    let mut emb = ndarray::Array2::zeros((0, 0));
     for s in rec.samples.iter().take(n) {
-        session.embed(&s.x, 1, &mut emb).unwrap();
-        let predicted = session.predict(emb.row(0)).class;
-        let _ = session.observe(Observation {
-            id: s.id.as_deref(),
-            x: &s.x,
-            embedding: emb.row(0),
-            mounting: Default::default(),
-            label: s.label,
-            truth: None,
-            predicted,
-        });
-        session.maybe_step().unwrap();
+        take_sample(&mut session, &mut predictor, &s.x, s.label);
     }
-    (session, rec.samples)
+    (session, rec.samples, predictor)
 }
 
 #[test]
@@ -180,7 +220,7 @@ fn periodic_checkpoints_continue_after_a_reset() {
     let mut cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
     cfg.learn.train_every = 1;
     cfg.checkpoint.every_steps = 20;
-    let (mut session, samples) = session_with(&cfg, 130);
+    let (mut session, samples, mut predictor) = session_with(&cfg, 130);
     let now = Instant::now();
     let before = session
         .take_checkpoint(now)
@@ -195,20 +235,9 @@ fn periodic_checkpoints_continue_after_a_reset() {
     assert_eq!(reset.learner.counters.train_steps, 0);
     assert_eq!(reset.learner.teacher, *session.learner().source().params());
     // Steps count from zero again, and the periodic saves go on from there.
-    let mut emb = ndarray::Array2::zeros((0, 0));
     let mut saved_at = Vec::new();
     for s in samples.iter().take(50) {
-        session.embed(&s.x, 1, &mut emb).unwrap();
-        let _ = session.observe(Observation {
-            id: None,
-            x: &s.x,
-            embedding: emb.row(0),
-            mounting: Default::default(),
-            label: s.label,
-            truth: None,
-            predicted: 0,
-        });
-        session.maybe_step().unwrap();
+        take_sample(&mut session, &mut predictor, &s.x, s.label);
         if let Some(state) = session.take_checkpoint(now) {
             saved_at.push(state.learner.counters.train_steps);
         }
@@ -226,7 +255,7 @@ fn checkpoints_are_also_due_by_time_but_only_when_something_changed() {
     cfg.learn.train_every = 1;
     cfg.checkpoint.every_steps = 1000;
     cfg.checkpoint.every_s = 1.0;
-    let (mut session, _) = session_with(&cfg, 10);
+    let (mut session, _, _) = session_with(&cfg, 10);
     assert!(session.take_checkpoint(Instant::now()).is_none());
     let later = Instant::now() + Duration::from_secs(2);
     assert!(session.take_checkpoint(later).is_some(), "10 steps and 2 s");
@@ -244,37 +273,40 @@ fn feedback_scores_the_prediction_made_for_the_sample_and_then_learns_the_label(
     let c = util::shipped_classifier();
     let mut session = Session::new(&c, &cfg, 0).unwrap();
     let x = vec![0.1f32; c.sample_len()];
-    let mut emb = ndarray::Array2::zeros((0, 0));
-    session.embed(&x, 1, &mut emb).unwrap();
+    let e = embedding_of(&mut Predictor::new(c.backbone.clone()), &x);
     for (id, predicted) in [("a", 2), ("b", 4)] {
-        let _ = session.observe(Observation {
-            id: Some(id),
-            x: &x,
-            embedding: emb.row(0),
-            mounting: Default::default(),
-            label: None,
-            truth: Some(5),
-            predicted,
-        });
+        session
+            .take(Item::Sample(Observation {
+                id: Some(id),
+                x: &x,
+                embedding: e.view(),
+                mounting: Default::default(),
+                label: None,
+                truth: Some(5),
+                predicted,
+            }))
+            .unwrap();
     }
+    let mut label = |id, label| {
+        session
+            .take(Item::Feedback { id, label })
+            .unwrap()
+            .feedback
+            .expect("a label gets a verdict")
+    };
     // Scored against what was predicted for each id, not against anything else stored.
-    assert_eq!(
-        session.feedback("a", 2).unwrap(),
-        Feedback::Matched { correct: true }
-    );
-    assert_eq!(
-        session.feedback("b", 2).unwrap(),
-        Feedback::Matched { correct: false }
-    );
-    assert_eq!(
-        session.feedback("a", 2).unwrap(),
-        Feedback::Late,
-        "labeled once"
-    );
-    assert_eq!(session.feedback("zzz", 1).unwrap(), Feedback::Late);
+    assert_eq!(label("a", 2), Feedback::Matched { correct: true });
+    assert_eq!(label("b", 2), Feedback::Matched { correct: false });
+    assert_eq!(label("a", 2), Feedback::Late, "labeled once");
+    assert_eq!(label("zzz", 1), Feedback::Late);
     let s = session.stats();
     assert_eq!(
-        (s.feedback, s.feedback_correct, s.late_labels, s.labels),
+        (
+            s.feedback.total,
+            s.feedback.correct,
+            s.late_labels,
+            s.labels
+        ),
         (2, 1, 2, 2)
     );
     assert_eq!(
@@ -292,8 +324,8 @@ fn an_embedding_that_is_not_finite_is_refused_and_counted() {
     let x = vec![0.1f32; c.sample_len()];
     let mut bad = ndarray::Array1::zeros(c.embedding_dim);
     bad[5] = f32::NAN;
-    let taken = session
-        .observe(Observation {
+    session
+        .take(Item::Sample(Observation {
             id: Some("p"),
             x: &x,
             embedding: bad.view(),
@@ -301,14 +333,14 @@ fn an_embedding_that_is_not_finite_is_refused_and_counted() {
             label: Some(1),
             truth: None,
             predicted: 0,
-        })
+        }))
         .unwrap();
-    assert!(!taken);
     assert_eq!(session.stats().rejected_embeddings, 1);
     assert_eq!(session.learner().labeled_counts().iter().sum::<usize>(), 0);
+    let later = session.take(Item::Feedback { id: "p", label: 1 }).unwrap();
     assert_eq!(
-        session.feedback("p", 1).unwrap(),
-        Feedback::Late,
+        later.feedback,
+        Some(Feedback::Late),
         "not remembered either"
     );
 }

@@ -10,9 +10,11 @@
 
 pub mod discovery;
 pub mod ingest;
+pub mod items;
 pub mod mqtt;
 pub mod notify;
 pub mod prometheus;
+pub mod publish;
 pub mod queue;
 pub mod state;
 pub mod workers;
@@ -28,13 +30,13 @@ use rumqttc::v5::AsyncClient;
 use crate::checkpoint::{CheckpointStore, Identity};
 use crate::config::Config;
 use crate::model::Classifier;
-use crate::session::{Predictor, Session};
+use crate::session::{Models, Predictor, Session};
 use crate::stream::Layout;
 use crate::stream::{SampleDecoder, WindowAssembler};
 use ingest::{Ingest, Router, Topics};
 use queue::BoundedQueue;
 use state::Shared;
-use workers::{InferenceWorker, TrainerWorker};
+use workers::Stages;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -87,12 +89,19 @@ pub fn preflight(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, D
     let mut predictor = Predictor::new(classifier.backbone.clone());
     let zeros = vec![0.0; classifier.sample_len()];
     let mut out = Vec::new();
-    predictor
-        .run(&zeros, 1, None, &classifier.pretrained(), &mut out)
-        .map_err(|e| setup(&e))?;
-    let p = out.first().copied().ok_or_else(|| {
-        DaemonError::Setup("the model returned no prediction for a sample".into())
-    })?;
+    predictor.embed(&zeros, 1, None).map_err(|e| setup(&e))?;
+    let pretrained = classifier.pretrained();
+    predictor.answer(0..1, &Models::pretrained(&pretrained), &mut out);
+    let p = out
+        .first()
+        .copied()
+        .flatten()
+        .ok_or_else(|| {
+            DaemonError::Setup(
+                "the model returned no usable prediction for an all-zero sample".into(),
+            )
+        })?
+        .served;
     if !p.confidence.is_finite() {
         return Err(DaemonError::Setup(
             "the model's prediction for an all-zero sample is not finite".into(),
@@ -211,39 +220,24 @@ pub async fn run(
         }
         None => None,
     };
-    let inference = InferenceWorker {
-        shared: shared.clone(),
-        predictor: Predictor::new(classifier.backbone.clone()),
-        input: input.clone(),
-        train: train.clone(),
-        client: client.clone(),
-        predictions_topic: topics.predictions.clone(),
-        class_names: classifier.class_names.clone(),
-        qos,
-        max_batch: cfg.input.max_batch,
-        sample_len: classifier.sample_len(),
-        latency_histogram: prometheus.as_ref().map(|(_, e)| e.latency.clone()),
-        state_topic: topics.state.clone(),
-        state_every: crate::config::duration_s(cfg.metrics.state_interval_s),
-    };
-    let trainer = TrainerWorker {
-        shared: shared.clone(),
-        session: Session::new(&classifier, &cfg, cfg.daemon.seed)
-            .map_err(|e| DaemonError::Setup(crate::report(&e)))?,
-        queue: train.clone(),
+    let Stages {
+        mut inference,
+        trainer,
+    } = Stages::new(
+        &cfg,
+        &classifier,
+        shared.clone(),
+        (input.clone(), train.clone()),
+        Box::new(publish::MqttSink {
+            client: client.clone(),
+            predictions_topic: topics.predictions.clone(),
+            state_topic: topics.state.clone(),
+            qos,
+        }),
         checkpoints,
-        exporter: workers::Exporter {
-            proto: classifier.proto().clone(),
-            trainable: classifier.trainable.clone(),
-            input_shape: classifier.input_shape.clone(),
-            fingerprint: classifier.fingerprint,
-        },
-        published: (
-            crate::learn::Serving::Pretrained,
-            crate::calibration::SignedPerm::IDENTITY,
-        ),
-        recent_feedback: workers::RecentFeedback::new(cfg.metrics.recent_labels),
-    };
+    )
+    .map_err(|e| DaemonError::Setup(crate::report(&e)))?;
+    inference.latency_histogram = prometheus.as_ref().map(|(_, e)| e.latency.clone());
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())

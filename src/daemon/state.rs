@@ -15,6 +15,8 @@ use crate::calibration::Mounting;
 use crate::learn::Serving;
 use crate::metrics::LatencyWindow;
 use crate::nn::Mlp;
+use crate::scores::StepTotals;
+use crate::session::Models;
 
 /// The model in service (the adapted teacher or the pretrained model, as the serving gate
 /// decides) and the teacher's version.
@@ -25,6 +27,20 @@ pub struct TeacherSnapshot {
     pub serving: Serving,
     /// The adopted calibration, applied to raw samples before the model.
     pub mounting: Option<Mounting>,
+}
+
+impl TeacherSnapshot {
+    /// The models the inference thread asks: only the served one (nobody scores the others
+    /// on the device).
+    pub fn models(&self) -> Models<'_> {
+        Models {
+            served: &self.head,
+            serving: self.serving,
+            mounting: self.mounting.as_ref(),
+            teacher: None,
+            pretrained: None,
+        }
+    }
 }
 
 /// Monotonic counters (atomics, so any thread bumps them without a lock).
@@ -79,13 +95,8 @@ pub struct TrainStats {
     pub labeled_buffer: usize,
     pub unlabeled_buffer: usize,
     pub teacher_finite: bool,
-    /// Sums since the last metrics message.
-    pub steps_since: u64,
-    pub loss_sup: f64,
-    pub loss_pseudo: f64,
-    pub loss_consistency: f64,
-    pub offered: u64,
-    pub accepted: u64,
+    /// Sums over the steps since the last metrics message.
+    pub interval: StepTotals,
     pub resets: u64,
     pub rollbacks: u64,
     pub gate_wins: u64,
@@ -217,8 +228,7 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .take_percentiles();
         let mut t = self.train.lock().unwrap_or_else(|e| e.into_inner());
-        let steps = t.steps_since;
-        let mean = |v: f64| (steps > 0).then(|| v / steps as f64);
+        let interval = t.interval.take();
         let feedback = c.feedback_total.load(Relaxed);
         let served = self.teacher();
         let msg = MetricsMessage {
@@ -228,10 +238,10 @@ impl Shared {
             predictions_dropped_total: c.predictions_dropped_total.load(Relaxed),
             latency_p50_us: percentiles.map(|p| p.0 as u64),
             latency_p99_us: percentiles.map(|p| p.1 as u64),
-            loss_sup: mean(t.loss_sup),
-            loss_pseudo: mean(t.loss_pseudo),
-            loss_consistency: mean(t.loss_consistency),
-            pseudo_acceptance: (t.offered > 0).then(|| t.accepted as f64 / t.offered as f64),
+            loss_sup: interval.mean_sup(),
+            loss_pseudo: interval.mean_pseudo(),
+            loss_consistency: interval.mean_consistency(),
+            pseudo_acceptance: interval.acceptance(),
             teacher_version: served.version,
             serving_adapted: (served.serving == Serving::Adapted) as u8,
             gate_wins: t.gate_wins,
@@ -276,12 +286,7 @@ impl Shared {
             peak_rss_bytes: crate::metrics::peak_rss_bytes(),
             uptime_s: self.started.elapsed().as_secs_f64(),
         };
-        t.steps_since = 0;
-        t.loss_sup = 0.0;
-        t.loss_pseudo = 0.0;
-        t.loss_consistency = 0.0;
-        t.offered = 0;
-        t.accepted = 0;
+        drop(t);
         msg
     }
 }

@@ -1,7 +1,9 @@
-//! The two worker threads: inference (batched backbone pass, teacher prediction, predictions
-//! out) and training (a [`Session`]: learning, EMA, checkpoints, teacher swaps). They are
-//! plain threads because both are CPU-bound and synchronous; they meet only through bounded
-//! queues and the shared teacher pointer, so inference never waits on training.
+//! The two worker threads: inference (one batched backbone pass, the served model's answers,
+//! predictions out through a [`PredictionSink`]) and training (a [`Session`] driven through
+//! [`Session::take`], the loop body replay runs too: learning, EMA, checkpoints, teacher
+//! swaps). They are plain threads because both are CPU-bound and synchronous; they meet only
+//! through bounded queues and the shared teacher pointer, so inference never waits on
+//! training.
 //!
 //! Items keep their arrival order from the MQTT task to the session: a label sent right
 //! after its sample is filed after that sample, even within one batch.
@@ -10,97 +12,70 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ndarray::ArrayView1;
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::AsyncClient;
-
-use super::queue::{BoundedQueue, Droppable};
+use super::items::{Incoming, TrainItem};
+use super::publish::PredictionSink;
+use super::queue::BoundedQueue;
 use super::state::{Shared, TeacherSnapshot};
 use crate::calibration::SignedPerm;
 use crate::checkpoint::CheckpointStore;
 use crate::checkpoint::Saved;
-use crate::learn::{Serving, StepReport};
-use crate::session::{embedding_ok, Observation, Prediction, Predictor, Session, SessionError};
+use crate::config::Config;
+use crate::learn::Serving;
+use crate::model::Classifier;
+use crate::scores::RecentAccuracy;
+use crate::session::{
+    Answer, Feedback, PredictionMessage, Predictor, Session, SessionError, Taken,
+};
 
-/// What the MQTT side hands to inference.
-pub enum Incoming {
-    Sample {
-        x: Vec<f32>,
-        id: String,
-        label: Option<usize>,
-        received: Instant,
-    },
-    Feedback {
-        id: String,
-        label: usize,
-    },
+/// The two stages, wired to each other through the training queue: what `daemon::run`
+/// starts as threads, and what the equivalence test drives in-process, batch by batch.
+pub struct Stages {
+    pub inference: InferenceWorker,
+    pub trainer: TrainerWorker,
 }
 
-impl Droppable for Incoming {
-    fn droppable(&self) -> bool {
-        matches!(self, Incoming::Sample { label: None, .. })
+impl Stages {
+    /// Stages for `classifier` with `cfg`'s knobs: inference reads `input` and publishes
+    /// through `sink`; training keeps its checkpoints in `checkpoints`, if any.
+    pub fn new(
+        cfg: &Config,
+        classifier: &Classifier,
+        shared: Arc<Shared>,
+        queues: (Arc<BoundedQueue<Incoming>>, Arc<BoundedQueue<TrainItem>>),
+        sink: Box<dyn PredictionSink>,
+        checkpoints: Option<CheckpointStore>,
+    ) -> Result<Stages, SessionError> {
+        let (input, train) = queues;
+        let inference = InferenceWorker {
+            shared: shared.clone(),
+            predictor: Predictor::new(classifier.backbone.clone()),
+            input,
+            train: train.clone(),
+            sink,
+            class_names: classifier.class_names.clone(),
+            max_batch: cfg.input.max_batch,
+            sample_len: classifier.sample_len(),
+            latency_histogram: None,
+            state_every: crate::config::duration_s(cfg.metrics.state_interval_s),
+            scratch: Scratch::default(),
+        };
+        let trainer = TrainerWorker {
+            shared,
+            session: Session::new(classifier, cfg, cfg.daemon.seed)?,
+            queue: train,
+            checkpoints,
+            exporter: Exporter {
+                proto: classifier.proto().clone(),
+                trainable: classifier.trainable.clone(),
+                input_shape: classifier.input_shape.clone(),
+                fingerprint: classifier.fingerprint,
+            },
+            published: (Serving::Pretrained, SignedPerm::IDENTITY),
+            recent_feedback: RecentAccuracy::new(cfg.metrics.recent_labels),
+            writer: None,
+        };
+        Ok(Stages { inference, trainer })
     }
-    fn is_sample(&self) -> bool {
-        matches!(self, Incoming::Sample { .. })
-    }
-}
-
-/// What inference hands to training, in arrival order.
-pub enum TrainItem {
-    /// A predicted sample: its input, the embedding it was predicted from, and its label if
-    /// known on arrival.
-    Sample {
-        id: String,
-        x: Vec<f32>,
-        embedding: Vec<f32>,
-        label: Option<usize>,
-        predicted: usize,
-        /// The calibration the embedding was computed under.
-        mounting: SignedPerm,
-    },
-    /// A label for an earlier sample.
-    Feedback { id: String, label: usize },
-}
-
-impl Droppable for TrainItem {
-    fn droppable(&self) -> bool {
-        matches!(self, TrainItem::Sample { label: None, .. })
-    }
-    fn is_sample(&self) -> bool {
-        matches!(self, TrainItem::Sample { .. })
-    }
-}
-
-/// The training thread's rule for one item, shared with the in-process equivalence test:
-/// file it with the session, then step if one is due.
-pub fn train_on(
-    session: &mut Session,
-    item: &TrainItem,
-) -> Result<Option<StepReport>, SessionError> {
-    match item {
-        TrainItem::Sample {
-            id,
-            x,
-            embedding,
-            label,
-            predicted,
-            mounting,
-        } => {
-            session.observe(Observation {
-                id: Some(id),
-                x,
-                embedding: ArrayView1::from(embedding.as_slice()),
-                mounting: *mounting,
-                label: *label,
-                truth: None,
-                predicted: *predicted,
-            })?;
-        }
-        TrainItem::Feedback { id, label } => {
-            session.feedback(id, *label)?;
-        }
-    }
-    session.maybe_step()
 }
 
 pub struct InferenceWorker {
@@ -108,182 +83,176 @@ pub struct InferenceWorker {
     pub predictor: Predictor,
     pub input: Arc<BoundedQueue<Incoming>>,
     pub train: Arc<BoundedQueue<TrainItem>>,
-    pub client: AsyncClient,
-    pub predictions_topic: String,
+    pub sink: Box<dyn PredictionSink>,
     pub class_names: Vec<String>,
-    pub qos: QoS,
     pub max_batch: usize,
     pub sample_len: usize,
     /// The Prometheus latency histogram, when the endpoint is on.
     pub latency_histogram: Option<prometheus_client::metrics::histogram::Histogram>,
-    /// The retained current-activity topic and how often it is refreshed.
-    pub state_topic: String,
+    /// How often the retained current activity is refreshed.
     pub state_every: Duration,
+    pub scratch: Scratch,
 }
 
 impl InferenceWorker {
     pub fn run(mut self) {
         let mut items = Vec::with_capacity(self.max_batch);
-        let mut inputs: Vec<f32> = Vec::with_capacity(self.max_batch * self.sample_len);
-        let mut preds: Vec<Prediction> = Vec::with_capacity(self.max_batch);
-        let mut latencies: Vec<u64> = Vec::with_capacity(self.max_batch);
-        let counters = &self.shared.counters;
-        let mut state_at: Option<Instant> = None;
+        self.scratch.reserve(self.max_batch, self.sample_len);
         while self
             .input
             .pop_batch(self.max_batch, Duration::from_millis(100), &mut items)
         {
             self.shared.beat(&self.shared.inference_beat);
-            inputs.clear();
-            let mut samples = 0;
-            for item in &items {
-                if let Incoming::Sample { x, .. } = item {
-                    inputs.extend_from_slice(x);
-                    samples += 1;
-                }
+            self.answer_batch(&mut items);
+        }
+    }
+
+    /// One turn of the inference stage: embeds the batch's samples in one backbone pass,
+    /// publishes the served model's answers through the sink and hands every item on to
+    /// training in arrival order. `items` is left empty.
+    pub fn answer_batch(&mut self, items: &mut Vec<Incoming>) {
+        let counters = &self.shared.counters;
+        let Scratch {
+            inputs,
+            answers,
+            latencies,
+            state_at,
+        } = &mut self.scratch;
+        inputs.clear();
+        let mut samples = 0;
+        for item in items.iter() {
+            if let Incoming::Sample { x, .. } = item {
+                inputs.extend_from_slice(x);
+                samples += 1;
             }
-            let teacher = self.shared.teacher();
-            let embedded = samples == 0
-                || match self.predictor.run(
-                    &inputs,
-                    samples,
-                    teacher.mounting.as_ref(),
-                    &teacher.head,
-                    &mut preds,
-                ) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::error!(
-                            "backbone failed on a batch of {samples}: {}",
-                            crate::report(&e)
-                        );
-                        counters.rejected_total.fetch_add(samples as u64, Relaxed);
-                        counters
-                            .unembeddable_total
-                            .fetch_add(samples as u64, Relaxed);
-                        false
-                    }
-                };
-            let embeddings = self.predictor.embeddings();
-            let mut row = 0;
-            let mut published = 0;
-            // The retained state gets the batch's latest prediction, at most once a period.
-            let state_due = state_at.is_none_or(|t| t.elapsed() >= self.state_every);
-            let mut latest: Option<Vec<u8>> = None;
-            for item in items.drain(..) {
-                let (x, id, label, received) = match item {
-                    Incoming::Feedback { id, label } => {
-                        let dropped = self.train.push(TrainItem::Feedback { id, label });
-                        self.count_drop(dropped);
-                        continue;
-                    }
-                    Incoming::Sample {
-                        x,
-                        id,
-                        label,
-                        received,
-                    } => (x, id, label, received),
-                };
-                let r = row;
-                row += 1;
-                if !embedded {
+        }
+        let teacher = self.shared.teacher();
+        let embedded = samples == 0
+            || match self
+                .predictor
+                .embed(inputs, samples, teacher.mounting.as_ref())
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(
+                        "backbone failed on a batch of {samples}: {}",
+                        crate::report(&e)
+                    );
+                    counters.rejected_total.fetch_add(samples as u64, Relaxed);
+                    counters
+                        .unembeddable_total
+                        .fetch_add(samples as u64, Relaxed);
+                    false
+                }
+            };
+        if embedded {
+            self.predictor
+                .answer(0..samples, &teacher.models(), answers);
+        }
+        let mut row = 0;
+        let mut published = 0;
+        // The retained state gets the batch's latest prediction, at most once a period.
+        let state_due = state_at.is_none_or(|t| t.elapsed() >= self.state_every);
+        let mut latest: Option<Vec<u8>> = None;
+        for item in items.drain(..) {
+            let (x, id, label, received) = match item {
+                Incoming::Feedback { id, label } => {
+                    let dropped = self.train.push(TrainItem::Feedback { id, label });
+                    count_drop(&self.shared, dropped);
                     continue;
                 }
-                let embedding = embeddings.row(r);
-                if !embedding_ok(embedding) {
-                    // A sample can pass every input check and still drive the backbone to
-                    // infinities: it must not be published as a prediction nor learned from.
-                    counters.rejected_total.fetch_add(1, Relaxed);
-                    counters.unembeddable_total.fetch_add(1, Relaxed);
-                    continue;
-                }
-                let p = preds[r];
-                let name = self
-                    .class_names
-                    .get(p.class)
-                    .map(String::as_str)
-                    .unwrap_or("");
-                let message = PredictionMessage {
-                    id: &id,
-                    class: p.class,
-                    name,
-                    confidence: p.confidence,
-                    teacher_version: teacher.version,
-                    serving: teacher.serving,
-                };
-                let payload = serde_json::to_vec(&message).unwrap_or_default();
-                if state_due {
-                    latest = Some(payload.clone());
-                }
-                if self
-                    .client
-                    .try_publish(&self.predictions_topic, self.qos, false, payload)
-                    .is_ok()
-                {
-                    published += 1;
-                } else {
-                    counters.predictions_dropped_total.fetch_add(1, Relaxed);
-                }
-                latencies.push(received.elapsed().as_micros() as u64);
-                let dropped = self.train.push(TrainItem::Sample {
-                    id,
+                Incoming::Sample {
                     x,
-                    embedding: embedding.to_vec(),
+                    id,
                     label,
-                    predicted: p.class,
-                    mounting: teacher
-                        .mounting
-                        .as_ref()
-                        .map_or(SignedPerm::IDENTITY, |m| m.r()),
-                });
-                self.count_drop(dropped);
+                    received,
+                } => (x, id, label, received),
+            };
+            let r = row;
+            row += 1;
+            if !embedded {
+                continue;
             }
-            if let Some(state) = latest {
-                state_at = Some(Instant::now());
-                if self
-                    .client
-                    .try_publish(&self.state_topic, QoS::AtLeastOnce, true, state)
-                    .is_err()
-                {
-                    counters.publish_dropped_total.fetch_add(1, Relaxed);
-                }
+            let Some(answer) = answers[r] else {
+                // The prediction path refused it (its embedding is not usable).
+                counters.rejected_total.fetch_add(1, Relaxed);
+                counters.unembeddable_total.fetch_add(1, Relaxed);
+                continue;
+            };
+            let message = PredictionMessage {
+                id: Some(&id),
+                ..PredictionMessage::new(&answer, &self.class_names, teacher.version)
+            };
+            let payload = serde_json::to_vec(&message).unwrap_or_default();
+            if state_due {
+                latest = Some(payload.clone());
             }
-            // Counters and the latency window once per batch, not per sample.
-            counters.predictions_total.fetch_add(published, Relaxed);
-            let mut window = self
-                .shared
-                .latency
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(h) = &self.latency_histogram {
-                latencies
-                    .iter()
-                    .for_each(|&micros| h.observe(micros as f64 * 1e-6));
+            if self.sink.prediction(payload) {
+                published += 1;
+            } else {
+                counters.predictions_dropped_total.fetch_add(1, Relaxed);
             }
-            latencies.drain(..).for_each(|micros| window.record(micros));
+            latencies.push(received.elapsed().as_micros() as u64);
+            let dropped = self.train.push(TrainItem::Sample {
+                id,
+                x,
+                embedding: self.predictor.embeddings().row(r).to_vec(),
+                label,
+                predicted: answer.served.class,
+                mounting: teacher
+                    .mounting
+                    .as_ref()
+                    .map_or(SignedPerm::IDENTITY, |m| m.r()),
+            });
+            count_drop(&self.shared, dropped);
         }
+        if let Some(state) = latest {
+            *state_at = Some(Instant::now());
+            if !self.sink.state(state) {
+                counters.publish_dropped_total.fetch_add(1, Relaxed);
+            }
+        }
+        // Counters and the latency window once per batch, not per sample.
+        counters.predictions_total.fetch_add(published, Relaxed);
+        let mut window = self
+            .shared
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = &self.latency_histogram {
+            latencies
+                .iter()
+                .for_each(|&micros| h.observe(micros as f64 * 1e-6));
+        }
+        latencies.drain(..).for_each(|micros| window.record(micros));
     }
 }
 
-impl InferenceWorker {
-    fn count_drop(&self, dropped: Option<TrainItem>) {
-        if let Some(d) = dropped {
-            let c = &self.shared.counters;
-            c.count_drop(&c.train_dropped_total, &d);
-        }
+/// Counts an item the full training queue dropped.
+fn count_drop(shared: &Shared, dropped: Option<TrainItem>) {
+    if let Some(d) = dropped {
+        let c = &shared.counters;
+        c.count_drop(&c.train_dropped_total, &d);
     }
 }
 
-/// `{prefix}/predictions`, one per sample.
-#[derive(serde::Serialize)]
-struct PredictionMessage<'a> {
-    id: &'a str,
-    class: usize,
-    name: &'a str,
-    confidence: f32,
-    teacher_version: u64,
-    /// Which model made it: "adapted" or "pretrained" (the serving gate's choice).
-    serving: Serving,
+/// The inference stage's reusable buffers, so a batch allocates nothing of its own beyond
+/// the items it hands on.
+#[derive(Default)]
+pub struct Scratch {
+    inputs: Vec<f32>,
+    answers: Vec<Option<Answer>>,
+    latencies: Vec<u64>,
+    /// When the retained state was last refreshed.
+    state_at: Option<Instant>,
+}
+
+impl Scratch {
+    fn reserve(&mut self, max_batch: usize, sample_len: usize) {
+        self.inputs.reserve(max_batch * sample_len);
+        self.answers.reserve(max_batch);
+        self.latencies.reserve(max_batch);
+    }
 }
 
 pub struct TrainerWorker {
@@ -295,44 +264,10 @@ pub struct TrainerWorker {
     pub exporter: Exporter,
     /// What the inference thread was last handed.
     pub published: (Serving, SignedPerm),
-    /// Whether each of the most recent labels was predicted right, newest last.
-    pub recent_feedback: RecentFeedback,
-}
-
-/// The served model's record on the most recent labels, read off the session's counters.
-pub struct RecentFeedback {
-    outcomes: std::collections::VecDeque<bool>,
-    capacity: usize,
-    seen: (u64, u64),
-}
-
-impl RecentFeedback {
-    pub fn new(capacity: usize) -> Self {
-        RecentFeedback {
-            outcomes: std::collections::VecDeque::with_capacity(capacity),
-            capacity: capacity.max(1),
-            seen: (0, 0),
-        }
-    }
-
-    /// Takes in the labels matched since the last call (`feedback`, `correct` are totals).
-    fn update(&mut self, feedback: u64, correct: u64) {
-        let new = feedback.saturating_sub(self.seen.0);
-        let new_correct = correct.saturating_sub(self.seen.1);
-        self.seen = (feedback, correct);
-        for i in 0..new.min(self.capacity as u64) {
-            if self.outcomes.len() == self.capacity {
-                self.outcomes.pop_front();
-            }
-            self.outcomes.push_back(i < new_correct);
-        }
-    }
-
-    fn accuracy(&self) -> Option<f64> {
-        (!self.outcomes.is_empty()).then(|| {
-            self.outcomes.iter().filter(|&&c| c).count() as f64 / self.outcomes.len() as f64
-        })
-    }
+    /// The served model's record on the most recent labels.
+    pub recent_feedback: RecentAccuracy,
+    /// The checkpoint writer thread's queue, while it runs.
+    pub writer: Option<std::sync::mpsc::SyncSender<Saved>>,
 }
 
 /// What `export` needs to write the teacher back into the original graph.
@@ -355,12 +290,17 @@ impl TrainerWorker {
         });
     }
 
-    pub fn run(mut self) {
+    /// Restores the newest checkpoint, if any, and hands inference the model to serve.
+    pub fn begin(&mut self) {
         if let Some(store) = &self.checkpoints {
             self.session.restore(store);
         }
         self.publish_teacher();
-        let (writer_tx, writer) = match self.checkpoints.take() {
+    }
+
+    pub fn run(mut self) {
+        self.begin();
+        let (writer_tx, writer_thread) = match self.checkpoints.take() {
             Some(store) => {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Saved>(2);
                 let shared = self.shared.clone();
@@ -372,6 +312,7 @@ impl TrainerWorker {
             }
             None => (None, None),
         };
+        self.writer = writer_tx;
         let mut items = Vec::with_capacity(64);
         while self
             .queue
@@ -388,32 +329,14 @@ impl TrainerWorker {
                     .resets += 1;
             }
             if self.shared.checkpoint_requested.swap(false, Relaxed) {
-                if writer_tx.is_some() {
+                if self.writer.is_some() {
                     self.session.request_checkpoint();
                 } else {
                     tracing::warn!("checkpoint requested, but no checkpoint directory is configured ([checkpoint] dir or $STATE_DIRECTORY)");
                 }
             }
-            self.session
-                .set_paused(self.shared.paused.load(Relaxed) || self.shared.stopping.load(Relaxed));
-            for item in items.drain(..) {
-                let result = train_on(&mut self.session, &item);
-                if let TrainItem::Feedback { .. } = item {
-                    let s = self.session.stats();
-                    self.recent_feedback.update(s.feedback, s.feedback_correct);
-                }
-                self.after_step(result);
-                if (self.session.serving(), self.session.mounting_r()) != self.published {
-                    self.publish_teacher();
-                }
-                if let Some(tx) = &writer_tx {
-                    if let Some(state) = self.session.take_checkpoint(Instant::now()) {
-                        // A full writer queue means a save is already on its way.
-                        let _ = tx.try_send(state);
-                    }
-                }
-            }
-            if let Some(tx) = &writer_tx {
+            self.take_batch(&mut items);
+            if let Some(tx) = &self.writer {
                 // A requested checkpoint is due even when no item arrived with it.
                 if let Some(state) = self.session.take_checkpoint(Instant::now()) {
                     let _ = tx.try_send(state);
@@ -424,37 +347,59 @@ impl TrainerWorker {
             }
             self.publish_stats();
         }
-        if let Some(tx) = writer_tx {
+        if let Some(tx) = self.writer.take() {
             // The final state, then wait for the writer to finish it.
             self.session.request_checkpoint();
             if let Some(state) = self.session.take_checkpoint(Instant::now()) {
                 let _ = tx.send(state);
             }
             drop(tx);
-            if let Some(w) = writer {
+            if let Some(w) = writer_thread {
                 let _ = w.join();
             }
         }
         self.publish_stats();
     }
 
-    fn after_step(&mut self, result: Result<Option<StepReport>, SessionError>) {
-        match result {
-            Ok(Some(step)) => {
-                let mut t = self.shared.train.lock().unwrap_or_else(|e| e.into_inner());
-                t.steps_since += 1;
-                t.loss_sup += step.losses.sup as f64;
-                t.loss_pseudo += step.losses.pseudo as f64;
-                t.loss_consistency += step.losses.consistency as f64;
-                t.offered += step.offered as u64;
-                t.accepted += step.accepted as u64;
-                drop(t);
-                if step.ema_updated || step.rollback.is_some() {
-                    self.publish_teacher();
+    /// One turn of the training stage: every item through [`Session::take`] in arrival
+    /// order, the served model handed to inference when it changed, checkpoints queued for
+    /// the writer when due. `items` is left empty.
+    pub fn take_batch(&mut self, items: &mut Vec<TrainItem>) {
+        self.session
+            .set_paused(self.shared.paused.load(Relaxed) || self.shared.stopping.load(Relaxed));
+        for item in items.drain(..) {
+            let result = self.session.take(item.as_item());
+            self.after_take(result);
+            if (self.session.serving(), self.session.mounting_r()) != self.published {
+                self.publish_teacher();
+            }
+            if let Some(tx) = &self.writer {
+                if let Some(state) = self.session.take_checkpoint(Instant::now()) {
+                    // A full writer queue means a save is already on its way.
+                    let _ = tx.try_send(state);
                 }
             }
-            Ok(None) => {}
-            Err(e) => tracing::error!("training step failed: {}", crate::report(&e)),
+        }
+    }
+
+    fn after_take(&mut self, result: Result<Taken, SessionError>) {
+        let taken = match result {
+            Ok(taken) => taken,
+            Err(e) => return tracing::error!("training step failed: {}", crate::report(&e)),
+        };
+        if let Some(Feedback::Matched { correct }) = taken.feedback {
+            self.recent_feedback.update(correct);
+        }
+        if let Some(step) = taken.step {
+            self.shared
+                .train
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .interval
+                .add(&step);
+            if step.ema_updated || step.rollback.is_some() {
+                self.publish_teacher();
+            }
         }
     }
 
@@ -502,8 +447,8 @@ impl TrainerWorker {
         let s = self.session.stats();
         let counters = &self.shared.counters;
         counters.labels_total.store(s.labels, Relaxed);
-        counters.feedback_total.store(s.feedback, Relaxed);
-        counters.feedback_correct.store(s.feedback_correct, Relaxed);
+        counters.feedback_total.store(s.feedback.total, Relaxed);
+        counters.feedback_correct.store(s.feedback.correct, Relaxed);
         counters.late_labels_total.store(s.late_labels, Relaxed);
         let mut t = self.shared.train.lock().unwrap_or_else(|e| e.into_inner());
         t.train_steps = c.train_steps;
@@ -519,7 +464,7 @@ impl TrainerWorker {
         t.gate_p = g.p_value();
         t.gate_switches = g.switches();
         t.calibration_changes = s.calibration_changes;
-        t.feedback_accuracy_recent = self.recent_feedback.accuracy();
+        t.feedback_accuracy_recent = self.recent_feedback.get();
     }
 }
 

@@ -124,11 +124,18 @@ pub fn pretrained_predictions(model: &Path, samples: &[Vec<f32>]) -> Vec<(u64, f
     let mut predictor = edgemt::session::Predictor::new(c.backbone.clone());
     let mut out = Vec::new();
     let flat: Vec<f32> = samples.concat();
-    predictor
-        .run(&flat, samples.len(), None, &c.pretrained(), &mut out)
-        .unwrap();
+    predictor.embed(&flat, samples.len(), None).unwrap();
+    let pretrained = c.pretrained();
+    predictor.answer(
+        0..samples.len(),
+        &edgemt::session::Models::pretrained(&pretrained),
+        &mut out,
+    );
     out.iter()
-        .map(|p| (p.class as u64, p.confidence as f64))
+        .map(|a| {
+            let p = a.expect("a usable embedding").served;
+            (p.class as u64, p.confidence as f64)
+        })
         .collect()
 }
 
