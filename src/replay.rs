@@ -330,7 +330,15 @@ pub fn replay(
     let mut unembeddable = 0u64;
     let mut scored = Scored::default();
     let mut steps = StepTotals::default();
+    // The timeline of the served model starts from the pretrained one: a session that
+    // serves another from the start (the gate off, a restored checkpoint) switched at 0.
     let mut switches = Vec::new();
+    if session.serving() != Serving::Pretrained {
+        switches.push(Switch {
+            sample: 0,
+            serving: session.serving(),
+        });
+    }
     let mut rollbacks_at = Vec::new();
     let mut adoptions = Vec::new();
     let mut window = Window::default();

@@ -1,5 +1,7 @@
 //! `edgemt replay` end to end on the shipped model and recordings.
 
+use std::path::Path;
+
 use serde_json::Value;
 
 use crate::util::{self, edgemt, run_ok};
@@ -264,4 +266,152 @@ fn replay_writes_one_prediction_per_sample_that_scores_as_the_report_says() {
         "the written predictions are the served model's: {accuracy} vs {}",
         f(&r, "/prequential_accuracy/served")
     );
+}
+
+/// Replays `stream` with the shipped config plus `extra` TOML, writing predictions; returns
+/// the report and the prediction lines.
+fn replay_predictions(stream: &Path, extra: &str) -> (Value, Vec<Value>) {
+    let dir = util::tempdir();
+    let shipped = std::fs::read_to_string(util::path("config/edgemt.toml")).unwrap();
+    let mut cfg: toml::Table = shipped.parse().unwrap();
+    let overrides: toml::Table = extra.parse().unwrap();
+    for (section, keys) in overrides {
+        let table = cfg[&section].as_table_mut().unwrap();
+        table.extend(keys.as_table().unwrap().clone());
+    }
+    let model = util::path("models/hapt_mlp.onnx").display().to_string();
+    cfg["model"]["path"] = toml::Value::String(model);
+    let config = dir.path().join("edgemt.toml");
+    std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
+    let (report, out) = (dir.path().join("r.json"), dir.path().join("p.jsonl"));
+    run_ok(
+        edgemt()
+            .args(["replay", "--config"])
+            .arg(&config)
+            .arg(stream)
+            .arg("--report")
+            .arg(&report)
+            .arg("--predictions")
+            .arg(&out),
+    );
+    let r = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (r, util::jsonl(&out))
+}
+
+/// Which model the report says answered at 0-based sample `i`: a switch recorded at sample
+/// count n takes effect from the n-th sample on.
+fn serving_at(report: &Value, i: u64) -> String {
+    report["gate"]["switches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take_while(|s| s["sample"].as_u64().unwrap() <= i)
+        .last()
+        .map_or("pretrained".into(), |s| {
+            s["serving"].as_str().unwrap().into()
+        })
+}
+
+#[test]
+fn where_the_gate_never_switches_every_written_prediction_is_the_pretrained_models_class_in_onnxruntime(
+) {
+    let stream = util::path("data/control_stream.jsonl");
+    let (r, lines) = replay_predictions(&stream, "");
+    assert_eq!(r["gate"]["switches"].as_array().unwrap().len(), 0);
+    assert_eq!(r["calibration"]["adopted"], "x,y,z", "no mounting adopted");
+    assert!(
+        f(&r, "/train_steps") > 100.0,
+        "the learner trained meanwhile"
+    );
+
+    // The same samples through onnxruntime: the pretrained model's own class, computed
+    // without any of edgemt's code.
+    let python = util::venv_python().unwrap_or_else(|| "python3".into());
+    let inputs = util::tempdir();
+    let xs: Vec<Value> = util::recording_lines("data/control_stream.jsonl")
+        .into_iter()
+        .map(|l| l["x"].clone())
+        .collect();
+    let file = inputs.path().join("x.json");
+    std::fs::write(&file, serde_json::to_string(&xs).unwrap()).unwrap();
+    let script = "import json, sys, numpy as np, onnxruntime as ort\n\
+        s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n\
+        x = np.array(json.load(open(sys.argv[2])), dtype=np.float32).reshape(-1, 64, 6)\n\
+        print(json.dumps(s.run(['logits'], {'input': x})[0].argmax(axis=1).tolist()))\n";
+    let model = util::path("models/hapt_mlp.onnx");
+    let ort: Vec<u64> = util::python_json(&python, script, &[&model, &file]);
+
+    assert_eq!(lines.len(), ort.len(), "one line per sample");
+    for (i, (p, class)) in lines.iter().zip(&ort).enumerate() {
+        assert_eq!(p["sample"].as_u64(), Some(i as u64));
+        assert_eq!(p["serving"], "pretrained", "line {i}: {p}");
+        assert_eq!(p["class"].as_u64(), Some(*class), "line {i}: {p}");
+    }
+}
+
+#[test]
+fn every_written_prediction_says_which_model_answered_and_the_served_model_is_what_was_written() {
+    let stream = util::path("data/target_stream.jsonl");
+    let truths: Vec<Value> = util::jsonl(&stream)
+        .into_iter()
+        .map(|l| l["truth"].clone())
+        .collect();
+    // As shipped (the gate decides), and with the gate off (the adapted teacher answers).
+    let mut seen = std::collections::HashSet::new();
+    for extra in ["", "[gate]\nenabled = false\n"] {
+        let (report, lines) = replay_predictions(&stream, extra);
+        assert_eq!(lines.len() as f64, f(&report, "/samples"));
+        let mut right = 0;
+        for (i, p) in lines.iter().enumerate() {
+            let serving = p["serving"].as_str().expect("each line names its model");
+            assert_eq!(serving, serving_at(&report, i as u64), "{extra} line {i}");
+            seen.insert(serving.to_string());
+            right += (p["class"] == truths[i]) as usize;
+        }
+        let served = right as f64 / lines.len() as f64;
+        assert!(
+            (served - f(&report, "/prequential_accuracy/served")).abs() < 1e-9,
+            "{extra}: the written classes score as the served series"
+        );
+    }
+    assert!(
+        seen.contains("adapted") && seen.contains("pretrained"),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn a_sample_the_device_would_refuse_is_refused_by_replay_too() {
+    // 3e38 fits in f32 and passes max_abs raised to f32's range, yet the backbone turns it
+    // into infinities: the daemon publishes nothing for it and learns nothing from it.
+    let dir = util::tempdir();
+    let rec = dir.path().join("r.jsonl");
+    let mut text = String::new();
+    for (i, line) in util::recording_lines("data/control_stream.jsonl")
+        .into_iter()
+        .take(60)
+        .enumerate()
+    {
+        text.push_str(&format!("{line}\n"));
+        if i % 20 == 0 {
+            text.push_str(&format!(
+                "{}\n",
+                serde_json::json!({"x": vec![3e38_f64; 384], "truth": 1, "label": 1})
+            ));
+        }
+    }
+    std::fs::write(&rec, text).unwrap();
+    let (r, lines) = replay_predictions(&rec, "[input]\nmax_abs = 3.4e38\n");
+    assert_eq!(f(&r, "/samples"), 63.0);
+    assert_eq!(f(&r, "/unembeddable"), 3.0);
+    assert_eq!(lines.len(), 60, "no prediction for a refused sample");
+    assert_eq!(f(&r, "/scored"), 60.0, "nor a score");
+    assert_eq!(f(&r, "/skipped_nonfinite"), 0.0);
+    let samples: Vec<u64> = lines
+        .iter()
+        .map(|p| p["sample"].as_u64().unwrap())
+        .collect();
+    for refused in [1, 22, 43] {
+        assert!(!samples.contains(&refused), "sample {refused} was answered");
+    }
 }
