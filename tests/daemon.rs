@@ -653,3 +653,122 @@ fn a_killed_daemon_is_marked_offline_by_its_last_will_and_sigint_stops_one_clean
     assert!(daemon.log_text().contains("stopped"));
     assert_eq!(mosquitto_sub_one(broker.port, &status), "offline");
 }
+
+/// What replay measures is what the device answers: the same recording (ids, then labels
+/// for every 4th sample after all of them) through `edgemt replay` and through a running
+/// daemon. On the control stream the gate never switches, so both answer with the
+/// pretrained model whatever the timing, and every class and the accuracy on labels must
+/// agree exactly.
+#[test]
+fn replay_and_the_daemon_publish_the_same_classes_and_agree_on_accuracy_on_labels() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/agree";
+    let cfg = daemon_config(dir.path(), &broker, prefix, "");
+    let lines = util::recording_lines("data/control_stream.jsonl");
+    let samples: Vec<Value> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| serde_json::json!({"id": format!("c{i}"), "x": l["x"]}))
+        .collect();
+    let labels: Vec<Value> = lines
+        .iter()
+        .enumerate()
+        .step_by(4)
+        .map(|(i, l)| serde_json::json!({"id": format!("c{i}"), "label": l["truth"]}))
+        .collect();
+
+    // Replay: the samples, then the labels as feedback lines.
+    let recording = dir.path().join("agree.jsonl");
+    let text: Vec<String> = samples
+        .iter()
+        .chain(&labels)
+        .map(Value::to_string)
+        .collect();
+    std::fs::write(&recording, text.join("\n")).unwrap();
+    let (report, written) = (dir.path().join("r.json"), dir.path().join("p.jsonl"));
+    util::run_ok(
+        util::edgemt()
+            .args(["replay", "--config"])
+            .arg(&cfg)
+            .arg(&recording)
+            .arg("--report")
+            .arg(&report)
+            .arg("--predictions")
+            .arg(&written),
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["gate"]["switches"].as_array().unwrap().len(), 0);
+    assert_eq!(r["feedback"].as_u64(), Some(labels.len() as u64));
+    let replayed: Vec<(String, u64)> = util::jsonl(&written)
+        .iter()
+        .map(|p| {
+            (
+                p["id"].as_str().unwrap().into(),
+                p["class"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+
+    // The daemon: the same samples on the samples topic, the labels on the labels topic.
+    let mut daemon = Daemon::start(&cfg, &[]);
+    let (pred_topic, metrics_topic) =
+        (format!("{prefix}/predictions"), format!("{prefix}/metrics"));
+    let dashboard = MqttPeer::connect(broker.port, "dashboard", &[&pred_topic, &metrics_topic]);
+    assert!(
+        wait_for_log(
+            &daemon,
+            |l| l.contains("connected"),
+            Duration::from_secs(20)
+        ),
+        "{}",
+        daemon.log_text()
+    );
+    let sensor = MqttPeer::connect(broker.port, "sensor", &[]);
+    for s in &samples {
+        sensor.publish(&format!("{prefix}/samples"), s.to_string());
+    }
+    let got = dashboard.collect_until(Duration::from_secs(60), |m| {
+        on(m, &pred_topic).count() >= samples.len()
+    });
+    for l in &labels {
+        sensor.publish(&format!("{prefix}/labels"), l.to_string());
+    }
+    let later = dashboard.collect_until(Duration::from_secs(30), |m| {
+        last_metrics(m, &metrics_topic)
+            .is_some_and(|v| num(&v, "feedback_total") >= labels.len() as f64)
+    });
+    let metrics = last_metrics(&later, &metrics_topic).expect("metrics arrive");
+    assert!(daemon.is_running());
+
+    let published: std::collections::HashMap<String, (u64, String)> = on(&got, &pred_topic)
+        .map(|p| {
+            let v: Value = serde_json::from_str(&p).unwrap();
+            let serving = v["serving"].as_str().unwrap().to_string();
+            (
+                v["id"].as_str().unwrap().into(),
+                (v["class"].as_u64().unwrap(), serving),
+            )
+        })
+        .collect();
+    assert_eq!(
+        published.len(),
+        replayed.len(),
+        "every sample answered once"
+    );
+    for (id, class) in &replayed {
+        let (daemon_class, serving) = &published[id];
+        assert_eq!(serving, "pretrained", "{id}");
+        assert_eq!(daemon_class, class, "sample {id}: daemon vs replay");
+    }
+    assert_eq!(num(&metrics, "feedback_total"), labels.len() as f64);
+    let (daemon_accuracy, replay_accuracy) = (
+        num(&metrics, "feedback_accuracy"),
+        r["feedback_accuracy"].as_f64().unwrap(),
+    );
+    assert!(
+        (daemon_accuracy - replay_accuracy).abs() < 1e-12,
+        "accuracy on labels: daemon {daemon_accuracy} vs replay {replay_accuracy}"
+    );
+    assert!(replay_accuracy > 0.5, "{replay_accuracy}: a real score");
+}
