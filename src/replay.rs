@@ -536,7 +536,7 @@ pub fn evaluate(
     let heads: [(&Mlp, Option<&crate::calibration::Mounting>); 4] = [
         (l.teacher(), session.mounting()),
         (l.student(), session.mounting()),
-        (l.source(), None),
+        (l.pretrained(), None),
         (l.served(), session.mounting()),
     ];
     let mut predictor = Predictor::new(classifier.backbone.clone());

@@ -522,7 +522,7 @@ impl Session {
             serving: self.learner.serving(),
             mounting: self.mounting.as_ref(),
             teacher: Some(self.learner.teacher()),
-            pretrained: Some(self.learner.source()),
+            pretrained: Some(self.learner.pretrained()),
         }
     }
 
@@ -611,10 +611,10 @@ impl Session {
         if fresh {
             cal.observe(raw);
         }
-        let source = learner.source();
+        let pretrained = learner.pretrained();
         let mut score = |x: &[f32], n: usize, out: &mut Array2<f32>| -> Result<(), ModelError> {
             backbone.embed_into(x, n, cal_emb)?;
-            source.probs_into(cal_emb.view(), cal_ws, out);
+            pretrained.probs_into(cal_emb.view(), cal_ws, out);
             Ok(())
         };
         let mut events = Vec::new();

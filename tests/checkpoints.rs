@@ -86,7 +86,7 @@ fn a_checkpoint_restores_heads_optimizer_counters_and_labeled_buffer_exactly() {
     assert_eq!(restored.manifest.sequence, m.sequence);
     assert_eq!(back.student(), learner.student());
     assert_eq!(back.teacher(), learner.teacher());
-    assert_eq!(back.source(), learner.source());
+    assert_eq!(back.pretrained(), learner.pretrained());
     assert_eq!(back.state().optimizer, learner.state().optimizer);
     assert_eq!(back.counters(), learner.counters());
     assert_eq!(back.labeled_counts(), learner.labeled_counts());

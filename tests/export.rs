@@ -258,7 +258,7 @@ fn adapt_export_and_compare_in_onnxruntime(layers: usize) {
             .teacher
             .values(i)
             .iter()
-            .zip(state.source.values(i))
+            .zip(state.pretrained.values(i))
             .fold(0.0f32, |a, (t, s)| a.max((t - s).abs()));
         assert!(
             moved > 1e-4,

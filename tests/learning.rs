@@ -662,7 +662,7 @@ fn a_step_refreshes_the_teacher_and_counts_versions() {
     assert!(learner.student().params().distance(head.params()) > 0.0);
     assert!(learner.teacher().params().distance(head.params()) > 0.0);
     assert_eq!(
-        learner.source(),
+        learner.pretrained(),
         &head,
         "the pretrained model is never trained"
     );

@@ -159,7 +159,7 @@ fn replay_and_the_daemons_session_end_with_bit_identical_teacher_weights() {
     );
     let (r, d) = (replayed.session.learner(), daemon.learner());
     assert!(r.counters().train_steps > 100, "the learner trained");
-    assert_ne!(r.teacher(), r.source(), "the teacher moved");
+    assert_ne!(r.teacher(), r.pretrained(), "the teacher moved");
     assert_eq!(r.counters(), d.counters());
     assert_eq!(
         r.teacher().params().as_slice(),
@@ -233,7 +233,10 @@ fn periodic_checkpoints_continue_after_a_reset() {
         .take_checkpoint(now)
         .expect("the reset is saved at once");
     assert_eq!(reset.learner.counters.train_steps, 0);
-    assert_eq!(reset.learner.teacher, *session.learner().source().params());
+    assert_eq!(
+        reset.learner.teacher,
+        *session.learner().pretrained().params()
+    );
     // Steps count from zero again, and the periodic saves go on from there.
     let mut saved_at = Vec::new();
     for s in samples.iter().take(50) {
@@ -525,7 +528,7 @@ fn two_trainable_layers_adapt_on_a_matmul_add_model_as_well() {
     assert_eq!(l.teacher().layers(), 2);
     assert!(l.counters().train_steps > 100);
     for layer in 0..2 {
-        let moved = (&l.teacher().weight(layer) - &l.source().weight(layer))
+        let moved = (&l.teacher().weight(layer) - &l.pretrained().weight(layer))
             .iter()
             .fold(0.0f32, |a, d| a.max(d.abs()));
         assert!(moved > 1e-4, "layer {layer} did not adapt ({moved})");

@@ -47,7 +47,8 @@ pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
     let mut t = Vec::new();
     add_params(&mut t, "student", &state.student)?;
     add_params(&mut t, "teacher", &state.teacher)?;
-    add_params(&mut t, "source", &state.source)?;
+    // Stored as "source", the format's name for the pretrained weights since version 1.
+    add_params(&mut t, "source", &state.pretrained)?;
     for (role, p) in state.optimizer.state() {
         add_params(&mut t, &format!("optim.{role}"), p)?;
     }
@@ -195,7 +196,7 @@ pub fn decode(bytes: &[u8], want: &Expected) -> Result<LearnerState, String> {
     Ok(LearnerState {
         student,
         teacher,
-        source,
+        pretrained: source,
         optimizer,
         counters: want.counters,
         labeled,

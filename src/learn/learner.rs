@@ -149,7 +149,7 @@ pub struct LearnerState {
     pub student: Params,
     pub teacher: Params,
     /// The pretrained weights (the anchor and what `reset` returns to).
-    pub source: Params,
+    pub pretrained: Params,
     pub optimizer: Optimizer,
     pub counters: Counters,
     pub labeled: LabeledBuffer,
@@ -194,7 +194,7 @@ pub struct Learner {
     student: Mlp,
     teacher: Mlp,
     /// The pretrained weights, kept for comparison, the anchor and `reset`.
-    source: Mlp,
+    pretrained: Mlp,
     optimizer: Optimizer,
     labeled: LabeledBuffer,
     unlabeled: SampleRing,
@@ -255,7 +255,7 @@ impl Learner {
             grad: pretrained.params().zeros_like(),
             student: pretrained.clone(),
             teacher: pretrained.clone(),
-            source: pretrained,
+            pretrained,
             counters: Counters::default(),
             guard: RollbackGuard::new(guard.clone()),
             gate: Gate::new(gate.clone()),
@@ -295,8 +295,8 @@ impl Learner {
         &self.teacher
     }
 
-    pub fn source(&self) -> &Mlp {
-        &self.source
+    pub fn pretrained(&self) -> &Mlp {
+        &self.pretrained
     }
 
     pub fn counters(&self) -> &Counters {
@@ -316,7 +316,7 @@ impl Learner {
     pub fn served(&self) -> &Mlp {
         match self.gate.serving() {
             Serving::Adapted => &self.teacher,
-            Serving::Pretrained => &self.source,
+            Serving::Pretrained => &self.pretrained,
         }
     }
 
@@ -371,7 +371,7 @@ impl Learner {
         self.teacher
             .logits_into(row, &mut self.ws, &mut self.test_logits);
         let teacher = argmax(self.test_logits.row(0)).0;
-        self.source
+        self.pretrained
             .logits_into(row, &mut self.ws, &mut self.test_logits);
         let source = argmax(self.test_logits.row(0)).0;
         if let Some(now) = self.gate.record(teacher == label, source == label) {
@@ -484,7 +484,7 @@ impl Learner {
             let a = self.cfg.anchor;
             let pull = self
                 .grad
-                .add_pull(self.student.params(), self.source.params(), a);
+                .add_pull(self.student.params(), self.pretrained.params(), a);
             losses.total += 0.5 * a * pull;
         }
 
@@ -539,9 +539,10 @@ impl Learner {
         if self.good.is_none() {
             // Until a check passes, the pretrained model is the last good state.
             let mut first = self.state();
-            first.student = self.source.params().clone();
-            first.teacher = self.source.params().clone();
-            first.optimizer = Optimizer::new(self.cfg.optimizer_settings(), self.source.params());
+            first.student = self.pretrained.params().clone();
+            first.teacher = self.pretrained.params().clone();
+            first.optimizer =
+                Optimizer::new(self.cfg.optimizer_settings(), self.pretrained.params());
             self.good = Some(first);
         }
         let good = self.good.as_ref().expect("set above");
@@ -550,9 +551,12 @@ impl Learner {
             .with_params(good.teacher.clone())
             .expect("same layout");
         let recent = self.unlabeled_embeddings();
-        let verdict = self
-            .guard
-            .judge(&self.teacher, &good_teacher, &self.source, recent.view());
+        let verdict = self.guard.judge(
+            &self.teacher,
+            &good_teacher,
+            &self.pretrained,
+            recent.view(),
+        );
         match verdict {
             Verdict::Pass { teacher, good } => {
                 self.guard.promote();
@@ -594,7 +598,7 @@ impl Learner {
     pub fn reset(&mut self) {
         let version = self.counters.teacher_version + 1;
         *self = Learner::new(
-            self.source.clone(),
+            self.pretrained.clone(),
             self.layout,
             &self.cfg,
             &self.augment,
@@ -610,7 +614,7 @@ impl Learner {
         LearnerState {
             student: self.student.params().clone(),
             teacher: self.teacher.params().clone(),
-            source: self.source.params().clone(),
+            pretrained: self.pretrained.params().clone(),
             optimizer: self.optimizer.clone(),
             counters: self.counters,
             labeled: self.labeled.clone(),
@@ -623,7 +627,7 @@ impl Learner {
     /// labeled buffer is refilled oldest first into this learner's configured capacity.
     pub fn restore(&mut self, state: LearnerState) -> Result<(), LearnError> {
         let fits = |p: &Params| p.same_layout(self.student.params());
-        if !(fits(&state.student) && fits(&state.teacher) && fits(&state.source)) {
+        if !(fits(&state.student) && fits(&state.teacher) && fits(&state.pretrained)) {
             return Err(LearnError::State(
                 "weights have other names or shapes".into(),
             ));
@@ -657,7 +661,7 @@ impl Learner {
         }
         self.student.params_mut().assign(&state.student);
         self.teacher.params_mut().assign(&state.teacher);
-        self.source.params_mut().assign(&state.source);
+        self.pretrained.params_mut().assign(&state.pretrained);
         self.optimizer = state.optimizer;
         self.counters = state.counters;
         self.labeled = labeled;

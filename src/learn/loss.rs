@@ -1,6 +1,6 @@
 //! The student's combined loss and its hand-written gradient.
 //!
-//! L_total = L_sup + λ·L_pseudo + α·L_consistency, exactly as in the seed notes:
+//! L_total = L_sup + λ·L_pseudo + α·L_consistency (the README's "How it works" states the same):
 //! - L_sup: mean cross-entropy of the student on the labeled batch;
 //! - L_pseudo: cross-entropy against the teacher's pseudo-labels, summed over the accepted
 //!   samples and divided by the whole unlabeled batch size N_u (rejected samples add zero);
@@ -25,7 +25,7 @@ use crate::nn::{softmax_rows, Mlp, Params, Trace};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConsistencyMode {
-    /// Student vs student on two augmentations (the seed notes' form, default).
+    /// Student vs student on two augmentations (the method's own form, and the default).
     Student,
     /// Student on one augmentation vs teacher on the other (Mean Teacher's form).
     Teacher,
