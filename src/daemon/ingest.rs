@@ -22,7 +22,6 @@ use super::items::Incoming;
 use super::queue::{BoundedQueue, Droppable};
 use super::state::Shared;
 use crate::config::{Command, InputFormat};
-use crate::stream::sample::id_of;
 use crate::stream::window::{decode_f32le, rows_from_f32le, rows_from_json};
 use crate::stream::{DecodeError, SampleDecoder, WindowAssembler};
 
@@ -468,12 +467,10 @@ impl Ingest {
         if let Some(name) = v.get("class") {
             return self.label_recent(name, v.get("seconds"));
         }
-        let id = id_of(v.get("id"))?
-            .ok_or_else(|| Rejection::Other("label feedback needs an \"id\"".into()))?;
-        let label = self
-            .decoder
-            .class(v.get("label"), "label")?
-            .ok_or_else(|| Rejection::Other("label feedback needs a \"label\"".into()))?;
+        let serde_json::Value::Object(obj) = &v else {
+            return Err(DecodeError::NotAnObject.into());
+        };
+        let (id, label) = self.decoder.decode_feedback(obj)?;
         let dropped = self.queue.push(Incoming::Feedback { id, label });
         self.count_drop(dropped);
         Ok(())

@@ -55,7 +55,7 @@ pub enum DecodeError {
     IdTooLong(usize),
     #[error("\"id\" must be a string or a number")]
     BadId,
-    #[error("a feedback line needs \"id\" and \"label\"")]
+    #[error("label feedback needs \"id\" and \"label\"")]
     IncompleteFeedback,
 }
 
@@ -158,15 +158,25 @@ impl SampleDecoder {
         }))
     }
 
-    /// A feedback object: an id and a class, and nothing that belongs to a sample.
+    /// A feedback line: an object without `x` that has an id or a label.
     fn feedback(&self, obj: &serde_json::Map<String, Value>) -> Result<Line, DecodeError> {
         if !obj.contains_key("id") && !obj.contains_key("label") {
             return Err(DecodeError::MissingX);
         }
+        let (id, label) = self.decode_feedback(obj)?;
+        Ok(Line::Feedback { id, label })
+    }
+
+    /// A label for an earlier sample, `{"id": ..., "label": k}`: what a recording's feedback
+    /// line and the daemon's labels topic both carry, read by this one function.
+    pub fn decode_feedback(
+        &self,
+        obj: &serde_json::Map<String, Value>,
+    ) -> Result<(String, usize), DecodeError> {
         let id = id_of(obj.get("id"))?;
         let label = self.class(obj.get("label"), "label")?;
         match (id, label) {
-            (Some(id), Some(label)) => Ok(Line::Feedback { id, label }),
+            (Some(id), Some(label)) => Ok((id, label)),
             _ => Err(DecodeError::IncompleteFeedback),
         }
     }
