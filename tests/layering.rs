@@ -1,0 +1,165 @@
+//! The arrows point down: the library's modules form layers (core, drivers, app), a module
+//! imports only from layers below or beside it, and no two files of the daemon import each
+//! other. Read from the sources, so a new import that breaks the layering fails here.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use crate::util;
+
+/// Each top-level module of the library and its layer: a module may use modules of a lower
+/// rank only (or of its own rank where it is listed among `BESIDE`).
+const LAYERS: &[(&str, u32)] = &[
+    // Leaves: weights, input decoding, process measurements, logging, error reports.
+    ("nn", 0),
+    ("stream", 0),
+    ("metrics", 0),
+    ("logging", 0),
+    ("report", 0),
+    // Core: what a model is, how it learns, how a sensor is mounted.
+    ("model", 1),
+    ("learn", 1),
+    ("calibration", 1),
+    ("checkpoint", 2),
+    ("scores", 2),
+    ("config", 3),
+    ("session", 4),
+    // Drivers of the session.
+    ("replay", 5),
+    ("daemon", 5),
+    // What only the application draws or prints.
+    ("plot", 6),
+];
+
+/// The top-level module a file under src/ belongs to.
+fn module_of(rel: &Path) -> String {
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
+    first.trim_end_matches(".rs").to_string()
+}
+
+fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_dir() {
+            sources(&p, out);
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// Every `crate::name` a file mentions (imports and paths alike), comments included, so a
+/// doc link that would not resolve without the dependency counts too.
+fn crate_refs(text: &str) -> BTreeSet<String> {
+    let mut refs = BTreeSet::new();
+    for (at, _) in text.match_indices("crate::") {
+        let rest = &text[at + "crate::".len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let before = text[..at].chars().last();
+        // `edgemt::...` in docs, or `$crate::` in macros, are not this crate's paths.
+        if !name.is_empty() && before.is_none_or(|c| !c.is_ascii_alphanumeric() && c != '$') {
+            refs.insert(name);
+        }
+    }
+    refs
+}
+
+#[test]
+fn each_module_imports_only_from_the_layers_below_it() {
+    let src = util::path("src");
+    let rank: BTreeMap<&str, u32> = LAYERS.iter().copied().collect();
+    let mut files = Vec::new();
+    sources(&src, &mut files);
+    let mut wrong = Vec::new();
+    for file in &files {
+        let rel = file.strip_prefix(&src).unwrap();
+        if rel == Path::new("main.rs") || rel == Path::new("lib.rs") {
+            continue;
+        }
+        let module = module_of(rel);
+        let Some(&own) = rank.get(module.as_str()) else {
+            panic!("{} is in no layer: add it to LAYERS", rel.display());
+        };
+        for used in crate_refs(&std::fs::read_to_string(file).unwrap()) {
+            if used == module {
+                continue;
+            }
+            match rank.get(used.as_str()) {
+                Some(&r) if r < own => {}
+                Some(&r) => wrong.push(format!(
+                    "{} (layer {own}) uses crate::{used} (layer {r})",
+                    rel.display()
+                )),
+                None => panic!("{} uses crate::{used}, which is in no layer", rel.display()),
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "imports against the layering:\n{}",
+        wrong.join("\n")
+    );
+}
+
+#[test]
+fn no_two_files_of_the_daemon_import_each_other() {
+    let dir = util::path("src/daemon");
+    let mut files = Vec::new();
+    sources(&dir, &mut files);
+    let name = |p: &Path| p.file_stem().unwrap().to_string_lossy().to_string();
+    let names: BTreeSet<String> = files.iter().map(|p| name(p)).collect();
+    let mut uses: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).unwrap();
+        let me = name(file);
+        let mut used = BTreeSet::new();
+        for other in &names {
+            if *other == me {
+                continue;
+            }
+            let mentioned = if other == "mod" {
+                // A child reaching its parent's own items.
+                text.contains("super::") && me != "mod" && {
+                    text.match_indices("super::").any(|(at, _)| {
+                        let rest = &text[at + "super::".len()..];
+                        let item: String = rest
+                            .chars()
+                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                            .collect();
+                        !names.contains(&item) && !item.is_empty()
+                    })
+                }
+            } else if me == "mod" {
+                text.contains(&format!("{other}::"))
+            } else {
+                text.contains(&format!("super::{other}"))
+                    || text.contains(&format!("crate::daemon::{other}"))
+            };
+            if mentioned {
+                used.insert(other.clone());
+            }
+        }
+        uses.insert(me, used);
+    }
+    let mut mutual = Vec::new();
+    for (a, used) in &uses {
+        for b in used {
+            if a < b && uses.get(b).is_some_and(|u| u.contains(a)) {
+                mutual.push(format!("daemon/{a}.rs <-> daemon/{b}.rs"));
+            }
+        }
+    }
+    assert!(
+        mutual.is_empty(),
+        "daemon files that import each other:\n{}",
+        mutual.join("\n")
+    );
+}
