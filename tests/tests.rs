@@ -27,3 +27,4 @@ mod replay_cli;
 mod rollback;
 mod security;
 mod session;
+mod telemetry;
