@@ -625,6 +625,14 @@ pub static METRICS: &[Metric] = &[
     .prometheus("input_queue")
     .sensor("Input queue", Show::PLAIN)
     .diagnostic(),
+    Metric::gauge(
+        "train_queue",
+        "Predicted samples and labels waiting for the trainer",
+        |s| s.queues.train.items.into(),
+    )
+    .prometheus("train_queue")
+    .sensor("Training queue", Show::PLAIN)
+    .diagnostic(),
     Metric::counter(
         "unread_dropped_total",
         "Messages dropped unread because the parser was behind",
