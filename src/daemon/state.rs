@@ -36,6 +36,10 @@ pub struct Queues {
     pub train: Arc<dyn QueueDepth>,
 }
 
+/// What the daemon's tasks and threads share. The flags and counters the stages set are public
+/// fields; the start time, teacher pointer, queue handles, report window and log limit are
+/// reached through methods, so no stage can take the MQTT report's window or swap a teacher
+/// around `publish_teacher`.
 pub struct Shared {
     started: Instant,
     pub counters: Counters,
