@@ -10,7 +10,7 @@ use edgemt::config::Config;
 use edgemt::daemon::items::Incoming;
 use edgemt::daemon::publish::PredictionSink;
 use edgemt::daemon::queue::BoundedQueue;
-use edgemt::daemon::state::Shared;
+use edgemt::daemon::state::{Queues, Shared};
 use edgemt::daemon::workers::Stages;
 use edgemt::replay::{replay, ReplayOptions};
 use edgemt::session::{Feedback, Item, Observation, Predictor, Session};
@@ -73,8 +73,14 @@ fn through_the_daemons_stages(
     let c = util::shipped_classifier();
     let mut cfg = cfg.clone();
     cfg.daemon.seed = seed;
-    let shared = std::sync::Arc::new(Shared::new(c.pretrained(), None));
     let train = std::sync::Arc::new(BoundedQueue::new(1 << 20));
+    let input = std::sync::Arc::new(BoundedQueue::<Incoming>::new(1));
+    let queues = Queues {
+        raw: input.clone(),
+        input: input.clone(),
+        train: train.clone(),
+    };
+    let shared = std::sync::Arc::new(Shared::new(c.pretrained(), None, queues));
     let published = Published::default();
     let out = published.0.clone();
     let Stages {
@@ -84,7 +90,7 @@ fn through_the_daemons_stages(
         &cfg,
         &c,
         shared,
-        (std::sync::Arc::new(BoundedQueue::new(1)), train.clone()),
+        (input, train.clone()),
         Box::new(published),
         None,
     )

@@ -28,3 +28,4 @@ mod replay_cli;
 mod rollback;
 mod security;
 mod session;
+mod telemetry;

@@ -7,11 +7,13 @@
 //! prefixed to entity names, so entity names do not repeat it; every numeric sensor has a
 //! `state_class` (else HA keeps no long-term statistics); counters are `total_increasing`;
 //! internals (losses, counters, memory) are `diagnostic`; ratios are shown in %; a JSON null
-//! renders as `None`, which HA shows as unknown.
+//! renders as `None`, which HA shows as unknown. Which metrics become entities, and how they
+//! are shown, is the telemetry table's to say (`telemetry::METRICS`).
 
 use serde_json::{json, Value};
 
 use super::ingest::Topics;
+use super::telemetry::{Entity, HomeAssistant, Metric, METRICS};
 use crate::config::Command;
 
 /// What discovery needs to know about this daemon.
@@ -24,109 +26,6 @@ pub struct Announce<'a> {
     /// The model file's name, shown as the device's model.
     pub model: &'a str,
 }
-
-/// A sensor read off the metrics message.
-struct Metric {
-    key: &'static str,
-    name: &'static str,
-    kind: Kind,
-}
-
-enum Kind {
-    /// A gauge, with its unit and device class if any.
-    Gauge(Option<&'static str>, Option<&'static str>),
-    /// A 0..1 ratio shown in %.
-    Percent,
-    /// A monotonic counter (resets on restart are fine for `total_increasing`).
-    Counter,
-    /// Microseconds shown as milliseconds (a `duration`).
-    Millis,
-}
-
-const METRICS: &[(Metric, bool)] = &[
-    // (metric, diagnostic)
-    (
-        m(
-            "samples_per_s",
-            "Sample rate",
-            Kind::Gauge(Some("samples/s"), None),
-        ),
-        false,
-    ),
-    (m("latency_p50_us", "Latency p50", Kind::Millis), false),
-    (m("latency_p99_us", "Latency p99", Kind::Millis), false),
-    (
-        m("feedback_accuracy", "Accuracy on labels", Kind::Percent),
-        false,
-    ),
-    (
-        m(
-            "feedback_accuracy_recent",
-            "Accuracy on recent labels",
-            Kind::Percent,
-        ),
-        false,
-    ),
-    (
-        m(
-            "pseudo_acceptance",
-            "Pseudo-label acceptance",
-            Kind::Percent,
-        ),
-        true,
-    ),
-    (m("teacher_version", "Teacher version", Kind::Counter), true),
-    (
-        m("gate_p", "Serving gate p-value", Kind::Gauge(None, None)),
-        true,
-    ),
-    (
-        m("loss_sup", "Supervised loss", Kind::Gauge(None, None)),
-        true,
-    ),
-    (
-        m("loss_pseudo", "Pseudo-label loss", Kind::Gauge(None, None)),
-        true,
-    ),
-    (
-        m(
-            "loss_consistency",
-            "Consistency loss",
-            Kind::Gauge(None, None),
-        ),
-        true,
-    ),
-    (m("predictions_total", "Predictions", Kind::Counter), true),
-    (m("dropped_total", "Dropped samples", Kind::Counter), true),
-    (
-        m("rejected_total", "Rejected messages", Kind::Counter),
-        true,
-    ),
-    (
-        m("mqtt_reconnects_total", "Broker reconnects", Kind::Counter),
-        true,
-    ),
-    (m("rollbacks_total", "Rollbacks", Kind::Counter), true),
-    (
-        m(
-            "rss_bytes",
-            "Memory",
-            Kind::Gauge(Some("B"), Some("data_size")),
-        ),
-        true,
-    ),
-];
-
-const fn m(key: &'static str, name: &'static str, kind: Kind) -> Metric {
-    Metric { key, name, kind }
-}
-
-/// 0/1 metrics shown as binary sensors: (key, name, diagnostic).
-const FLAGS: &[(&str, &str, bool)] = &[
-    ("serving_adapted", "Serving the adapted model", false),
-    ("paused", "Training paused", false),
-    ("teacher_finite", "Weights finite", true),
-];
 
 impl Announce<'_> {
     fn node(&self) -> String {
@@ -167,61 +66,51 @@ impl Announce<'_> {
         )
     }
 
+    /// A metric's sensor or binary sensor, read off the metrics message.
+    fn metric(&self, m: &Metric, ha: &HomeAssistant) -> (String, Value) {
+        let key = m.key;
+        let mut c = self.base(key, ha.name);
+        c["state_topic"] = json!(self.topics.metrics);
+        if ha.diagnostic {
+            c["entity_category"] = json!("diagnostic");
+        }
+        let show = match ha.entity {
+            Entity::BinarySensor => {
+                c["value_template"] = json!(format!("{{{{ value_json.{key} }}}}"));
+                c["payload_on"] = json!("1");
+                c["payload_off"] = json!("0");
+                return (self.topic("binary_sensor", key), c);
+            }
+            Entity::Sensor(show) => show,
+        };
+        let expr = match show.scale {
+            Some((op, digits)) => format!("(value_json.{key} {op}) | round({digits})"),
+            None => format!("value_json.{key}"),
+        };
+        // `is not none` keeps a null (no data this interval) an unknown state.
+        c["value_template"] = json!(format!(
+            "{{{{ ({expr}) if value_json.{key} is not none else none }}}}"
+        ));
+        c["state_class"] = json!(m.ha_state_class().as_str());
+        if let Some(unit) = show.unit {
+            c["unit_of_measurement"] = json!(unit);
+        }
+        if let Some(class) = show.device_class {
+            c["device_class"] = json!(class);
+        }
+        if let Some(digits) = show.precision {
+            c["suggested_display_precision"] = json!(digits);
+        }
+        (self.topic("sensor", key), c)
+    }
+
     /// Every discovery message, as (config topic, payload).
     pub fn messages(&self) -> Vec<(String, Value)> {
         let mut out = Vec::new();
-        for (metric, diagnostic) in METRICS {
-            let key = metric.key;
-            let mut c = self.base(key, metric.name);
-            c["state_topic"] = json!(self.topics.metrics);
-            // `is not none` keeps a null (no data this interval) an unknown state.
-            let value = |expr: &str| {
-                format!("{{{{ ({expr}) if value_json.{key} is not none else none }}}}")
-            };
-            match metric.kind {
-                Kind::Gauge(unit, device_class) => {
-                    c["value_template"] = json!(value(&format!("value_json.{key}")));
-                    c["state_class"] = json!("measurement");
-                    if let Some(u) = unit {
-                        c["unit_of_measurement"] = json!(u);
-                    }
-                    if let Some(d) = device_class {
-                        c["device_class"] = json!(d);
-                    }
-                }
-                Kind::Percent => {
-                    c["value_template"] =
-                        json!(value(&format!("(value_json.{key} * 100) | round(1)")));
-                    c["state_class"] = json!("measurement");
-                    c["unit_of_measurement"] = json!("%");
-                }
-                Kind::Counter => {
-                    c["value_template"] = json!(value(&format!("value_json.{key}")));
-                    c["state_class"] = json!("total_increasing");
-                }
-                Kind::Millis => {
-                    c["value_template"] =
-                        json!(value(&format!("(value_json.{key} / 1000) | round(2)")));
-                    c["state_class"] = json!("measurement");
-                    c["device_class"] = json!("duration");
-                    c["unit_of_measurement"] = json!("ms");
-                }
+        for m in METRICS {
+            if let Some(ha) = &m.home_assistant {
+                out.push(self.metric(m, ha));
             }
-            if *diagnostic {
-                c["entity_category"] = json!("diagnostic");
-            }
-            out.push((self.topic("sensor", key), c));
-        }
-        for (key, name, diagnostic) in FLAGS {
-            let mut c = self.base(key, name);
-            c["state_topic"] = json!(self.topics.metrics);
-            c["value_template"] = json!(format!("{{{{ value_json.{key} }}}}"));
-            c["payload_on"] = json!("1");
-            c["payload_off"] = json!("0");
-            if *diagnostic {
-                c["entity_category"] = json!("diagnostic");
-            }
-            out.push((self.topic("binary_sensor", key), c));
         }
 
         // The current activity, from the retained, rate-limited state topic.
@@ -237,6 +126,7 @@ impl Announce<'_> {
         c["value_template"] = json!("{{ (value_json.confidence * 100) | round(1) }}");
         c["unit_of_measurement"] = json!("%");
         c["state_class"] = json!("measurement");
+        c["suggested_display_precision"] = json!(1);
         out.push((self.topic("sensor", "confidence"), c));
 
         // Buttons for the commands this daemon obeys; each sends the bare command word.

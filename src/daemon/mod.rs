@@ -16,7 +16,9 @@ pub mod notify;
 pub mod prometheus;
 pub mod publish;
 pub mod queue;
+pub mod ratelimit;
 pub mod state;
+pub mod telemetry;
 pub mod workers;
 
 use std::future::Future;
@@ -169,9 +171,17 @@ pub async fn run(
         ),
         None => None,
     };
-    let shared = Arc::new(Shared::new(classifier.pretrained(), state_dir));
+    let raw = Arc::new(BoundedQueue::new(ingest::raw_budget(
+        cfg.mqtt.max_payload_bytes,
+    )));
     let input = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
     let train = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
+    let queues = state::Queues {
+        raw: raw.clone(),
+        input: input.clone(),
+        train: train.clone(),
+    };
+    let shared = Arc::new(Shared::new(classifier.pretrained(), state_dir, queues));
 
     let layout = Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis);
     let window = cfg.input.window.unwrap_or(layout.steps);
@@ -184,9 +194,6 @@ pub async fn run(
     let hop = cfg.input.hop.unwrap_or((window / 2).max(1));
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
         .with_max_abs(cfg.input.max_abs);
-    let raw = Arc::new(BoundedQueue::new(ingest::raw_budget(
-        cfg.mqtt.max_payload_bytes,
-    )));
     let router = Router::new(
         topics.clone(),
         shared.clone(),

@@ -2,14 +2,14 @@
 //! in Prometheus' text format 0.0.4, written by the `prometheus-client` crate, in base units
 //! (seconds, bytes) with an `edgemt_` prefix.
 //!
-//! Counters and gauges are read from [`Shared`] at scrape time by a collector, so there is
-//! one source of truth for them and the MQTT metrics message; only the latency histogram is
-//! kept here, because percentiles over an interval cannot be aggregated across scrapes. The
-//! HTTP side is a few lines on a tokio listener: one small request, one response, a timeout,
-//! and a cap on what is read, so a stray client cannot hold memory or the task.
+//! Counters and gauges are generated from the telemetry table ([`METRICS`]) and read from
+//! [`Shared`] at scrape time by a collector, so they and the MQTT metrics message have one
+//! source of truth; only the latency histogram is kept here, because percentiles over an
+//! interval cannot be aggregated across scrapes. The HTTP side is a few lines on a tokio
+//! listener: one small request, one response, a timeout, and a cap on what is read, so a
+//! stray client cannot hold memory or the task.
 
 use std::fmt;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::state::Shared;
-use crate::learn::Serving;
+use super::telemetry::{self, Kind, Metric, Reading, Snapshot, METRICS};
 
 /// The registry served at `/metrics` and the latency histogram the inference thread feeds.
 pub struct Exposition {
@@ -63,255 +63,60 @@ impl fmt::Debug for SharedCollector {
     }
 }
 
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-    let m = ConstCounter::new(value);
-    m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)
+/// Prometheus' unit for a table unit, and the factor to base units.
+fn base_unit(unit: telemetry::Unit) -> (Option<Unit>, f64) {
+    match unit {
+        telemetry::Unit::Seconds => (Some(Unit::Seconds), 1.0),
+        telemetry::Unit::Micros => (Some(Unit::Seconds), 1e-6),
+        telemetry::Unit::Bytes => (Some(Unit::Bytes), 1.0),
+        telemetry::Unit::Ratio => (Some(Unit::Ratios), 1.0),
+        telemetry::Unit::None | telemetry::Unit::PerSecond => (None, 1.0),
+    }
 }
 
-fn gauge(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: f64,
-) -> fmt::Result {
-    let m = ConstGauge::new(value);
-    m.encode(e.encode_descriptor(name, help, unit, m.metric_type())?)
+/// The sample name a table row is exposed as (`edgemt_samples_total`), if it is exposed.
+pub fn series_name(m: &Metric) -> Option<String> {
+    let name = m.prometheus?;
+    let mut out = format!("edgemt_{name}");
+    if let Some(unit) = base_unit(m.unit).0 {
+        out.push('_');
+        out.push_str(unit.as_str());
+    }
+    if m.kind == Kind::Counter {
+        out.push_str("_total");
+    }
+    Some(out)
+}
+
+fn encode_metric(e: &mut DescriptorEncoder, m: &Metric, s: &Snapshot) -> fmt::Result {
+    let Some(name) = m.prometheus else {
+        return Ok(());
+    };
+    let (unit, factor) = base_unit(m.unit);
+    match ((m.read)(s), m.kind) {
+        // Series without data are left out rather than reported as 0.
+        (Reading::Missing, _) => Ok(()),
+        // Integer counters stay integers in the exposition.
+        (Reading::Int(v), Kind::Counter) if factor == 1.0 => {
+            let c = ConstCounter::new(v);
+            c.encode(e.encode_descriptor(name, m.help, unit.as_ref(), c.metric_type())?)
+        }
+        (value, Kind::Counter) => {
+            let c = ConstCounter::new(value.as_f64().unwrap_or_default() * factor);
+            c.encode(e.encode_descriptor(name, m.help, unit.as_ref(), c.metric_type())?)
+        }
+        (value, Kind::Gauge) => {
+            let g = ConstGauge::new(value.as_f64().unwrap_or_default() * factor);
+            g.encode(e.encode_descriptor(name, m.help, unit.as_ref(), g.metric_type())?)
+        }
+    }
 }
 
 impl Collector for SharedCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
-        let s = &self.0;
-        let c = &s.counters;
-        let counters: [(&str, &str, u64); 22] = [
-            (
-                "unread_dropped",
-                "Messages dropped unread because the parser was behind",
-                c.unread_dropped_total.load(Relaxed),
-            ),
-            (
-                "samples",
-                "Valid samples taken in",
-                c.samples_total.load(Relaxed),
-            ),
-            (
-                "predictions",
-                "Predictions published",
-                c.predictions_total.load(Relaxed),
-            ),
-            (
-                "predictions_dropped",
-                "Predictions made but not published (client queue full)",
-                c.predictions_dropped_total.load(Relaxed),
-            ),
-            (
-                "dropped",
-                "Samples dropped from the full input queue",
-                c.dropped_total.load(Relaxed),
-            ),
-            (
-                "train_dropped",
-                "Predicted samples dropped from the full training queue",
-                c.train_dropped_total.load(Relaxed),
-            ),
-            (
-                "labeled_dropped",
-                "Labeled samples and labels dropped from either queue",
-                c.labeled_dropped_total.load(Relaxed),
-            ),
-            (
-                "unembeddable",
-                "Samples whose embedding was non-finite or absurd",
-                c.unembeddable_total.load(Relaxed),
-            ),
-            (
-                "rejected",
-                "Messages refused",
-                c.rejected_total.load(Relaxed),
-            ),
-            (
-                "oversized",
-                "Payloads over the size limit",
-                c.oversized_total.load(Relaxed),
-            ),
-            (
-                "retained_ignored",
-                "Retained messages on input topics, ignored",
-                c.retained_ignored_total.load(Relaxed),
-            ),
-            (
-                "commands",
-                "Commands obeyed",
-                c.commands_total.load(Relaxed),
-            ),
-            (
-                "commands_refused",
-                "Commands not in [control] allow",
-                c.commands_refused_total.load(Relaxed),
-            ),
-            (
-                "labels",
-                "Labels learned from",
-                c.labels_total.load(Relaxed),
-            ),
-            (
-                "feedback",
-                "Labels matched to an earlier prediction",
-                c.feedback_total.load(Relaxed),
-            ),
-            (
-                "feedback_correct",
-                "Matched labels the served model had predicted",
-                c.feedback_correct.load(Relaxed),
-            ),
-            (
-                "late_labels",
-                "Labels whose sample was no longer kept",
-                c.late_labels_total.load(Relaxed),
-            ),
-            (
-                "publish_dropped",
-                "Other publishes dropped (client queue full)",
-                c.publish_dropped_total.load(Relaxed),
-            ),
-            (
-                "checkpoints",
-                "Checkpoints written",
-                c.checkpoints_total.load(Relaxed),
-            ),
-            (
-                "checkpoint_failures",
-                "Checkpoints that could not be written",
-                c.checkpoint_failures_total.load(Relaxed),
-            ),
-            (
-                "exports",
-                "Adapted models exported",
-                c.exports_total.load(Relaxed),
-            ),
-            (
-                "mqtt_reconnects",
-                "Broker connections lost",
-                c.mqtt_reconnects_total.load(Relaxed),
-            ),
-        ];
-        for (name, help, value) in counters {
-            counter(&mut e, name, help, value)?;
-        }
-        let down = ConstCounter::new(c.mqtt_disconnected_ms_total.load(Relaxed) as f64 / 1000.0);
-        down.encode(e.encode_descriptor(
-            "mqtt_disconnected",
-            "Time without a broker connection",
-            Some(&Unit::Seconds),
-            down.metric_type(),
-        )?)?;
-        let t = s.train.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (name, help, value) in [
-            ("train_steps", "Student steps taken", t.train_steps),
-            ("ema_updates", "EMA refreshes of the teacher", t.ema_updates),
-            (
-                "skipped_nonfinite",
-                "Steps skipped for a non-finite loss or gradient",
-                t.skipped_nonfinite,
-            ),
-            ("rollbacks", "Rollbacks by the guard", t.rollbacks),
-            ("resets", "Resets to the pretrained model", t.resets),
-            (
-                "gate_switches",
-                "Changes of the served model",
-                t.gate_switches,
-            ),
-            (
-                "calibration_changes",
-                "Changes of the adopted mounting",
-                t.calibration_changes,
-            ),
-        ] {
-            counter(&mut e, name, help, value)?;
-        }
-        let served = s.teacher();
-        let bool_gauge = |v: bool| if v { 1.0 } else { 0.0 };
-        let mut gauges: Vec<(&str, &str, Option<&Unit>, f64)> = vec![
-            (
-                "teacher_version",
-                "Version of the teacher (EMA refreshes since start or reset)",
-                None,
-                served.version as f64,
-            ),
-            (
-                "serving_adapted",
-                "1 while the adapted teacher answers, 0 while the pretrained model",
-                None,
-                bool_gauge(served.serving == Serving::Adapted),
-            ),
-            (
-                "mounting_adopted",
-                "1 while a calibrated mounting is applied",
-                None,
-                bool_gauge(served.mounting.is_some()),
-            ),
-            (
-                "paused",
-                "1 while training is paused",
-                None,
-                bool_gauge(s.paused.load(Relaxed)),
-            ),
-            (
-                "teacher_finite",
-                "1 while the student and teacher weights are finite",
-                None,
-                bool_gauge(t.teacher_finite),
-            ),
-            (
-                "mqtt_connected",
-                "1 while connected to the broker",
-                None,
-                bool_gauge(s.connected.load(Relaxed)),
-            ),
-            (
-                "labeled_buffer",
-                "Labeled samples in the learner's buffer",
-                None,
-                t.labeled_buffer as f64,
-            ),
-            (
-                "unlabeled_buffer",
-                "Unlabeled samples in the learner's buffer",
-                None,
-                t.unlabeled_buffer as f64,
-            ),
-            (
-                "resident_memory",
-                "Resident set size",
-                Some(&Unit::Bytes),
-                crate::metrics::rss_bytes() as f64,
-            ),
-            (
-                "uptime",
-                "Time since start",
-                Some(&Unit::Seconds),
-                s.started.elapsed().as_secs_f64(),
-            ),
-        ];
-        // Gauges without data are left out rather than reported as 0.
-        if t.gate_p.is_finite() {
-            gauges.push((
-                "gate_p",
-                "The serving gate's sign-test p-value",
-                None,
-                t.gate_p,
-            ));
-        }
-        if let Some(a) = t.feedback_accuracy_recent {
-            gauges.push((
-                "feedback_accuracy_recent",
-                "Share of the most recent labels the served model predicted",
-                Some(&Unit::Ratios),
-                a,
-            ));
-        }
-        for (name, help, unit, value) in gauges {
-            gauge(&mut e, name, help, unit, value)?;
+        let snapshot = self.0.snapshot();
+        for m in METRICS {
+            encode_metric(&mut e, m, &snapshot)?;
         }
         Ok(())
     }

@@ -2,7 +2,8 @@
 //! the oldest *droppable* item (an unlabeled sample) goes first; only when labeled items
 //! alone fill the queue does the oldest of them go. Memory stays bounded whatever arrives,
 //! and every push hands back what it dropped so the caller can count it by kind.
-//! Consumers take whole batches so the backbone runs batched.
+//! Consumers take whole batches so the backbone runs batched. What a queue holds can be read
+//! at any time ([`Depth`]), for the queue-depth metrics.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
@@ -22,6 +23,21 @@ pub trait Droppable {
     fn weight(&self) -> usize {
         1
     }
+}
+
+/// What a queue holds at one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Depth {
+    pub items: usize,
+    /// The items' summed weight: the same as `items` for a count-bounded queue, bytes for a
+    /// byte budget.
+    pub load: usize,
+}
+
+/// A queue whose depth can be read without knowing its item type, so the shared state can
+/// report every queue without importing the modules that define the items.
+pub trait QueueDepth: Send + Sync {
+    fn depth(&self) -> Depth;
 }
 
 pub struct BoundedQueue<T> {
@@ -103,9 +119,24 @@ impl<T: Droppable> BoundedQueue<T> {
         !(state.closed && out.is_empty())
     }
 
+    /// What the queue holds now.
+    pub fn depth(&self) -> Depth {
+        let state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        Depth {
+            items: state.items.len(),
+            load: state.load,
+        }
+    }
+
     /// Wakes consumers; after the remaining items are taken, `pop_batch` returns false.
     pub fn close(&self) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         self.ready.notify_all();
+    }
+}
+
+impl<T: Droppable + Send> QueueDepth for BoundedQueue<T> {
+    fn depth(&self) -> Depth {
+        BoundedQueue::depth(self)
     }
 }

@@ -1,5 +1,5 @@
-//! State shared by the daemon's tasks and threads: counters, the deployed teacher, and the
-//! metrics message built from them.
+//! State shared by the daemon's tasks and threads: counters, the deployed teacher, the queues'
+//! depths, and the snapshot of all of them that the telemetry table reads.
 //!
 //! The teacher is published as an `Arc` behind a lock that is only ever held to clone or swap
 //! the pointer, so the inference thread never waits for a training step.
@@ -8,15 +8,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use serde::Serialize;
-
-use super::queue::Droppable;
+use super::queue::QueueDepth;
+use super::ratelimit::RateLimitedLog;
+use super::telemetry::{Interval, QueueDepths, Snapshot};
 use crate::calibration::Mounting;
 use crate::learn::Serving;
 use crate::metrics::LatencyWindow;
 use crate::nn::Mlp;
-use crate::scores::StepTotals;
 use crate::session::Models;
+
+pub use super::telemetry::{Counters, MetricsMessage, TrainStats};
 
 /// The model in service (the adapted teacher or the pretrained model, as the serving gate
 /// decides) and the teacher's version.
@@ -43,73 +44,19 @@ impl TeacherSnapshot {
     }
 }
 
-/// Monotonic counters (atomics, so any thread bumps them without a lock).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Valid samples taken in. Each ends in exactly one of: `predictions_total`,
-    /// `predictions_dropped_total`, `dropped_total` or `unembeddable_total`.
-    pub samples_total: AtomicU64,
-    /// Predictions handed to the MQTT client.
-    pub predictions_total: AtomicU64,
-    /// Predictions made but not published (the client's request queue was full).
-    pub predictions_dropped_total: AtomicU64,
-    /// Messages on samples/rows/labels dropped unread because the parser was behind.
-    pub unread_dropped_total: AtomicU64,
-    /// Samples dropped from the full input queue before prediction.
-    pub dropped_total: AtomicU64,
-    /// Predicted samples dropped from the full training queue before learning.
-    pub train_dropped_total: AtomicU64,
-    /// Labeled samples and labels dropped from either queue (only when labeled items alone
-    /// fill it).
-    pub labeled_dropped_total: AtomicU64,
-    /// Samples whose embedding came out non-finite or absurd: neither published nor learned.
-    pub unembeddable_total: AtomicU64,
-    /// Messages refused for any reason (these and the unembeddable samples).
-    pub rejected_total: AtomicU64,
-    /// Of those: payloads over `mqtt.max_payload_bytes` (or packets over the client's limit).
-    pub oversized_total: AtomicU64,
-    /// Retained messages on input topics: stale or planted, never acted on.
-    pub retained_ignored_total: AtomicU64,
-    /// Commands not in `[control] allow`.
-    pub commands_refused_total: AtomicU64,
-    /// Checkpoints that could not be written (a non-finite state, a full disk).
-    pub checkpoint_failures_total: AtomicU64,
-    pub labels_total: AtomicU64,
-    pub feedback_total: AtomicU64,
-    pub feedback_correct: AtomicU64,
-    pub late_labels_total: AtomicU64,
-    pub publish_dropped_total: AtomicU64,
-    pub commands_total: AtomicU64,
-    pub checkpoints_total: AtomicU64,
-    pub exports_total: AtomicU64,
-    pub mqtt_reconnects_total: AtomicU64,
-    pub mqtt_disconnected_ms_total: AtomicU64,
+/// The pipeline's queues, read for their depths.
+pub struct Queues {
+    pub raw: Arc<dyn QueueDepth>,
+    pub input: Arc<dyn QueueDepth>,
+    pub train: Arc<dyn QueueDepth>,
 }
 
-/// What the trainer thread last reported.
-#[derive(Debug, Clone, Default)]
-pub struct TrainStats {
-    pub train_steps: u64,
-    pub ema_updates: u64,
-    pub skipped_nonfinite: u64,
-    pub labeled_buffer: usize,
-    pub unlabeled_buffer: usize,
-    pub teacher_finite: bool,
-    /// Sums over the steps since the last metrics message.
-    pub interval: StepTotals,
-    pub resets: u64,
-    pub rollbacks: u64,
-    pub gate_wins: u64,
-    pub gate_losses: u64,
-    pub gate_p: f64,
-    pub gate_switches: u64,
-    pub calibration_changes: u64,
-    /// Share of the most recent labels (`[metrics] recent_labels`) the served model got right.
-    pub feedback_accuracy_recent: Option<f64>,
-}
-
+/// What the daemon's tasks and threads share. The flags and counters the stages set are public
+/// fields; the start time, teacher pointer, queue handles, report window and log limit are
+/// reached through methods, so no stage can take the MQTT report's window or swap a teacher
+/// around `publish_teacher`.
 pub struct Shared {
-    pub started: Instant,
+    started: Instant,
     pub counters: Counters,
     pub latency: Mutex<LatencyWindow>,
     pub train: Mutex<TrainStats>,
@@ -126,26 +73,15 @@ pub struct Shared {
     /// Milliseconds since `started` of each worker's last loop turn (for the watchdog).
     pub inference_beat: AtomicU64,
     pub trainer_beat: AtomicU64,
+    queues: Queues,
+    /// When the last MQTT report was taken, and `samples_total` then (for the rate).
     last_report: Mutex<(Instant, u64)>,
     /// One limit for every "rejected a message" line, whichever stage rejects it.
-    rejections: Mutex<super::ingest::RateLimitedLog>,
-}
-
-impl Counters {
-    /// Counts an item a full queue dropped: a sample in that queue's own counter, and a
-    /// label (a labeled sample or label feedback) in `labeled_dropped_total` as well.
-    pub fn count_drop(&self, queue_counter: &AtomicU64, dropped: &impl Droppable) {
-        if dropped.is_sample() {
-            queue_counter.fetch_add(1, Relaxed);
-        }
-        if !dropped.droppable() {
-            self.labeled_dropped_total.fetch_add(1, Relaxed);
-        }
-    }
+    rejections: Mutex<RateLimitedLog>,
 }
 
 impl Shared {
-    pub fn new(teacher: Mlp, state_dir: Option<std::path::PathBuf>) -> Self {
+    pub fn new(teacher: Mlp, state_dir: Option<std::path::PathBuf>, queues: Queues) -> Self {
         let now = Instant::now();
         Shared {
             started: now,
@@ -170,11 +106,9 @@ impl Shared {
             connected: AtomicBool::new(false),
             inference_beat: AtomicU64::new(0),
             trainer_beat: AtomicU64::new(0),
+            queues,
             last_report: Mutex::new((now, 0)),
-            rejections: Mutex::new(super::ingest::RateLimitedLog::new(
-                5,
-                std::time::Duration::from_secs(10),
-            )),
+            rejections: Mutex::new(RateLimitedLog::new(5, std::time::Duration::from_secs(10))),
         }
     }
 
@@ -205,10 +139,16 @@ impl Shared {
         which.store(self.now_ms(), Relaxed);
     }
 
-    /// Builds the flat metrics message and starts a new reporting window.
+    /// The state as it is now, without the interval values (for a Prometheus scrape, which
+    /// must not restart the windows the MQTT report is measured over).
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        let train = self.train.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.snapshot_with(train, None)
+    }
+
+    /// The MQTT metrics message; starts a new reporting window.
     pub fn metrics(&self) -> MetricsMessage {
-        let c = &self.counters;
-        let samples_total = c.samples_total.load(Relaxed);
+        let samples_total = self.counters.samples_total.load(Relaxed);
         let now = Instant::now();
         let samples_per_s = {
             let mut last = self.last_report.lock().unwrap_or_else(|e| e.into_inner());
@@ -222,135 +162,43 @@ impl Shared {
             rate
         };
         // An interval without data reports no value (null), not a zero that looks measured.
-        let percentiles = self
+        let latency_us = self
             .latency
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take_percentiles();
         let mut t = self.train.lock().unwrap_or_else(|e| e.into_inner());
-        let interval = t.interval.take();
-        let feedback = c.feedback_total.load(Relaxed);
-        let served = self.teacher();
-        let msg = MetricsMessage {
-            samples_total,
+        let steps = t.interval.take();
+        let interval = Interval {
             samples_per_s,
-            predictions_total: c.predictions_total.load(Relaxed),
-            predictions_dropped_total: c.predictions_dropped_total.load(Relaxed),
-            latency_p50_us: percentiles.map(|p| p.0 as u64),
-            latency_p99_us: percentiles.map(|p| p.1 as u64),
-            loss_sup: interval.mean_sup(),
-            loss_pseudo: interval.mean_pseudo(),
-            loss_consistency: interval.mean_consistency(),
-            pseudo_acceptance: interval.acceptance(),
-            teacher_version: served.version,
-            serving_adapted: (served.serving == Serving::Adapted) as u8,
-            gate_wins: t.gate_wins,
-            gate_losses: t.gate_losses,
-            gate_p: Some(t.gate_p).filter(|p| p.is_finite()),
-            gate_switches_total: t.gate_switches,
-            mounting_adopted: served.mounting.is_some() as u8,
-            calibration_changes_total: t.calibration_changes,
-            ema_updates: t.ema_updates,
-            train_steps: t.train_steps,
-            skipped_nonfinite: t.skipped_nonfinite,
-            labeled_buffer: t.labeled_buffer as u64,
-            unlabeled_buffer: t.unlabeled_buffer as u64,
-            unread_dropped_total: c.unread_dropped_total.load(Relaxed),
-            dropped_total: c.dropped_total.load(Relaxed),
-            train_dropped_total: c.train_dropped_total.load(Relaxed),
-            labeled_dropped_total: c.labeled_dropped_total.load(Relaxed),
-            unembeddable_total: c.unembeddable_total.load(Relaxed),
-            rejected_total: c.rejected_total.load(Relaxed),
-            oversized_total: c.oversized_total.load(Relaxed),
-            retained_ignored_total: c.retained_ignored_total.load(Relaxed),
-            commands_refused_total: c.commands_refused_total.load(Relaxed),
-            labels_total: c.labels_total.load(Relaxed),
-            feedback_total: feedback,
-            feedback_accuracy: (feedback > 0)
-                .then(|| c.feedback_correct.load(Relaxed) as f64 / feedback as f64),
-            feedback_accuracy_recent: t.feedback_accuracy_recent,
-            late_labels_total: c.late_labels_total.load(Relaxed),
-            publish_dropped_total: c.publish_dropped_total.load(Relaxed),
-            commands_total: c.commands_total.load(Relaxed),
-            resets_total: t.resets,
-            rollbacks_total: t.rollbacks,
-            checkpoints_total: c.checkpoints_total.load(Relaxed),
-            checkpoint_failures_total: c.checkpoint_failures_total.load(Relaxed),
-            exports_total: c.exports_total.load(Relaxed),
-            paused: self.paused.load(Relaxed) as u8,
-            teacher_finite: t.teacher_finite as u8,
-            mqtt_connected: self.connected.load(Relaxed) as u8,
-            mqtt_reconnects_total: c.mqtt_reconnects_total.load(Relaxed),
-            mqtt_disconnected_s_total: c.mqtt_disconnected_ms_total.load(Relaxed) as f64 / 1000.0,
-            rss_bytes: crate::metrics::rss_bytes(),
-            peak_rss_bytes: crate::metrics::peak_rss_bytes(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
+            latency_us,
+            loss_sup: steps.mean_sup(),
+            loss_pseudo: steps.mean_pseudo(),
+            loss_consistency: steps.mean_consistency(),
+            pseudo_acceptance: steps.acceptance(),
         };
+        let train = t.clone();
         drop(t);
-        msg
+        super::telemetry::message(&self.snapshot_with(train, Some(interval)))
     }
-}
 
-/// `{prefix}/metrics`: flat JSON of numbers, as Telegraf's JSON parser and Grafana read it.
-#[derive(Debug, Clone, Serialize)]
-pub struct MetricsMessage {
-    pub samples_total: u64,
-    pub samples_per_s: f64,
-    pub predictions_total: u64,
-    pub predictions_dropped_total: u64,
-    /// Receipt to publish over the interval; null when no sample was predicted in it.
-    pub latency_p50_us: Option<u64>,
-    pub latency_p99_us: Option<u64>,
-    /// Means over the interval's steps; null when no step ran in it.
-    pub loss_sup: Option<f64>,
-    pub loss_pseudo: Option<f64>,
-    pub loss_consistency: Option<f64>,
-    pub pseudo_acceptance: Option<f64>,
-    pub teacher_version: u64,
-    /// 1 while the serving gate serves the adapted teacher, 0 while the pretrained model.
-    pub serving_adapted: u8,
-    pub gate_wins: u64,
-    pub gate_losses: u64,
-    /// The sign test's p-value; null before it has evidence.
-    pub gate_p: Option<f64>,
-    pub gate_switches_total: u64,
-    /// 1 while calibration has a mounting other than the device's own axes adopted.
-    pub mounting_adopted: u8,
-    pub calibration_changes_total: u64,
-    pub ema_updates: u64,
-    pub train_steps: u64,
-    pub skipped_nonfinite: u64,
-    pub labeled_buffer: u64,
-    pub unlabeled_buffer: u64,
-    pub unread_dropped_total: u64,
-    pub dropped_total: u64,
-    pub train_dropped_total: u64,
-    pub labeled_dropped_total: u64,
-    pub unembeddable_total: u64,
-    pub rejected_total: u64,
-    pub oversized_total: u64,
-    pub retained_ignored_total: u64,
-    pub commands_refused_total: u64,
-    pub labels_total: u64,
-    pub feedback_total: u64,
-    /// Since start; null before the first label.
-    pub feedback_accuracy: Option<f64>,
-    /// Over the most recent labels, so drift shows.
-    pub feedback_accuracy_recent: Option<f64>,
-    pub late_labels_total: u64,
-    pub publish_dropped_total: u64,
-    pub commands_total: u64,
-    pub resets_total: u64,
-    pub rollbacks_total: u64,
-    pub checkpoints_total: u64,
-    pub checkpoint_failures_total: u64,
-    pub exports_total: u64,
-    pub paused: u8,
-    pub teacher_finite: u8,
-    pub mqtt_connected: u8,
-    pub mqtt_reconnects_total: u64,
-    pub mqtt_disconnected_s_total: f64,
-    pub rss_bytes: u64,
-    pub peak_rss_bytes: u64,
-    pub uptime_s: f64,
+    fn snapshot_with(&self, train: TrainStats, interval: Option<Interval>) -> Snapshot<'_> {
+        let served = self.teacher();
+        Snapshot {
+            counters: &self.counters,
+            train,
+            teacher_version: served.version,
+            serving_adapted: served.serving == Serving::Adapted,
+            mounting_adopted: served.mounting.is_some(),
+            paused: self.paused.load(Relaxed),
+            mqtt_connected: self.connected.load(Relaxed),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            queues: QueueDepths {
+                raw: self.queues.raw.depth(),
+                input: self.queues.input.depth(),
+                train: self.queues.train.depth(),
+            },
+            interval,
+        }
+    }
 }
