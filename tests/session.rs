@@ -55,7 +55,7 @@ fn daemon_path(cfg: &Config, recording: &Path, seed: u64) -> Session {
     let mut preds = Vec::new();
     loop {
         let mut lines = Vec::new();
-        while lines.len() < cfg.input.max_batch {
+        while lines.len() < cfg.replay.batch {
             match reader.next_line() {
                 None => break,
                 Some(l) => lines.push(l.unwrap().expect("valid line")),
@@ -106,8 +106,7 @@ fn replay_and_the_daemons_session_end_with_bit_identical_teacher_weights() {
     let recording = dir.path().join("late.jsonl");
     let feedback = with_late_feedback(&recording, 5);
     assert!(feedback > 30, "{feedback} feedback lines");
-    let mut cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
-    cfg.input.max_batch = cfg.replay.batch;
+    let cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
     let c = util::shipped_classifier();
     let seed = 3;
     let replayed = replay(

@@ -11,8 +11,8 @@
 
 use serde_json::{json, Value};
 
+use super::config::Command;
 use super::ingest::Topics;
-use crate::config::Command;
 
 /// What discovery needs to know about this daemon.
 pub struct Announce<'a> {

@@ -467,32 +467,26 @@ impl TrainerWorker {
         };
         let e = &self.exporter;
         let version = self.session.teacher_version();
-        let meta = [
-            ("edgemt.adapted_from", format!("{:016x}", e.fingerprint)),
-            ("edgemt.teacher_version", version.to_string()),
-        ];
         let path = dir.join("adapted.onnx");
-        let result = crate::model::export::export_adapted(
+        let mounting = self.session.mounting_record();
+        let result = crate::model::export::write_adapted(
+            &path,
             &e.proto,
             &e.trainable,
-            self.session.teacher(),
-            self.session.mounting_record().as_ref(),
             &e.input_shape,
-            &meta,
-        )
-        .map_err(|err| crate::report(&err))
-        .and_then(|bytes| {
-            let tmp = dir.join("adapted.onnx.tmp");
-            std::fs::write(&tmp, bytes)
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .map_err(|err| err.to_string())
-        });
+            &crate::model::export::Adapted {
+                head: self.session.teacher(),
+                mounting: mounting.as_ref().map(Into::into),
+                from_fingerprint: e.fingerprint,
+                teacher_version: version,
+            },
+        );
         match result {
             Ok(()) => {
                 self.shared.counters.exports_total.fetch_add(1, Relaxed);
                 tracing::info!("exported teacher_version {version} to {}", path.display());
             }
-            Err(err) => tracing::error!("export to {} failed: {err}", path.display()),
+            Err(err) => tracing::error!("export failed: {}", crate::report(&err)),
         }
     }
 
