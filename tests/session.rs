@@ -374,7 +374,9 @@ fn huge_periods_and_payload_limits_are_refused_instead_of_panicking() {
         ),
         ("[mqtt]\nkeep_alive_s = 100000", "mqtt.keep_alive_s"),
     ] {
-        let err = Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).unwrap_err();
+        let err = Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n"))
+            .and_then(|c| edgemt::daemon::DaemonConfig::from_config(&c))
+            .unwrap_err();
         assert!(err.to_string().contains(key), "{text}: {err}");
     }
     // The conversion itself saturates rather than panicking.

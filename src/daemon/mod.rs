@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, EventLoop};
+use tokio::sync::oneshot;
 
 pub use config::DaemonConfig;
 pub use error::DaemonError;
@@ -244,45 +245,20 @@ impl Daemon {
         };
         let threads = stages.spawn(queues.raw.clone())?;
         let client = broker.client.clone();
-        let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
-        let poll = tokio::spawn(
-            mqtt::PollTask {
-                eventloop: broker.eventloop,
-                client: client.clone(),
-                cfg: cfg.mqtt.clone(),
-                client_id: names.client_id.clone(),
-                shared: shared.clone(),
-                router: broker.router,
-                connected: Some(connected_tx),
-                discovery: broker.discovery,
-            }
-            .run(),
-        );
-        let every = duration_s(cfg.metrics.interval_s);
-        let metrics_topic = names.topics.metrics.clone();
-        let mut side_tasks = vec![tokio::spawn(publish_metrics(
-            client.clone(),
-            metrics_topic,
-            shared.clone(),
-            every,
-        ))];
-        side_tasks.extend(prometheus.map(|(l, e)| tokio::spawn(prometheus::serve(l, e))));
-        side_tasks.extend(
-            notify::watchdog_interval()
-                .map(|period| tokio::spawn(watchdog(shared.clone(), period))),
-        );
+        let (poll, connected) = broker.start(&cfg.mqtt, &names.client_id, &shared);
         let broker_address = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
         tracing::info!(
             "edgemt started: topics under {}/, connecting to broker {broker_address}",
             names.prefix
         );
         notify::status(&format!("connecting to the broker at {broker_address}"));
-        side_tasks.push(tokio::spawn(announce_ready(
-            connected_rx,
-            duration_s(cfg.daemon.ready_timeout_s),
-            broker_address,
-            names.prefix.clone(),
-        )));
+        let side_tasks = SideTasks {
+            cfg: &cfg,
+            names: &names,
+            shared: &shared,
+            client: &client,
+        }
+        .spawn(prometheus, connected, broker_address);
 
         shutdown.await;
         // READY must not follow STOPPING, so the side tasks end first.
@@ -359,6 +335,70 @@ impl Threads {
         if tokio::time::timeout(STOP_WORKERS, joined).await.is_err() {
             tracing::warn!("workers did not stop within {STOP_WORKERS:?}; exiting anyway");
         }
+    }
+}
+
+impl Broker {
+    /// Starts the task that polls the event loop; the receiver hears of the first
+    /// connection.
+    fn start(
+        self,
+        cfg: &MqttConfig,
+        client_id: &str,
+        shared: &Arc<Shared>,
+    ) -> (tokio::task::JoinHandle<()>, oneshot::Receiver<()>) {
+        let (connected_tx, connected_rx) = oneshot::channel();
+        let poll = tokio::spawn(
+            mqtt::PollTask {
+                eventloop: self.eventloop,
+                client: self.client,
+                cfg: cfg.clone(),
+                client_id: client_id.to_owned(),
+                shared: shared.clone(),
+                router: self.router,
+                connected: Some(connected_tx),
+                discovery: self.discovery,
+            }
+            .run(),
+        );
+        (poll, connected_rx)
+    }
+}
+
+/// The tasks beside the pipeline, all aborted at shutdown: the metrics message, the
+/// Prometheus endpoint, the systemd watchdog and READY.
+struct SideTasks<'a> {
+    cfg: &'a DaemonConfig,
+    names: &'a Names,
+    shared: &'a Arc<Shared>,
+    client: &'a AsyncClient,
+}
+
+impl SideTasks<'_> {
+    fn spawn(
+        self,
+        prometheus: Option<(tokio::net::TcpListener, Arc<prometheus::Exposition>)>,
+        connected: oneshot::Receiver<()>,
+        broker_address: String,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = vec![tokio::spawn(publish_metrics(
+            self.client.clone(),
+            self.names.topics.metrics.clone(),
+            self.shared.clone(),
+            duration_s(self.cfg.metrics.interval_s),
+        ))];
+        tasks.extend(prometheus.map(|(l, e)| tokio::spawn(prometheus::serve(l, e))));
+        tasks.extend(
+            notify::watchdog_interval()
+                .map(|period| tokio::spawn(watchdog(self.shared.clone(), period))),
+        );
+        tasks.push(tokio::spawn(announce_ready(
+            connected,
+            duration_s(self.cfg.daemon.ready_timeout_s),
+            broker_address,
+            self.names.prefix.clone(),
+        )));
+        tasks
     }
 }
 
@@ -456,7 +496,7 @@ fn sign_off(client: &AsyncClient, topics: &Topics, shared: &Shared) {
 /// READY=1 once the broker connection exists, or after `timeout` without one: systemd
 /// would otherwise kill a daemon that only waits for its broker. The STATUS= line says which.
 async fn announce_ready(
-    connected: tokio::sync::oneshot::Receiver<()>,
+    connected: oneshot::Receiver<()>,
     timeout: Duration,
     broker: String,
     prefix: String,
