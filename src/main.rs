@@ -26,33 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Replay a recording prequentially: predict each sample, then learn from it.
-    Replay {
-        /// The config file (TOML; see config/edgemt.toml).
-        #[arg(long)]
-        config: PathBuf,
-        /// JSON Lines recording to replay.
-        recording: PathBuf,
-        /// Labeled holdout to score the final teacher, student and pretrained model on.
-        #[arg(long)]
-        eval: Option<PathBuf>,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Seed for sampling and augmentation (overrides [replay] seed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Resume from the newest valid checkpoint in DIR and save checkpoints there.
-        #[arg(long, value_name = "DIR")]
-        checkpoint: Option<PathBuf>,
-        /// Write the teacher's prediction for every sample as JSON Lines here.
-        #[arg(long)]
-        predictions: Option<PathBuf>,
-        /// Draw the timeline as an SVG here: the adapted teacher's and the pretrained
-        /// model's accuracy and the pseudo-label acceptance over the stream, rollbacks, and
-        /// with --eval the final holdout accuracies.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
-    },
+    Replay(ReplayArgs),
     /// Run the daemon: MQTT in, predictions and metrics out, learning on the side (needs
     /// the cargo feature `daemon`, on by default).
     Run {
@@ -104,25 +78,7 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Replay {
-            config,
-            recording,
-            eval,
-            report,
-            seed,
-            checkpoint,
-            predictions,
-            plot,
-        } => replay_cmd(ReplayArgs {
-            config,
-            recording,
-            eval,
-            report,
-            seed,
-            checkpoint,
-            predictions,
-            plot,
-        }),
+        Command::Replay(args) => replay_cmd(args),
         Command::Run { config } => run_cmd(&config),
         Command::Export {
             checkpoint,
@@ -138,15 +94,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `edgemt replay`'s arguments (see [`Command::Replay`]).
+/// `edgemt replay`'s arguments.
+#[derive(clap::Args)]
 struct ReplayArgs {
+    /// The config file (TOML; see config/edgemt.toml).
+    #[arg(long)]
     config: PathBuf,
+    /// JSON Lines recording to replay.
     recording: PathBuf,
+    /// Labeled holdout to score the final teacher, student and pretrained model on.
+    #[arg(long)]
     eval: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
     report: Option<PathBuf>,
+    /// Seed for sampling and augmentation (overrides [replay] seed).
+    #[arg(long)]
     seed: Option<u64>,
+    /// Resume from the newest valid checkpoint in DIR and save checkpoints there.
+    #[arg(long, value_name = "DIR")]
     checkpoint: Option<PathBuf>,
+    /// Write the teacher's prediction for every sample as JSON Lines here.
+    #[arg(long)]
     predictions: Option<PathBuf>,
+    /// Draw the timeline as an SVG here: the adapted teacher's and the pretrained
+    /// model's accuracy and the pseudo-label acceptance over the stream, rollbacks, and
+    /// with --eval the final holdout accuracies.
+    #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
 }
 

@@ -210,7 +210,7 @@ impl Daemon {
 
     /// `edgemt check`'s daemon half, a line each: the broker it would contact (not
     /// contacted) and the commands it would take. The rest of the check is the core's
-    /// (`crate::check`), run before the daemon is built.
+    /// (the `check` module), run before the daemon is built.
     pub fn summary(&self) -> Vec<String> {
         let m = &self.cfg.mqtt;
         let allowed: Vec<&str> = self.cfg.control.allow.iter().map(|c| c.name()).collect();
