@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 cargo fmt --all -- --check
 # The daemon is the cargo feature `daemon`: without it no async or MQTT crate may be linked,
-# and the core commands must still work. Costs ~15 s (only the edgemt crate is compiled
-# again; every dependency is shared with the default build) plus a ~2 s replay. The default
-# build below puts the full binary back in target/debug/edgemt.
+# and the core commands must still work. Costs ~35 s on 2 busy cores: tract and nearly every
+# other dependency are shared with the default build; only edgemt, tracing-subscriber and
+# two small regex crates (other features) compile a second time; then a ~2 s replay. The
+# default build below puts the full binary back in target/debug/edgemt.
 core_deps=$(cargo tree --locked --no-default-features -e normal)
 if grep -E 'rumqttc|tokio|prometheus|sd-notify' <<<"$core_deps"; then
     echo "a build without the daemon still depends on the crates above" >&2
