@@ -357,7 +357,7 @@ pub struct Adapted<'a> {
 }
 
 /// Writes the adapted model ([`export_adapted`], with the `edgemt.adapted_from` and
-/// `edgemt.teacher_version` metadata) to `path` the way checkpoints are written: a
+/// `edgemt.teacher_version` metadata) to `path` the way durable state is written: a
 /// temporary file in the same directory, fsynced, renamed over `path`, then the directory
 /// fsynced. A reader of `path` sees the old file or the new one, never half of one, and
 /// the temporary file is removed when any step fails.
