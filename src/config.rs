@@ -1,8 +1,14 @@
-//! The TOML configuration: one struct per section, every key defaulted but `[model] path`.
+//! The TOML configuration of the core: one struct per section, every key defaulted but
+//! `[model] path`.
 //!
-//! Loading rejects unknown keys (toml names them) and `validate` rejects out-of-range values
-//! naming the key, so a typo never silently falls back to a default. Relative paths are
-//! resolved against the config file's folder, so a config works from any working directory.
+//! Loading rejects unknown keys (toml names them and lists the right ones) and `validate`
+//! rejects out-of-range values naming the key, so a typo never silently falls back to a
+//! default. Relative paths are resolved against the config file's folder, so a config works
+//! from any working directory.
+//!
+//! The daemon's sections (`[mqtt]`, `[metrics]`, `[daemon]`, `[control]` and the daemon's
+//! keys of `[input]`) belong to the daemon (`daemon::config` parses and checks them). The
+//! core keeps them as written, so a build without the daemon accepts the same file.
 
 use std::path::{Path, PathBuf};
 
@@ -36,15 +42,7 @@ pub struct Config {
     #[serde(default)]
     pub replay: ReplayConfig,
     #[serde(default)]
-    pub daemon: DaemonConfig,
-    #[serde(default)]
-    pub mqtt: MqttConfig,
-    #[serde(default)]
-    pub control: ControlConfig,
-    #[serde(default)]
     pub input: InputConfig,
-    #[serde(default)]
-    pub metrics: MetricsConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
@@ -53,149 +51,56 @@ pub struct Config {
     pub gate: GateConfig,
     #[serde(default)]
     pub calibration: CalibrationConfig,
+    /// The daemon's sections, as written (see the module docs).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub daemon: toml::Table,
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub mqtt: toml::Table,
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub control: toml::Table,
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub metrics: toml::Table,
+    /// The file this config was read from (`None` for text): the daemon resolves its
+    /// relative paths against its folder and names it in errors.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
-/// `[mqtt]`: the broker connection and topic layout of `edgemt run`.
+/// `[input]`: the keys both drivers use. Replay and the daemon must refuse the same samples
+/// and find late labels the same way, so these two are core; the rest of the section (how
+/// samples arrive over MQTT and queue up) is the daemon's ([`DAEMON_INPUT_KEYS`]).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttConfig {
-    pub host: String,
-    pub port: u16,
-    /// Default: `edgemt-<hostname>`.
-    pub client_id: Option<String>,
-    /// Topic prefix. Default: `edgemt/<hostname>`.
-    pub prefix: Option<String>,
-    pub keep_alive_s: u64,
-    pub username: Option<String>,
-    /// Inline password (prefer `password_file` or `password_env`).
-    pub password: Option<String>,
-    /// File holding the password (e.g. a systemd credential); trailing newline ignored.
-    pub password_file: Option<PathBuf>,
-    /// Environment variable holding the password.
-    pub password_env: Option<String>,
-    /// QoS for subscriptions and publishes: 0 or 1.
-    pub qos: u8,
-    /// Connect with TLS (rustls, ring provider).
-    pub tls: bool,
-    /// PEM CA bundle that signs the broker's certificate (required with `tls`).
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate and key, for brokers that require client authentication.
-    pub client_cert: Option<PathBuf>,
-    pub client_key: Option<PathBuf>,
-    /// Home Assistant MQTT discovery prefix; empty disables discovery.
-    pub discovery_prefix: String,
-    /// Payloads larger than this are rejected (and counted).
-    pub max_payload_bytes: usize,
-    /// First and largest wait between reconnection attempts.
-    pub reconnect_min_ms: u64,
-    pub reconnect_max_ms: u64,
-    /// Capacity of the client's request queue; publishes beyond it are dropped and counted.
-    pub request_queue: usize,
-    /// With `qos = 1`, how long the broker keeps our session (subscriptions and queued
-    /// messages) while we are away; 0 means a clean session on every connect.
-    pub session_expiry_s: u32,
-    /// How long one connection attempt may take.
-    pub connect_timeout_s: u64,
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        MqttConfig {
-            host: "localhost".into(),
-            port: 1883,
-            client_id: None,
-            prefix: None,
-            keep_alive_s: 30,
-            username: None,
-            password: None,
-            password_file: None,
-            password_env: None,
-            qos: 0,
-            tls: false,
-            ca_file: None,
-            client_cert: None,
-            client_key: None,
-            discovery_prefix: "homeassistant".into(),
-            max_payload_bytes: 262_144,
-            reconnect_min_ms: 250,
-            reconnect_max_ms: 30_000,
-            request_queue: 4096,
-            session_expiry_s: 86_400,
-            connect_timeout_s: 10,
-        }
-    }
-}
-
-/// How samples arrive on `{prefix}/samples`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum InputFormat {
-    /// `{"x": [...], "id": "...", "label": k}`
-    Json,
-    /// Raw little-endian f32, one model input per message.
-    F32le,
-}
-
-/// `[input]`: sample decoding, window assembly and queueing.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct InputConfig {
-    pub format: InputFormat,
-    /// Rows per window on `{prefix}/rows` (default: the model's time steps).
-    pub window: Option<usize>,
-    /// Rows between window starts (default: half the window).
-    pub hop: Option<usize>,
-    /// Samples waiting for inference; beyond it the oldest unlabeled one is dropped.
-    pub queue_capacity: usize,
-    /// Largest batch per backbone pass in the daemon.
-    pub max_batch: usize,
-    /// Recent samples kept so that label feedback can find them by id.
-    pub feedback_capacity: usize,
     /// Input values beyond ±this are rejected: a finite but absurd value (3e38) would drive
     /// the backbone to infinities. Generous by default, since units differ by sensor.
     pub max_abs: f32,
-    /// A label by class name (`{"class": "SITTING"}` on `{prefix}/labels`) applies to the
-    /// samples of this many seconds before it.
-    pub label_window_s: f64,
+    /// Recent samples kept so that label feedback can find them by id.
+    pub feedback_capacity: usize,
+    /// The daemon's keys, as written (checked against [`DAEMON_INPUT_KEYS`]).
+    #[serde(flatten)]
+    pub daemon: toml::Table,
 }
+
+/// The keys of `[input]` only the daemon reads: the payload format and row windows of
+/// `{prefix}/samples` and `{prefix}/rows`, its queues and batches, and the time a label by
+/// class name reaches back. `daemon::config::InputConfig` has exactly these fields (a test
+/// checks).
+pub const DAEMON_INPUT_KEYS: [&str; 6] = [
+    "format",
+    "window",
+    "hop",
+    "queue_capacity",
+    "max_batch",
+    "label_window_s",
+];
 
 impl Default for InputConfig {
     fn default() -> Self {
         InputConfig {
-            format: InputFormat::Json,
-            window: None,
-            hop: None,
-            queue_capacity: 1024,
-            max_batch: 32,
-            feedback_capacity: 2048,
             max_abs: 1e6,
-            label_window_s: 10.0,
-        }
-    }
-}
-
-/// `[metrics]`: the periodic metrics message.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MetricsConfig {
-    pub interval_s: f64,
-    /// Address of a Prometheus text endpoint (`GET /metrics`), e.g. "127.0.0.1:9898"; off
-    /// when unset.
-    pub prometheus: Option<String>,
-    /// How many of the most recent labels `feedback_accuracy_recent` covers.
-    pub recent_labels: usize,
-    /// Seconds between updates of the retained `{prefix}/state` (the current class), so a
-    /// dashboard sees the activity without a state change per sample.
-    pub state_interval_s: f64,
-}
-
-impl Default for MetricsConfig {
-    fn default() -> Self {
-        MetricsConfig {
-            interval_s: 10.0,
-            prometheus: None,
-            recent_labels: 100,
-            state_interval_s: 5.0,
+            feedback_capacity: 2048,
+            daemon: toml::Table::new(),
         }
     }
 }
@@ -244,27 +149,6 @@ impl Default for ReplayConfig {
     }
 }
 
-/// `[daemon]`: what `edgemt run` needs beyond the broker.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DaemonConfig {
-    /// Seed for the learner's batch sampling and augmentation in the daemon.
-    pub seed: u64,
-    /// systemd hears READY=1 at the first broker connection, or after this many seconds
-    /// without one (with a STATUS= line saying what is missing), so a missing broker does
-    /// not make systemd kill a daemon that would serve once the broker is back.
-    pub ready_timeout_s: f64,
-}
-
-impl Default for DaemonConfig {
-    fn default() -> Self {
-        DaemonConfig {
-            seed: 0,
-            ready_timeout_s: 30.0,
-        }
-    }
-}
-
 impl Config {
     /// A config with only `[model] path` set (every other key at its default), built
     /// directly rather than through TOML text, so any path works.
@@ -280,15 +164,16 @@ impl Config {
             learn: Default::default(),
             augment: Default::default(),
             replay: Default::default(),
-            daemon: Default::default(),
-            mqtt: Default::default(),
-            control: Default::default(),
             input: Default::default(),
-            metrics: Default::default(),
             checkpoint: Default::default(),
             guard: Default::default(),
             gate: Default::default(),
             calibration: Default::default(),
+            daemon: Default::default(),
+            mqtt: Default::default(),
+            control: Default::default(),
+            metrics: Default::default(),
+            file: None,
         }
     }
 
@@ -305,23 +190,13 @@ impl Config {
             },
             other => other,
         })?;
-        if let Some(dir) = path.parent() {
-            for p in [
-                Some(&mut cfg.model.path),
-                cfg.mqtt.password_file.as_mut(),
-                cfg.mqtt.ca_file.as_mut(),
-                cfg.mqtt.client_cert.as_mut(),
-                cfg.mqtt.client_key.as_mut(),
-                cfg.checkpoint.dir.as_mut(),
-            ]
+        for p in [Some(&mut cfg.model.path), cfg.checkpoint.dir.as_mut()]
             .into_iter()
             .flatten()
-            {
-                if p.is_relative() {
-                    *p = dir.join(&*p);
-                }
-            }
+        {
+            *p = cfg_relative(path, p);
         }
+        cfg.file = Some(path.to_owned());
         Ok(cfg)
     }
 
@@ -341,11 +216,7 @@ impl Config {
         self.learn.validate()?;
         self.augment.validate()?;
         self.replay.validate()?;
-        self.daemon.validate()?;
-        self.mqtt.validate()?;
-        self.control.validate()?;
         self.input.validate()?;
-        self.metrics.validate()?;
         self.checkpoint.validate()?;
         self.guard.validate()?;
         self.gate.validate()?;
@@ -441,176 +312,33 @@ impl Section for ReplayConfig {
     }
 }
 
-impl Section for DaemonConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        seconds("daemon.ready_timeout_s", self.ready_timeout_s, 0.0)
-    }
-}
-
-/// A command on `{prefix}/cmd`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Command {
-    Pause,
-    Resume,
-    Checkpoint,
-    Export,
-    Reset,
-}
-
-impl Command {
-    pub const ALL: [Command; 5] = [
-        Command::Pause,
-        Command::Resume,
-        Command::Checkpoint,
-        Command::Export,
-        Command::Reset,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Command::Pause => "pause",
-            Command::Resume => "resume",
-            Command::Checkpoint => "checkpoint",
-            Command::Export => "export",
-            Command::Reset => "reset",
-        }
-    }
-}
-
-/// `[control]`: which commands `{prefix}/cmd` may give. `reset` throws away everything
-/// learned, so it is opt-in; an empty list turns remote control off.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ControlConfig {
-    pub allow: Vec<Command>,
-}
-
-impl Default for ControlConfig {
-    fn default() -> Self {
-        ControlConfig {
-            allow: vec![
-                Command::Pause,
-                Command::Resume,
-                Command::Checkpoint,
-                Command::Export,
-            ],
-        }
-    }
-}
-
-impl Section for ControlConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        Ok(())
-    }
-}
-
-impl Section for MqttConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let m = self;
-        if m.host.is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "mqtt.host",
-                message: "must not be empty".into(),
-            });
-        }
-        if m.qos > 1 {
-            return Err(ConfigError::Invalid {
-                key: "mqtt.qos",
-                message: format!("must be 0 or 1, got {}", m.qos),
-            });
-        }
-        if !(5..=65_535).contains(&m.keep_alive_s) {
-            return Err(ConfigError::Invalid {
-                key: "mqtt.keep_alive_s",
-                message: format!("must be between 5 and 65535, got {}", m.keep_alive_s),
-            });
-        }
-        if m.tls && m.ca_file.is_none() {
-            return Err(ConfigError::Invalid {
-                key: "mqtt.ca_file",
-                message: "is required when mqtt.tls = true".into(),
-            });
-        }
-        if m.client_cert.is_some() != m.client_key.is_some() {
-            return Err(ConfigError::Invalid {
-                key: "mqtt.client_key",
-                message: "client_cert and client_key go together".into(),
-            });
-        }
-        if let Some(prefix) = &m.prefix {
-            if prefix.is_empty() || prefix.contains(['#', '+']) || prefix.ends_with('/') {
-                return Err(ConfigError::Invalid {
-                    key: "mqtt.prefix",
-                    message: format!(
-                        "must be a topic without wildcards or a trailing '/', got {prefix:?}"
-                    ),
-                });
-            }
-        }
-        if !(1..=MAX_PAYLOAD_BYTES).contains(&m.max_payload_bytes) {
-            return Err(ConfigError::Invalid {
-                key: "mqtt.max_payload_bytes",
-                message: format!(
-                    "must be between 1 and {MAX_PAYLOAD_BYTES}, got {}",
-                    m.max_payload_bytes
-                ),
-            });
-        }
-        positive("mqtt.request_queue", m.request_queue as u64)?;
-        if !(1..=600).contains(&m.connect_timeout_s) {
-            return Err(ConfigError::Invalid {
-                key: "mqtt.connect_timeout_s",
-                message: format!("must be between 1 and 600, got {}", m.connect_timeout_s),
-            });
-        }
-        positive("mqtt.reconnect_min_ms", m.reconnect_min_ms)?;
-        if m.reconnect_max_ms < m.reconnect_min_ms {
-            return Err(ConfigError::Invalid {
-                key: "mqtt.reconnect_max_ms",
-                message: "must be at least mqtt.reconnect_min_ms".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
 impl Section for InputConfig {
     fn validate(&self) -> Result<(), ConfigError> {
-        positive("input.queue_capacity", self.queue_capacity as u64)?;
-        positive("input.max_batch", self.max_batch as u64)?;
         positive("input.feedback_capacity", self.feedback_capacity as u64)?;
-        seconds("input.label_window_s", self.label_window_s, 0.1)?;
         if !(self.max_abs.is_finite() && self.max_abs > 0.0) {
             return Err(ConfigError::Invalid {
                 key: "input.max_abs",
                 message: format!("must be a positive finite number, got {}", self.max_abs),
             });
         }
-
-        if let Some(w) = self.window {
-            positive("input.window", w as u64)?;
-        }
-        if let Some(h) = self.hop {
-            positive("input.hop", h as u64)?;
-        }
-        Ok(())
-    }
-}
-
-impl Section for MetricsConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        seconds("metrics.interval_s", self.interval_s, 0.1)?;
-        seconds("metrics.state_interval_s", self.state_interval_s, 0.1)?;
-        positive("metrics.recent_labels", self.recent_labels as u64)?;
-        if let Some(addr) = &self.prometheus {
-            addr.parse::<std::net::SocketAddr>()
-                .map_err(|e| ConfigError::Invalid {
-                    key: "metrics.prometheus",
-                    message: format!(
-                        "must be an address like \"127.0.0.1:9898\", got {addr:?}: {e}"
-                    ),
-                })?;
+        if let Some(key) = self
+            .daemon
+            .keys()
+            .find(|k| !DAEMON_INPUT_KEYS.contains(&k.as_str()))
+        {
+            // The same words serde uses for the other sections' unknown keys.
+            let expected: Vec<String> = ["max_abs", "feedback_capacity"]
+                .iter()
+                .chain(&DAEMON_INPUT_KEYS)
+                .map(|k| format!("`{k}`"))
+                .collect();
+            return Err(ConfigError::Parse {
+                path: PathBuf::from("<text>"),
+                message: format!(
+                    "[input]: unknown field `{key}`, expected one of {}",
+                    expected.join(", ")
+                ),
+            });
         }
         Ok(())
     }
@@ -673,15 +401,21 @@ impl Section for GateConfig {
 /// `Duration` or, near it, mean "never", which is better said by turning the feature off.
 pub const MAX_SECONDS: f64 = 1e7;
 
-/// Largest payload `mqtt.max_payload_bytes` may allow.
-pub const MAX_PAYLOAD_BYTES: usize = 256 << 20;
-
 /// A validated number of seconds as a `Duration` (saturating, never panicking).
 pub fn duration_s(seconds: f64) -> std::time::Duration {
     std::time::Duration::try_from_secs_f64(seconds.clamp(0.0, MAX_SECONDS)).unwrap_or_default()
 }
 
-fn seconds(key: &'static str, v: f64, min: f64) -> Result<(), ConfigError> {
+/// `path` as written in the config file `file`: relative paths start at the file's folder.
+pub fn cfg_relative(file: &Path, path: &Path) -> PathBuf {
+    match file.parent() {
+        Some(dir) if path.is_relative() => dir.join(path),
+        _ => path.to_owned(),
+    }
+}
+
+/// A number of seconds between `min` and [`MAX_SECONDS`], or an error naming `key`.
+pub fn seconds(key: &'static str, v: f64, min: f64) -> Result<(), ConfigError> {
     if v.is_finite() && (min..=MAX_SECONDS).contains(&v) {
         Ok(())
     } else {
@@ -707,7 +441,8 @@ fn check(
     }
 }
 
-fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
+/// At least 1, or an error naming `key`.
+pub fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
     if v > 0 {
         Ok(())
     } else {

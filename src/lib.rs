@@ -8,13 +8,29 @@
 //! [`learn`] buffers -> the student ([`nn::Mlp`], the lifted last layers) trains on
 //! L_sup + λ·L_pseudo + α·L_consistency (+ do-no-harm terms) -> every k steps the teacher is
 //! refreshed by EMA. One [`session::Session`] holds these rules; [`replay`] drives it over a
-//! recording, prequentially, and [`daemon`] drives it from MQTT. [`plot`] draws a replay's
+//! recording, prequentially, and `daemon` drives it from MQTT. [`plot`] draws a replay's
 //! report, [`checkpoint`] makes the state durable, [`config`] holds the knobs, [`metrics`]
-//! measures the process.
+//! measures the process, [`check`] verifies a config and its model without running.
+//!
+//! Layers: a module uses only modules on lower lines (`cargo build --no-default-features`
+//! builds everything but the daemon).
+//!
+//! ```text
+//! app      main (the CLI), plot, logging
+//! drivers  replay, check, daemon (cargo feature `daemon`: tokio, MQTT, systemd, Prometheus)
+//! core     session
+//!          config
+//!          checkpoint
+//!          model, learn
+//!          calibration
+//!          nn, stream, metrics
+//! ```
 
 pub mod calibration;
+pub mod check;
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "daemon")]
 pub mod daemon;
 pub mod learn;
 pub mod logging;

@@ -1,17 +1,17 @@
 //! The `edgemt` command line: parses arguments, sets up logging, loads the config and hands
 //! off to the library.
 
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
+use edgemt::model::export::{write_adapted, Adapted};
 use edgemt::model::{Classifier, HeadSelection};
 use edgemt::replay::{replay, Progress, ReplayOptions};
 use edgemt::session::PredictionMessage;
-use std::io::Write;
 
 #[derive(Parser)]
 #[command(
@@ -27,35 +27,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Replay a recording prequentially: predict each sample, then learn from it.
-    Replay {
-        /// The config file (TOML; see config/edgemt.toml).
-        #[arg(long)]
-        config: PathBuf,
-        /// JSON Lines recording to replay.
-        recording: PathBuf,
-        /// Labeled holdout to score the final teacher, student and pretrained model on.
-        #[arg(long)]
-        eval: Option<PathBuf>,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        /// Seed for sampling and augmentation (overrides [replay] seed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Resume from the newest valid checkpoint in DIR and save checkpoints there.
-        #[arg(long, value_name = "DIR")]
-        checkpoint: Option<PathBuf>,
-        /// Write the device's answer for every sample as JSON Lines here: the served model's
-        /// class, as the daemon would have published it, and which model answered.
-        #[arg(long)]
-        predictions: Option<PathBuf>,
-        /// Draw the timeline as an SVG here: the adapted teacher's and the pretrained
-        /// model's accuracy and the pseudo-label acceptance over the stream, rollbacks, and
-        /// with --eval the final holdout accuracies.
-        #[arg(long, value_name = "FILE.svg")]
-        plot: Option<PathBuf>,
-    },
-    /// Run the daemon: MQTT in, predictions and metrics out, learning on the side.
+    Replay(ReplayArgs),
+    /// Run the daemon: MQTT in, predictions and metrics out, learning on the side (needs
+    /// the cargo feature `daemon`, on by default).
     Run {
         /// The config file (TOML; see config/edgemt.toml).
         #[arg(long)]
@@ -74,8 +48,9 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Check a config and its model without running: config keys, model and trainable
-    /// layers, broker options (password, TLS files), checkpoint directory, one inference.
-    /// Exits non-zero with the reason when something is wrong.
+    /// layers, checkpoint directory, calibration channels, one inference, and with the
+    /// daemon the broker options (password, TLS files). Exits non-zero with the reason when
+    /// something is wrong.
     Check {
         /// The config file to check.
         #[arg(long)]
@@ -104,232 +79,302 @@ fn main() {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Replay {
-            config,
-            recording,
-            eval,
-            report,
-            seed,
-            checkpoint,
-            predictions,
-            plot,
-        } => {
-            let cfg = Config::load(&config)?;
-            let classifier = load_classifier(&cfg)?;
-            let bar = progress_bar(std::fs::metadata(&recording).map_or(0, |m| m.len()));
-            let mut out = match &predictions {
-                Some(path) => Some(std::io::BufWriter::new(
-                    std::fs::File::create(path)
-                        .with_context(|| format!("writing predictions {}", path.display()))?,
-                )),
-                None => None,
-            };
-            let mut write_error = None;
-            let outcome = replay(
-                &classifier,
-                &cfg,
-                &recording,
-                eval.as_deref(),
-                &ReplayOptions { seed, checkpoint },
-                |progress| match progress {
-                    Progress::Read { bytes } => {
-                        if let Some(bar) = &bar {
-                            bar.set_position(bytes);
-                        }
-                    }
-                    Progress::Prediction {
-                        sample,
-                        id,
-                        answer,
-                        teacher_version,
-                    } => {
-                        if let (Some(out), None) = (out.as_mut(), &write_error) {
-                            let message = PredictionMessage {
-                                sample: Some(sample),
-                                id,
-                                ..PredictionMessage::new(
-                                    &answer,
-                                    &classifier.class_names,
-                                    teacher_version,
-                                )
-                            };
-                            let written = serde_json::to_writer(&mut *out, &message)
-                                .map_err(std::io::Error::from)
-                                .and_then(|()| writeln!(out));
-                            if let Err(e) = written {
-                                write_error = Some(e);
-                            }
-                        }
-                    }
-                },
-            )?;
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            if let Some(e) = write_error {
-                return Err(e).context("writing predictions");
-            }
-            if let Some(mut out) = out {
-                out.flush().context("writing predictions")?;
-            }
-            print_summary(&outcome.report);
-            if let Some(path) = report {
-                let json = serde_json::to_string_pretty(&outcome.report)?;
-                std::fs::write(&path, json)
-                    .with_context(|| format!("writing report {}", path.display()))?;
-            }
-            if let Some(path) = plot {
-                let name = recording.file_name().unwrap_or(recording.as_os_str());
-                edgemt::plot::write_svg(&outcome.report, &name.to_string_lossy(), &path)?;
-            }
-            Ok(())
-        }
-        Command::Check { config } => {
-            let cfg = Config::load(&config)?;
-            println!("config {}: valid", config.display());
-            let classifier = load_classifier(&cfg)?;
-            println!(
-                "model {}: input [N, {}], {} classes, trainable {} on '{}' ({} features)",
-                cfg.model.path.display(),
-                join(&classifier.input_shape),
-                classifier.classes(),
-                classifier.trainable.path.join(" -> "),
-                classifier.trainable.embedding,
-                classifier.embedding_dim
-            );
-            for line in edgemt::daemon::preflight(&cfg, &classifier)? {
-                println!("{line}");
-            }
-            println!("ok");
-            Ok(())
-        }
-        Command::Run { config } => {
-            let cfg = Config::load(&config)?;
-            let classifier = load_classifier(&cfg)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            runtime.block_on(edgemt::daemon::run(cfg, classifier, shutdown_signal()))?;
-            Ok(())
-        }
+        Command::Replay(args) => replay_cmd(args),
+        Command::Run { config } => run_cmd(&config),
         Command::Export {
             checkpoint,
             output,
             config,
-        } => {
-            let cfg = match config {
-                Some(path) => Config::load(&path)?,
-                None => {
-                    let (model, layers) = CheckpointStore::recorded_model(&checkpoint)
-                        .with_context(|| {
-                            format!(
-                                "no readable checkpoint manifest in {}",
-                                checkpoint.display()
-                            )
-                        })?;
-                    let mut cfg = Config::for_model(&model);
-                    cfg.model.trainable_layers = layers;
-                    cfg
-                }
-            };
-            let classifier = load_classifier(&cfg)?;
-            let store = CheckpointStore::open(
-                &checkpoint,
-                cfg.checkpoint.keep,
-                Identity::new(&classifier, &cfg.learn),
-            )?;
-            let (manifest, state) = store.latest_valid().with_context(|| {
-                format!(
-                    "no valid checkpoint for this model in {}",
-                    checkpoint.display()
-                )
-            })?;
-            let teacher = classifier.pretrained().with_params(state.teacher)?;
-            let bytes = edgemt::model::export::export_adapted(
-                classifier.proto(),
-                &classifier.trainable,
-                &teacher,
-                manifest.mounting.as_ref(),
-                &classifier.input_shape,
-                &[
-                    (
-                        "edgemt.adapted_from",
-                        format!("{:016x}", classifier.fingerprint),
-                    ),
-                    (
-                        "edgemt.teacher_version",
-                        manifest.counters.teacher_version.to_string(),
-                    ),
-                ],
-            )?;
-            let tmp = output.with_extension("onnx.tmp");
-            std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &output)
-                .with_context(|| format!("writing {}", output.display()))?;
-            println!(
-                "wrote {} (teacher_version {}, from checkpoint {})",
-                output.display(),
-                manifest.counters.teacher_version,
-                manifest.sequence
-            );
-            Ok(())
-        }
+        } => export_cmd(&checkpoint, &output, config.as_deref()),
+        Command::Check { config } => check_cmd(&config),
         Command::Inspect {
             model,
             output,
             trainable_layers,
-        } => {
-            let c = Classifier::load(
-                &model,
-                &HeadSelection {
-                    output,
-                    embedding: None,
-                    trainable_layers,
-                },
-            )?;
-            let t = &c.trainable;
-            println!("model        {}", c.path.display());
-            println!(
-                "input        '{}' [N, {}]",
-                c.input_name,
-                join(&c.input_shape)
-            );
-            println!("output       '{}' ({:?})", t.output, t.kind);
-            println!("embedding    '{}' [N, {}]", t.embedding, c.embedding_dim);
-            println!("trainable    {}", t.path.join(" -> "));
-            for (l, layer) in t.layers.iter().enumerate() {
-                println!(
-                    "layer {l}      '{}' {} [{}, {}], weights '{}' {:?}{}",
-                    layer.node,
-                    layer.op,
-                    layer.weight.nrows(),
-                    layer.weight.ncols(),
-                    layer.weight_name,
-                    layer.weight_layout,
-                    layer
-                        .bias_name
-                        .as_ref()
-                        .map(|b| format!(", bias '{b}'"))
-                        .unwrap_or_default()
-                );
+        } => inspect_cmd(&model, output, trainable_layers),
+    }
+}
+
+/// `edgemt replay`'s arguments.
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The config file (TOML; see config/edgemt.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// JSON Lines recording to replay.
+    recording: PathBuf,
+    /// Labeled holdout to score the final teacher, student and pretrained model on.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Seed for sampling and augmentation (overrides [replay] seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Resume from the newest valid checkpoint in DIR and save checkpoints there.
+    #[arg(long, value_name = "DIR")]
+    checkpoint: Option<PathBuf>,
+    /// Write the device's answer for every sample as JSON Lines here: the served model's
+    /// class, as the daemon would have published it, and which model answered.
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// Draw the timeline as an SVG here: the adapted teacher's and the pretrained
+    /// model's accuracy and the pseudo-label acceptance over the stream, rollbacks, and
+    /// with --eval the final holdout accuracies.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let classifier = load_classifier(&cfg)?;
+    let bar = progress_bar(std::fs::metadata(&args.recording).map_or(0, |m| m.len()));
+    let mut predictions = match &args.predictions {
+        Some(path) => Some(PredictionsFile::create(path)?),
+        None => None,
+    };
+    let outcome = replay(
+        &classifier,
+        &cfg,
+        &args.recording,
+        args.eval.as_deref(),
+        &ReplayOptions {
+            seed: args.seed,
+            checkpoint: args.checkpoint,
+        },
+        |progress| match progress {
+            Progress::Read { bytes } => {
+                if let Some(bar) = &bar {
+                    bar.set_position(bytes);
+                }
             }
-            println!(
-                "classes      {} ({})",
-                c.classes(),
-                c.class_names.join(", ")
-            );
-            println!(
-                "parameters   {} in the graph, {} trainable in {} layer(s)",
-                c.parameters,
-                t.parameters(),
-                t.layers.len()
-            );
-            println!("fingerprint  {:016x}", c.fingerprint);
-            Ok(())
+            Progress::Prediction {
+                sample,
+                id,
+                answer,
+                teacher_version,
+            } => {
+                if let Some(out) = predictions.as_mut() {
+                    out.write(&PredictionMessage {
+                        sample: Some(sample),
+                        id,
+                        ..PredictionMessage::new(&answer, &classifier.class_names, teacher_version)
+                    });
+                }
+            }
+        },
+    )?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if let Some(out) = predictions {
+        out.finish()?;
+    }
+    print_summary(&outcome.report);
+    if let Some(path) = args.report {
+        let json = serde_json::to_string_pretty(&outcome.report)?;
+        std::fs::write(&path, json)
+            .with_context(|| format!("writing report {}", path.display()))?;
+    }
+    if let Some(path) = args.plot {
+        let recording = &args.recording;
+        let name = recording.file_name().unwrap_or(recording.as_os_str());
+        edgemt::plot::write_svg(&outcome.report, &name.to_string_lossy(), &path)?;
+    }
+    Ok(())
+}
+
+/// `replay --predictions`: one JSON line per answered sample. The first write error stops the
+/// writing and is reported when the replay ends (the callback cannot return it).
+struct PredictionsFile {
+    out: std::io::BufWriter<std::fs::File>,
+    error: Option<std::io::Error>,
+}
+
+impl PredictionsFile {
+    fn create(path: &Path) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("writing predictions {}", path.display()))?;
+        Ok(PredictionsFile {
+            out: std::io::BufWriter::new(file),
+            error: None,
+        })
+    }
+
+    /// One line: the message the daemon would have published for the sample.
+    fn write(&mut self, message: &PredictionMessage) {
+        if self.error.is_none() {
+            let written = serde_json::to_writer(&mut self.out, message)
+                .map_err(std::io::Error::from)
+                .and_then(|()| writeln!(self.out));
+            if let Err(e) = written {
+                self.error = Some(e);
+            }
         }
     }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        if let Some(e) = self.error {
+            return Err(e).context("writing predictions");
+        }
+        self.out.flush().context("writing predictions")
+    }
+}
+
+#[cfg(feature = "daemon")]
+fn run_cmd(config: &Path) -> anyhow::Result<()> {
+    use edgemt::daemon::{Daemon, DaemonConfig};
+    let cfg = Config::load(config)?;
+    let wing = DaemonConfig::from_config(&cfg)?;
+    let classifier = load_classifier(&cfg)?;
+    let daemon = Daemon::build(&cfg, wing, &classifier)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(daemon.run(shutdown_signal()))?;
+    Ok(())
+}
+
+#[cfg(not(feature = "daemon"))]
+fn run_cmd(_config: &Path) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "this edgemt was built without the daemon (cargo feature `daemon`); \
+         build it with default features to use `edgemt run`"
+    )
+}
+
+fn export_cmd(checkpoint: &Path, output: &Path, config: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = match config {
+        Some(path) => Config::load(path)?,
+        None => {
+            let (model, layers) =
+                CheckpointStore::recorded_model(checkpoint).with_context(|| {
+                    format!(
+                        "no readable checkpoint manifest in {}",
+                        checkpoint.display()
+                    )
+                })?;
+            let mut cfg = Config::for_model(&model);
+            cfg.model.trainable_layers = layers;
+            cfg
+        }
+    };
+    let classifier = load_classifier(&cfg)?;
+    let store = CheckpointStore::open(
+        checkpoint,
+        cfg.checkpoint.keep,
+        Identity::new(&classifier, &cfg.learn),
+    )?;
+    let (manifest, state) = store.latest_valid().with_context(|| {
+        format!(
+            "no valid checkpoint for this model in {}",
+            checkpoint.display()
+        )
+    })?;
+    let teacher = classifier.pretrained().with_params(state.teacher)?;
+    let version = manifest.counters.teacher_version;
+    write_adapted(
+        output,
+        classifier.proto(),
+        &classifier.trainable,
+        &classifier.input_shape,
+        &Adapted {
+            head: &teacher,
+            mounting: manifest.mounting.as_ref().map(Into::into),
+            from_fingerprint: classifier.fingerprint,
+            teacher_version: version,
+        },
+    )?;
+    println!(
+        "wrote {} (teacher_version {version}, from checkpoint {})",
+        output.display(),
+        manifest.sequence
+    );
+    Ok(())
+}
+
+fn check_cmd(config: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    #[cfg(feature = "daemon")]
+    let wing = edgemt::daemon::DaemonConfig::from_config(&cfg)?;
+    println!("config {}: valid", config.display());
+    let classifier = load_classifier(&cfg)?;
+    println!(
+        "model {}: input [N, {}], {} classes, trainable {} on '{}' ({} features)",
+        cfg.model.path.display(),
+        join(&classifier.input_shape),
+        classifier.classes(),
+        classifier.trainable.path.join(" -> "),
+        classifier.trainable.embedding,
+        classifier.embedding_dim
+    );
+    let mut found = edgemt::check::core(&cfg, &classifier)?;
+    #[cfg(feature = "daemon")]
+    found.extend(edgemt::daemon::Daemon::build(&cfg, wing, &classifier)?.summary());
+    #[cfg(not(feature = "daemon"))]
+    found.push("broker: not checked (this edgemt was built without the daemon)".into());
+    for line in found {
+        println!("{line}");
+    }
+    println!("ok");
+    Ok(())
+}
+
+fn inspect_cmd(
+    model: &Path,
+    output: Option<String>,
+    trainable_layers: usize,
+) -> anyhow::Result<()> {
+    let c = Classifier::load(
+        model,
+        &HeadSelection {
+            output,
+            embedding: None,
+            trainable_layers,
+        },
+    )?;
+    let t = &c.trainable;
+    println!("model        {}", c.path.display());
+    println!(
+        "input        '{}' [N, {}]",
+        c.input_name,
+        join(&c.input_shape)
+    );
+    println!("output       '{}' ({:?})", t.output, t.kind);
+    println!("embedding    '{}' [N, {}]", t.embedding, c.embedding_dim);
+    println!("trainable    {}", t.path.join(" -> "));
+    for (l, layer) in t.layers.iter().enumerate() {
+        println!(
+            "layer {l}      '{}' {} [{}, {}], weights '{}' {:?}{}",
+            layer.node,
+            layer.op,
+            layer.weight.nrows(),
+            layer.weight.ncols(),
+            layer.weight_name,
+            layer.weight_layout,
+            layer
+                .bias_name
+                .as_ref()
+                .map(|b| format!(", bias '{b}'"))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "classes      {} ({})",
+        c.classes(),
+        c.class_names.join(", ")
+    );
+    println!(
+        "parameters   {} in the graph, {} trainable in {} layer(s)",
+        c.parameters,
+        t.parameters(),
+        t.layers.len()
+    );
+    println!("fingerprint  {:016x}", c.fingerprint);
+    Ok(())
 }
 
 fn load_classifier(cfg: &Config) -> anyhow::Result<Classifier> {
@@ -435,6 +480,7 @@ fn join(v: &[usize]) -> String {
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM (systemd's stop).
+#[cfg(feature = "daemon")]
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {

@@ -16,6 +16,10 @@ fn check_accepts_the_shipped_config_after_one_inference() {
         "{text}"
     );
     assert!(text.contains("6 classes"), "{text}");
+    // The core's lines, then the daemon's (built, not connected).
+    assert!(text.contains("checkpoints"), "{text}");
+    assert!(text.contains("(not contacted)"), "{text}");
+    assert!(text.contains("commands allowed: ["), "{text}");
     assert!(text.trim_end().ends_with("ok"), "{text}");
 }
 

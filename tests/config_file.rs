@@ -1,6 +1,15 @@
-//! Config loading: defaults, unknown keys and out-of-range values.
+//! Config loading: defaults, unknown keys and out-of-range values, in the core sections and
+//! in the daemon's.
 
 use edgemt::config::{Config, ConfigError};
+use edgemt::daemon::DaemonConfig;
+
+/// The whole file as `edgemt run` reads it: the core config, then the daemon's sections.
+fn load_all(text: &str) -> Result<(Config, DaemonConfig), ConfigError> {
+    let cfg = Config::from_toml(text)?;
+    let daemon = DaemonConfig::from_config(&cfg)?;
+    Ok((cfg, daemon))
+}
 
 #[test]
 fn a_config_with_only_the_model_path_gets_every_default() {
@@ -16,6 +25,8 @@ fn a_config_with_only_the_model_path_gets_every_default() {
 fn the_shipped_commented_config_parses_and_matches_the_defaults() {
     let cfg = Config::load(&crate::util::path("config/edgemt.toml")).unwrap();
     let defaults = Config::from_toml("[model]\npath = \"x\"\n").unwrap();
+    let daemon = DaemonConfig::from_config(&cfg).unwrap();
+    let daemon_defaults = DaemonConfig::default();
     // The commented config documents the defaults: every section but [model] is equal.
     assert_eq!(
         toml::to_string(&cfg.learn).unwrap(),
@@ -39,24 +50,12 @@ fn the_shipped_commented_config_parses_and_matches_the_defaults() {
             toml::to_string(&defaults.checkpoint).unwrap(),
         ),
         (
-            toml::to_string(&cfg.mqtt).unwrap(),
-            toml::to_string(&defaults.mqtt).unwrap(),
-        ),
-        (
-            toml::to_string(&cfg.input).unwrap(),
-            toml::to_string(&defaults.input).unwrap(),
-        ),
-        (
-            toml::to_string(&cfg.metrics).unwrap(),
-            toml::to_string(&defaults.metrics).unwrap(),
-        ),
-        (
             toml::to_string(&cfg.gate).unwrap(),
             toml::to_string(&defaults.gate).unwrap(),
         ),
         (
-            toml::to_string(&cfg.daemon).unwrap(),
-            toml::to_string(&defaults.daemon).unwrap(),
+            toml::to_string(&daemon).unwrap(),
+            toml::to_string(&daemon_defaults).unwrap(),
         ),
     ] {
         assert_eq!(a, b);
@@ -72,7 +71,45 @@ fn the_shipped_commented_config_parses_and_matches_the_defaults() {
         ..Default::default()
     };
     assert_eq!(cfg.calibration, declared);
+    assert_eq!(cfg.input.max_abs, defaults.input.max_abs);
+    assert_eq!(
+        cfg.input.feedback_capacity,
+        defaults.input.feedback_capacity
+    );
     assert!(cfg.model.path.ends_with("models/hapt_mlp.onnx") && cfg.model.path.exists());
+}
+
+/// A build without the daemon keeps the daemon's sections as written, so it reads the same
+/// file; the core's list of the daemon's `[input]` keys is exactly the daemon's.
+#[test]
+fn the_core_keeps_the_daemons_sections_and_knows_its_input_keys() {
+    let cfg = Config::load(&crate::util::path("config/edgemt.toml")).unwrap();
+    assert!(cfg.mqtt.contains_key("host"), "{:?}", cfg.mqtt);
+    assert!(cfg.input.daemon.contains_key("format"));
+    let mut every = DaemonConfig::default().input;
+    every.window = Some(1);
+    every.hop = Some(1);
+    let table = toml::Table::try_from(&every).unwrap();
+    let mut keys: Vec<&str> = table.keys().map(String::as_str).collect();
+    let mut listed = edgemt::config::DAEMON_INPUT_KEYS.to_vec();
+    keys.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(keys, listed);
+}
+
+#[test]
+fn the_daemons_relative_paths_start_at_the_config_files_folder() {
+    let dir = crate::util::tempdir();
+    let path = dir.path().join("edgemt.toml");
+    std::fs::write(
+        &path,
+        "[model]\npath = \"m.onnx\"\n[mqtt]\nusername = \"u\"\npassword_file = \"pw\"\n",
+    )
+    .unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let daemon = DaemonConfig::from_config(&cfg).unwrap();
+    assert_eq!(daemon.mqtt.password_file, Some(dir.path().join("pw")));
+    assert_eq!(cfg.model.path, dir.path().join("m.onnx"));
 }
 
 #[test]
@@ -83,6 +120,26 @@ fn an_unknown_key_is_an_error_naming_it() {
     assert!(err.to_string().contains("lamda_pseudo"), "{err}");
     let err = Config::from_toml("[model]\npath = \"m.onnx\"\n[modle]\n").unwrap_err();
     assert!(err.to_string().contains("modle"), "{err}");
+    // In the daemon's sections and keys too, with the right key among those suggested.
+    for (text, typo, right) in [
+        ("[mqtt]\nhots = \"b\"", "hots", "host"),
+        (
+            "[input]\nqueue_capacty = 1",
+            "queue_capacty",
+            "queue_capacity",
+        ),
+        ("[input]\nmax_ab = 1.0", "max_ab", "max_abs"),
+        ("[metrics]\ninterval = 1.0", "interval", "interval_s"),
+        ("[mqqt]\nhost = \"b\"", "mqqt", "mqtt"),
+    ] {
+        let err = load_all(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("`{typo}`")) && msg.contains(&format!("`{right}`")),
+            "{text}: {msg}"
+        );
+    }
 }
 
 #[test]
@@ -111,7 +168,7 @@ fn out_of_range_values_are_errors_naming_the_key() {
         ("trainable_layers = 0", "model.trainable_layers"),
         ("trainable_layers = 17", "model.trainable_layers"),
     ] {
-        let err = Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).unwrap_err();
+        let err = load_all(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).unwrap_err();
         assert!(err.to_string().contains(key), "{text}: {err}");
     }
 }
@@ -179,8 +236,7 @@ fn every_validated_key_rejects_a_bad_value_by_name() {
         ("[gate]\nwindow = 0", "gate.window"),
         ("[calibration]\npolar = [[0, 1, 1]]", "calibration"),
     ] {
-        let err =
-            Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).expect_err(text);
+        let err = load_all(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).expect_err(text);
         assert!(err.to_string().contains(key), "{text}: {err}");
     }
 }

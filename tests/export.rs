@@ -286,3 +286,59 @@ fn adapt_export_and_compare_in_onnxruntime(layers: usize) {
     let diff = max_abs_diff(&ort.concat(), &expected);
     assert!(diff < 1e-5, "onnxruntime vs adapted teacher: {diff}");
 }
+
+/// `edgemt export` and the daemon's `export` command write through one function: the file
+/// appears whole or not at all, and a failure leaves no temporary file behind.
+#[test]
+fn a_failed_export_leaves_neither_a_file_nor_a_temporary_one() {
+    use edgemt::model::export::{write_adapted, Adapted};
+    let dir = tempdir();
+    let c = util::shipped_classifier();
+    let head = c.pretrained();
+    let adapted = Adapted {
+        head: &head,
+        mounting: None,
+        from_fingerprint: c.fingerprint,
+        teacher_version: 7,
+    };
+    let write = |path: &Path, adapted: &Adapted| {
+        write_adapted(path, c.proto(), &c.trainable, &c.input_shape, adapted)
+    };
+    let entries = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+
+    // The rename fails: the output path is a directory.
+    let taken = dir.path().join("taken.onnx");
+    std::fs::create_dir(&taken).unwrap();
+    let err = write(&taken, &adapted).unwrap_err();
+    assert!(
+        edgemt::report(&err).contains("taken.onnx"),
+        "{}",
+        edgemt::report(&err)
+    );
+    assert_eq!(entries(), ["taken.onnx"]);
+
+    // The model cannot be built: a head of the wrong depth.
+    let deep = classifier_with_layers("models/hapt_mlp.onnx", 2).pretrained();
+    let out = dir.path().join("adapted.onnx");
+    write(
+        &out,
+        &Adapted {
+            head: &deep,
+            ..adapted
+        },
+    )
+    .unwrap_err();
+    assert_eq!(entries(), ["taken.onnx"]);
+
+    write(&out, &adapted).unwrap();
+    assert_eq!(entries(), ["adapted.onnx", "taken.onnx"]);
+    let exported = classifier_with_layers(out.to_str().unwrap(), 1);
+    assert_eq!(metadata(&exported, "edgemt.teacher_version"), Some("7"));
+}

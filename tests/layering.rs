@@ -27,6 +27,7 @@ const LAYERS: &[(&str, u32)] = &[
     // Drivers of the session.
     ("replay", 5),
     ("daemon", 5),
+    ("check", 5),
     // What only the application draws or prints.
     ("plot", 6),
 ];

@@ -139,6 +139,7 @@ fn service_unit_waits_for_readiness_well_beyond_the_daemons_ready_timeout() {
         .parse()
         .unwrap_or_else(|_| panic!("TimeoutStartSec={timeout} is not a plain number of seconds"));
     let packaged = edgemt::config::Config::from_toml(&packaged_config()).expect("packaged config");
+    let packaged = edgemt::daemon::DaemonConfig::from_config(&packaged).expect("packaged config");
     let ready = packaged.daemon.ready_timeout_s;
     assert!(
         timeout >= ready + 30.0,

@@ -11,7 +11,8 @@ use edgemt::daemon::items::Incoming;
 use edgemt::daemon::publish::PredictionSink;
 use edgemt::daemon::queue::BoundedQueue;
 use edgemt::daemon::state::{Queues, Shared};
-use edgemt::daemon::workers::Stages;
+use edgemt::daemon::workers::Workers;
+use edgemt::daemon::DaemonConfig;
 use edgemt::replay::{replay, ReplayOptions};
 use edgemt::session::{Feedback, Item, Observation, Predictor, Session};
 use edgemt::stream::{Line, RecordingReader, SampleDecoder};
@@ -71,8 +72,10 @@ fn through_the_daemons_stages(
     seed: u64,
 ) -> (Session, Vec<serde_json::Value>) {
     let c = util::shipped_classifier();
-    let mut cfg = cfg.clone();
-    cfg.daemon.seed = seed;
+    let mut wing = DaemonConfig::from_config(cfg).unwrap();
+    wing.daemon.seed = seed;
+    // Batches as replay's chunks, so both embed the same samples together.
+    wing.input.max_batch = cfg.replay.batch;
     let train = std::sync::Arc::new(BoundedQueue::new(1 << 20));
     let input = std::sync::Arc::new(BoundedQueue::<Incoming>::new(1));
     let queues = Queues {
@@ -83,11 +86,12 @@ fn through_the_daemons_stages(
     let shared = std::sync::Arc::new(Shared::new(c.pretrained(), None, queues));
     let published = Published::default();
     let out = published.0.clone();
-    let Stages {
+    let Workers {
         mut inference,
         mut trainer,
-    } = Stages::new(
-        &cfg,
+    } = Workers::new(
+        cfg,
+        &wing,
         &c,
         shared,
         (input, train.clone()),
@@ -100,7 +104,7 @@ fn through_the_daemons_stages(
     let mut reader = RecordingReader::open(recording, &decoder).unwrap();
     let (mut items, mut trained) = (Vec::new(), Vec::new());
     loop {
-        while items.len() < cfg.input.max_batch {
+        while items.len() < wing.input.max_batch {
             match reader.next_line() {
                 None => break,
                 Some(l) => items.push(match l.unwrap().expect("valid line") {
@@ -135,8 +139,7 @@ fn replay_and_the_daemons_session_end_with_bit_identical_teacher_weights() {
     let recording = dir.path().join("late.jsonl");
     let feedback = with_late_feedback(&recording, 5);
     assert!(feedback > 30, "{feedback} feedback lines");
-    let mut cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
-    cfg.input.max_batch = cfg.replay.batch;
+    let cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
     let c = util::shipped_classifier();
     let seed = 3;
     let replayed = replay(
@@ -416,7 +419,9 @@ fn huge_periods_and_payload_limits_are_refused_instead_of_panicking() {
         ),
         ("[mqtt]\nkeep_alive_s = 100000", "mqtt.keep_alive_s"),
     ] {
-        let err = Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n")).unwrap_err();
+        let err = Config::from_toml(&format!("[model]\npath = \"m.onnx\"\n{text}\n"))
+            .and_then(|c| edgemt::daemon::DaemonConfig::from_config(&c))
+            .unwrap_err();
         assert!(err.to_string().contains(key), "{text}: {err}");
     }
     // The conversion itself saturates rather than panicking.

@@ -18,48 +18,20 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+// The manifest stores the adopted mounting; calibration owns its type.
+pub use crate::calibration::MountingRecord;
 pub use manifest::{config_hash, Manifest};
 pub use store::{CheckpointStore, Restored};
 
-use crate::calibration::{Mounting, SignedPerm};
 use crate::learn::LearnerState;
+use crate::model::export::InputTransform;
 use crate::nn::Params;
-use crate::stream::Layout;
 
 /// A checkpoint's worth of session state: what the learner learned and the adopted mounting.
 #[derive(Debug, Clone)]
 pub struct Saved {
     pub learner: LearnerState,
     pub mounting: Option<MountingRecord>,
-}
-
-/// An adopted mounting as the manifest keeps it: the signed permutation, and the matrix over
-/// the input's channel axis that export folds in front of the graph (so export needs no
-/// config to know which channels are which).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MountingRecord {
-    pub r: SignedPerm,
-    pub name: String,
-    /// Axis of the per-sample input shape that holds the channels.
-    pub channel_axis: usize,
-    /// `x'_t = M · x_t` for every time step t.
-    pub channel_matrix: Vec<Vec<f32>>,
-}
-
-impl MountingRecord {
-    pub fn of(m: &Mounting, layout: &Layout) -> Self {
-        MountingRecord {
-            r: m.r(),
-            name: m.r().name(),
-            channel_axis: if layout.channel_stride == 1 { 1 } else { 0 },
-            channel_matrix: m
-                .channel_matrix()
-                .rows()
-                .into_iter()
-                .map(|r| r.to_vec())
-                .collect(),
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +70,17 @@ impl Default for CheckpointConfig {
             every_steps: 100,
             every_s: 300.0,
             keep: 3,
+        }
+    }
+}
+
+/// What export folds in front of the graph for a mounting the manifest recorded.
+impl<'a> From<&'a MountingRecord> for InputTransform<'a> {
+    fn from(m: &'a MountingRecord) -> Self {
+        InputTransform {
+            name: &m.name,
+            channel_axis: m.channel_axis,
+            channel_matrix: &m.channel_matrix,
         }
     }
 }

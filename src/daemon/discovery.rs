@@ -12,9 +12,9 @@
 
 use serde_json::{json, Value};
 
+use super::config::Command;
 use super::ingest::Topics;
 use super::telemetry::{Entity, HomeAssistant, Metric, METRICS};
-use crate::config::Command;
 
 /// What discovery needs to know about this daemon.
 pub struct Announce<'a> {

@@ -18,10 +18,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::config::{Command, InputFormat};
 use super::items::Incoming;
 use super::queue::{BoundedQueue, Droppable};
 use super::state::Shared;
-use crate::config::{Command, InputFormat};
 use crate::stream::window::{decode_f32le, rows_from_f32le, rows_from_json};
 use crate::stream::{DecodeError, SampleDecoder, WindowAssembler};
 

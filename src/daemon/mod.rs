@@ -1,14 +1,19 @@
-//! `edgemt run`: the long-running service around the learner.
+//! `edgemt run`: the long-running service around the learner (the cargo feature `daemon`).
 //!
 //! Data path: the MQTT task ([`mqtt`]) routes messages ([`ingest::Router`]) into a
 //! byte-bounded queue -> the ingest thread parses them into a bounded queue -> the inference
 //! thread embeds a batch, predicts with the current teacher and publishes -> the training
 //! thread learns and swaps in each EMA-refreshed teacher. A metrics task publishes
 //! [`state::MetricsMessage`] every interval; systemd is told READY, STATUS, WATCHDOG and
-//! STOPPING ([`notify`]). `run` takes the shutdown signal as a future, so signal handling
-//! stays in `main`.
+//! STOPPING ([`notify`]).
+//!
+//! [`Daemon::build`] sets all of it up short of connecting, which `edgemt check` does too;
+//! [`Daemon::run`] starts it and stops it when its shutdown future completes, so
+//! signal handling stays in `main`. The daemon's config sections are [`config`]'s.
 
+pub mod config;
 pub mod discovery;
+pub mod error;
 pub mod ingest;
 pub mod items;
 pub mod mqtt;
@@ -22,335 +27,473 @@ pub mod telemetry;
 pub mod workers;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::AsyncClient;
+use rumqttc::v5::{AsyncClient, EventLoop};
+use tokio::sync::oneshot;
+
+pub use config::DaemonConfig;
+pub use error::DaemonError;
 
 use crate::checkpoint::{CheckpointStore, Identity};
-use crate::config::Config;
+use crate::config::{duration_s, Config};
 use crate::model::Classifier;
-use crate::session::{Models, Predictor, Session};
-use crate::stream::Layout;
-use crate::stream::{SampleDecoder, WindowAssembler};
-use ingest::{Ingest, Router, Topics};
+use crate::stream::{Layout, SampleDecoder, WindowAssembler};
+use config::MqttConfig;
+use ingest::{Ingest, Raw, Router, Topics};
+use items::{Incoming, TrainItem};
 use queue::BoundedQueue;
 use state::Shared;
-use workers::Stages;
+use workers::{InferenceWorker, TrainerWorker, Workers};
 
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    #[error("setting up the daemon: {0}")]
-    Setup(String),
+/// How long the stages get to drain their queues at shutdown before the process exits anyway.
+const STOP_WORKERS: Duration = Duration::from_secs(3);
+
+/// How long the broker gets to take the final metrics, the `offline` status and the
+/// disconnect: short, since systemd is waiting, but a local broker needs only milliseconds.
+const FINAL_MESSAGES: Duration = Duration::from_millis(1500);
+
+/// The daemon, built but not running: every stage constructed and the MQTT client created;
+/// nothing connected, spawned or bound. `edgemt check` builds one and prints its
+/// [`Daemon::summary`]; `edgemt run` builds one and runs it.
+pub struct Daemon {
+    cfg: DaemonConfig,
+    names: Names,
+    /// What every stage and task reads and counts into.
+    shared: Arc<Shared>,
+    queues: Queues,
+    stages: Stages,
+    broker: Broker,
+    /// The Prometheus registry when `[metrics] prometheus` is set; `run` binds its port.
+    exposition: Option<Arc<prometheus::Exposition>>,
 }
 
-/// `edgemt check`: everything `run` would set up, short of connecting: the broker options
-/// (password source, TLS files), the checkpoint directory, the session (calibration
-/// channels against the model) and one inference of an all-zero sample. Returns what it
-/// found, a line each.
-pub fn preflight(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, DaemonError> {
-    let setup = |e: &dyn std::error::Error| DaemonError::Setup(crate::report(e));
-    let mut found = Vec::new();
-    let prefix = cfg
-        .mqtt
-        .prefix
-        .clone()
-        .unwrap_or_else(|| format!("edgemt/{}", mqtt::hostname()));
-    mqtt::options(&cfg.mqtt, "edgemt-check", &Topics::new(&prefix))?;
-    found.push(format!(
-        "broker {}://{}:{} as {}, topics under {prefix}/ (not contacted)",
-        if cfg.mqtt.tls { "mqtts" } else { "mqtt" },
-        cfg.mqtt.host,
-        cfg.mqtt.port,
-        cfg.mqtt.username.as_deref().unwrap_or("anonymous")
-    ));
-    match &cfg.checkpoint.dir {
-        Some(dir) => {
-            CheckpointStore::open(
-                dir,
-                cfg.checkpoint.keep,
-                Identity::new(classifier, &cfg.learn),
-            )
-            .map_err(|e| setup(&e))?;
-            let probe = tempfile::NamedTempFile::new_in(dir).map_err(|e| {
-                DaemonError::Setup(format!(
-                    "checkpoint.dir {} is not writable: {e}",
-                    dir.display()
-                ))
-            })?;
-            drop(probe);
-            found.push(format!("checkpoints in {} (writable)", dir.display()));
-        }
-        None => found.push(
-            "checkpoints in $STATE_DIRECTORY when run by systemd ([checkpoint] dir unset)".into(),
-        ),
-    }
-    Session::new(classifier, cfg, cfg.daemon.seed).map_err(|e| setup(&e))?;
-    let mut predictor = Predictor::new(classifier.backbone.clone());
-    let zeros = vec![0.0; classifier.sample_len()];
-    let mut out = Vec::new();
-    predictor.embed(&zeros, 1, None).map_err(|e| setup(&e))?;
-    let pretrained = classifier.pretrained();
-    predictor.answer(0..1, &Models::pretrained(&pretrained), &mut out);
-    let p = out
-        .first()
-        .copied()
-        .flatten()
-        .ok_or_else(|| {
-            DaemonError::Setup(
-                "the model returned no usable prediction for an all-zero sample".into(),
-            )
-        })?
-        .served;
-    if !p.confidence.is_finite() {
-        return Err(DaemonError::Setup(
-            "the model's prediction for an all-zero sample is not finite".into(),
-        ));
-    }
-    found.push(format!(
-        "one inference of an all-zero sample: class {} ({}) at confidence {:.3}",
-        p.class,
-        classifier
-            .class_names
-            .get(p.class)
-            .map(String::as_str)
-            .unwrap_or("?"),
-        p.confidence
-    ));
-    let allowed: Vec<&str> = cfg.control.allow.iter().map(|c| c.name()).collect();
-    found.push(format!("commands allowed: [{}]", allowed.join(", ")));
-    Ok(found)
+/// The names the daemon goes by on the broker.
+struct Names {
+    /// `[mqtt] prefix`, else `edgemt/<hostname>`.
+    prefix: String,
+    /// `[mqtt] client_id`, else `edgemt-<hostname>`.
+    client_id: String,
+    topics: Topics,
 }
 
-/// Runs the daemon until `shutdown` completes, then stops within a few seconds.
-pub async fn run(
-    cfg: Config,
-    classifier: Classifier,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), DaemonError> {
-    let host = mqtt::hostname();
-    let prefix = cfg
-        .mqtt
-        .prefix
-        .clone()
-        .unwrap_or_else(|| format!("edgemt/{host}"));
-    let client_id = cfg
-        .mqtt
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("edgemt-{host}"));
-    let topics = Topics::new(&prefix);
-    let model_name = cfg
-        .model
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let opts = mqtt::options(&cfg.mqtt, &client_id, &topics)?;
-    let (client, eventloop) = AsyncClient::new(opts, cfg.mqtt.request_queue);
-    let qos = mqtt::qos(cfg.mqtt.qos);
+/// The bounded queues between the stages: MQTT task -> `raw` -> ingest -> `input` ->
+/// inference -> `train` -> training.
+struct Queues {
+    raw: Arc<BoundedQueue<Raw>>,
+    input: Arc<BoundedQueue<Incoming>>,
+    train: Arc<BoundedQueue<TrainItem>>,
+}
 
-    // Checkpoints go to [checkpoint] dir, else systemd's StateDirectory.
-    let state_dir = cfg.checkpoint.dir.clone().or_else(|| {
-        std::env::var_os("STATE_DIRECTORY").and_then(|v| {
-            v.to_str()
-                .and_then(|s| s.split(':').next())
-                .map(std::path::PathBuf::from)
+/// The three pipeline stages, each to run on a thread of its own.
+struct Stages {
+    ingest: Ingest,
+    inference: InferenceWorker,
+    trainer: TrainerWorker,
+}
+
+/// The stage threads, running.
+struct Threads {
+    ingest: JoinHandle<()>,
+    inference: JoinHandle<()>,
+    trainer: JoinHandle<()>,
+}
+
+/// The MQTT side, created but not connected: the client, its event loop, the router the
+/// event loop hands messages to, and the Home Assistant discovery configs sent at every
+/// connection (empty when discovery is off).
+struct Broker {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    router: Router,
+    discovery: Vec<(String, serde_json::Value)>,
+}
+
+impl Daemon {
+    /// Everything `run` needs, short of connecting: the broker options (password source,
+    /// TLS files), the checkpoint store, the session (calibration channels against the
+    /// model), the queues, stages and discovery messages.
+    pub fn build(
+        cfg: &Config,
+        wing: DaemonConfig,
+        classifier: &Classifier,
+    ) -> Result<Daemon, DaemonError> {
+        let setup = |e: &dyn std::error::Error| DaemonError::Setup(crate::report(e));
+        let names = Names::new(&wing.mqtt);
+        let opts = mqtt::options(&wing.mqtt, &names.client_id, &names.topics)?;
+        let (client, eventloop) = AsyncClient::new(opts, wing.mqtt.request_queue);
+        // Checkpoints go to [checkpoint] dir, else systemd's StateDirectory.
+        let state_dir = cfg.checkpoint.dir.clone().or_else(state_directory);
+        let checkpoints = match &state_dir {
+            Some(dir) => Some(
+                CheckpointStore::open(
+                    dir,
+                    cfg.checkpoint.keep,
+                    Identity::new(classifier, &cfg.learn),
+                )
+                .map_err(|e| setup(&e))?,
+            ),
+            None => None,
+        };
+        let queues = Queues {
+            raw: Arc::new(BoundedQueue::new(ingest::raw_budget(
+                wing.mqtt.max_payload_bytes,
+            ))),
+            input: Arc::new(BoundedQueue::new(wing.input.queue_capacity)),
+            train: Arc::new(BoundedQueue::new(wing.input.queue_capacity)),
+        };
+        let depths = state::Queues {
+            raw: queues.raw.clone(),
+            input: queues.input.clone(),
+            train: queues.train.clone(),
+        };
+        let shared = Arc::new(Shared::new(classifier.pretrained(), state_dir, depths));
+        let exposition = wing
+            .metrics
+            .prometheus
+            .is_some()
+            .then(|| Arc::new(prometheus::Exposition::new(shared.clone())));
+        let Workers {
+            mut inference,
+            trainer,
+        } = Workers::new(
+            cfg,
+            &wing,
+            classifier,
+            shared.clone(),
+            (queues.input.clone(), queues.train.clone()),
+            Box::new(publish::MqttSink {
+                client: client.clone(),
+                predictions_topic: names.topics.predictions.clone(),
+                state_topic: names.topics.state.clone(),
+                qos: mqtt::qos(wing.mqtt.qos),
+            }),
+            checkpoints,
+        )
+        .map_err(|e| setup(&e))?;
+        inference.latency_histogram = exposition.as_ref().map(|e| e.latency.clone());
+        let stages = Stages {
+            ingest: ingest_stage(cfg, &wing, classifier, &names, &shared, &queues)?,
+            inference,
+            trainer,
+        };
+        let broker = Broker {
+            router: Router::new(
+                names.topics.clone(),
+                shared.clone(),
+                queues.raw.clone(),
+                wing.mqtt.max_payload_bytes,
+                wing.control.allow.clone(),
+            ),
+            discovery: discovery_messages(&wing, &names, classifier, &cfg.model.path),
+            client,
+            eventloop,
+        };
+        Ok(Daemon {
+            cfg: wing,
+            names,
+            shared,
+            queues,
+            stages,
+            broker,
+            exposition,
         })
-    });
-    let checkpoints = match &state_dir {
-        Some(dir) => Some(
-            CheckpointStore::open(
-                dir,
-                cfg.checkpoint.keep,
-                Identity::new(&classifier, &cfg.learn),
-            )
-            .map_err(|e| DaemonError::Setup(crate::report(&e)))?,
-        ),
-        None => None,
-    };
-    let raw = Arc::new(BoundedQueue::new(ingest::raw_budget(
-        cfg.mqtt.max_payload_bytes,
-    )));
-    let input = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
-    let train = Arc::new(BoundedQueue::new(cfg.input.queue_capacity));
-    let queues = state::Queues {
-        raw: raw.clone(),
-        input: input.clone(),
-        train: train.clone(),
-    };
-    let shared = Arc::new(Shared::new(classifier.pretrained(), state_dir, queues));
+    }
 
+    /// `edgemt check`'s daemon half, a line each: the broker it would contact (not
+    /// contacted) and the commands it would take. The rest of the check is the core's
+    /// (the `check` module), run before the daemon is built.
+    pub fn summary(&self) -> Vec<String> {
+        let m = &self.cfg.mqtt;
+        let allowed: Vec<&str> = self.cfg.control.allow.iter().map(|c| c.name()).collect();
+        vec![
+            format!(
+                "broker {}://{}:{} as {}, topics under {}/ (not contacted)",
+                if m.tls { "mqtts" } else { "mqtt" },
+                m.host,
+                m.port,
+                m.username.as_deref().unwrap_or("anonymous"),
+                self.names.prefix
+            ),
+            format!("commands allowed: [{}]", allowed.join(", ")),
+        ]
+    }
+
+    /// Runs the daemon until `shutdown` completes, then stops within a few seconds.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+        let Daemon {
+            cfg,
+            names,
+            shared,
+            queues,
+            stages,
+            broker,
+            exposition,
+        } = self;
+        // Bound before anything runs, so a taken port is a setup error, not a silent gap.
+        let prometheus = match (&cfg.metrics.prometheus, exposition) {
+            (Some(addr), Some(exposition)) => Some(bind_prometheus(addr, exposition).await?),
+            _ => None,
+        };
+        let threads = stages.spawn(queues.raw.clone())?;
+        let client = broker.client.clone();
+        let (poll, connected) = broker.start(&cfg.mqtt, &names.client_id, &shared);
+        let broker_address = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
+        tracing::info!(
+            "edgemt started: topics under {}/, connecting to broker {broker_address}",
+            names.prefix
+        );
+        notify::status(&format!("connecting to the broker at {broker_address}"));
+        let side_tasks = SideTasks {
+            cfg: &cfg,
+            names: &names,
+            shared: &shared,
+            client: &client,
+        }
+        .spawn(prometheus, connected, broker_address);
+
+        shutdown.await;
+        // READY must not follow STOPPING, so the side tasks end first.
+        side_tasks.iter().for_each(|t| t.abort());
+        tracing::info!("stopping: no new input, finishing the current step");
+        notify::notify(&[
+            notify::NotifyState::Stopping,
+            notify::NotifyState::Status("stopping"),
+        ]);
+        shared.stopping.store(true, Relaxed);
+        threads.stop(queues).await;
+        sign_off(&client, &names.topics, &shared);
+        if tokio::time::timeout(FINAL_MESSAGES, poll).await.is_err() {
+            tracing::warn!("the broker did not take the final messages in time");
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+impl Names {
+    fn new(cfg: &MqttConfig) -> Self {
+        let host = mqtt::hostname();
+        let prefix = cfg
+            .prefix
+            .clone()
+            .unwrap_or_else(|| format!("edgemt/{host}"));
+        Names {
+            client_id: cfg
+                .client_id
+                .clone()
+                .unwrap_or_else(|| format!("edgemt-{host}")),
+            topics: Topics::new(&prefix),
+            prefix,
+        }
+    }
+}
+
+impl Stages {
+    /// Starts each stage on a thread named after it.
+    fn spawn(self, raw: Arc<BoundedQueue<Raw>>) -> Result<Threads, DaemonError> {
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| DaemonError::Setup(format!("spawning {name}: {e}")))
+        };
+        let Stages {
+            ingest,
+            inference,
+            trainer,
+        } = self;
+        Ok(Threads {
+            ingest: spawn("ingest", Box::new(move || ingest.run(raw)))?,
+            inference: spawn("inference", Box::new(move || inference.run()))?,
+            trainer: spawn("training", Box::new(move || trainer.run()))?,
+        })
+    }
+}
+
+impl Threads {
+    /// Stops the stages in data order: each queue closes once the stage in front of it has
+    /// drained its own and ended, so nothing already taken in is lost. Gives up after
+    /// [`STOP_WORKERS`].
+    async fn stop(self, queues: Queues) {
+        queues.raw.close();
+        let joined = tokio::task::spawn_blocking(move || {
+            let _ = self.ingest.join();
+            queues.input.close();
+            let _ = self.inference.join();
+            queues.train.close();
+            let _ = self.trainer.join();
+        });
+        if tokio::time::timeout(STOP_WORKERS, joined).await.is_err() {
+            tracing::warn!("workers did not stop within {STOP_WORKERS:?}; exiting anyway");
+        }
+    }
+}
+
+impl Broker {
+    /// Starts the task that polls the event loop; the receiver hears of the first
+    /// connection.
+    fn start(
+        self,
+        cfg: &MqttConfig,
+        client_id: &str,
+        shared: &Arc<Shared>,
+    ) -> (tokio::task::JoinHandle<()>, oneshot::Receiver<()>) {
+        let (connected_tx, connected_rx) = oneshot::channel();
+        let poll = tokio::spawn(
+            mqtt::PollTask {
+                eventloop: self.eventloop,
+                client: self.client,
+                cfg: cfg.clone(),
+                client_id: client_id.to_owned(),
+                shared: shared.clone(),
+                router: self.router,
+                connected: Some(connected_tx),
+                discovery: self.discovery,
+            }
+            .run(),
+        );
+        (poll, connected_rx)
+    }
+}
+
+/// The tasks beside the pipeline, all aborted at shutdown: the metrics message, the
+/// Prometheus endpoint, the systemd watchdog and READY.
+struct SideTasks<'a> {
+    cfg: &'a DaemonConfig,
+    names: &'a Names,
+    shared: &'a Arc<Shared>,
+    client: &'a AsyncClient,
+}
+
+impl SideTasks<'_> {
+    fn spawn(
+        self,
+        prometheus: Option<(tokio::net::TcpListener, Arc<prometheus::Exposition>)>,
+        connected: oneshot::Receiver<()>,
+        broker_address: String,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = vec![tokio::spawn(publish_metrics(
+            self.client.clone(),
+            self.names.topics.metrics.clone(),
+            self.shared.clone(),
+            duration_s(self.cfg.metrics.interval_s),
+        ))];
+        tasks.extend(prometheus.map(|(l, e)| tokio::spawn(prometheus::serve(l, e))));
+        tasks.extend(
+            notify::watchdog_interval()
+                .map(|period| tokio::spawn(watchdog(self.shared.clone(), period))),
+        );
+        tasks.push(tokio::spawn(announce_ready(
+            connected,
+            duration_s(self.cfg.daemon.ready_timeout_s),
+            broker_address,
+            self.names.prefix.clone(),
+        )));
+        tasks
+    }
+}
+
+/// The directory systemd's `StateDirectory=` made for the service, if any.
+fn state_directory() -> Option<PathBuf> {
+    std::env::var_os("STATE_DIRECTORY").and_then(|v| {
+        v.to_str()
+            .and_then(|s| s.split(':').next())
+            .map(PathBuf::from)
+    })
+}
+
+/// The ingest stage: samples decoded as the model takes them, rows assembled into windows
+/// of the model's length, labels by class name reaching back `[input] label_window_s`.
+fn ingest_stage(
+    cfg: &Config,
+    wing: &DaemonConfig,
+    classifier: &Classifier,
+    names: &Names,
+    shared: &Arc<Shared>,
+    queues: &Queues,
+) -> Result<Ingest, DaemonError> {
     let layout = Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis);
-    let window = cfg.input.window.unwrap_or(layout.steps);
+    let window = wing.input.window.unwrap_or(layout.steps);
     if window != layout.steps {
         return Err(DaemonError::Setup(format!(
             "input.window = {window} but the model takes {} time steps per sample",
             layout.steps
         )));
     }
-    let hop = cfg.input.hop.unwrap_or((window / 2).max(1));
+    let hop = wing.input.hop.unwrap_or((window / 2).max(1));
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
         .with_max_abs(cfg.input.max_abs);
-    let router = Router::new(
-        topics.clone(),
+    Ok(Ingest::new(
+        names.topics.clone(),
         shared.clone(),
-        raw.clone(),
-        cfg.mqtt.max_payload_bytes,
-        cfg.control.allow.clone(),
-    );
-    let ingest = Ingest::new(
-        topics.clone(),
-        shared.clone(),
-        input.clone(),
+        queues.input.clone(),
         decoder,
-        cfg.input.format,
+        wing.input.format,
         WindowAssembler::new(layout, hop),
         ingest::LabelWindow {
             class_names: classifier.class_names.clone(),
             capacity: cfg.input.feedback_capacity,
-            seconds: crate::config::duration_s(cfg.input.label_window_s),
+            seconds: duration_s(wing.input.label_window_s),
         },
-    );
+    ))
+}
 
-    // Bound before anything runs, so a taken port is a setup error, not a silent gap.
-    let prometheus = match &cfg.metrics.prometheus {
-        Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                DaemonError::Setup(format!("metrics.prometheus: cannot listen on {addr}: {e}"))
-            })?;
-            tracing::info!("Prometheus metrics on http://{addr}/metrics");
-            let exposition = Arc::new(prometheus::Exposition::new(shared.clone()));
-            Some((listener, exposition))
-        }
-        None => None,
-    };
-    let Stages {
-        mut inference,
-        trainer,
-    } = Stages::new(
-        &cfg,
-        &classifier,
-        shared.clone(),
-        (input.clone(), train.clone()),
-        Box::new(publish::MqttSink {
-            client: client.clone(),
-            predictions_topic: topics.predictions.clone(),
-            state_topic: topics.state.clone(),
-            qos,
-        }),
-        checkpoints,
-    )
-    .map_err(|e| DaemonError::Setup(crate::report(&e)))?;
-    inference.latency_histogram = prometheus.as_ref().map(|(_, e)| e.latency.clone());
-    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
-            .map_err(|e| DaemonError::Setup(format!("spawning {name}: {e}")))
-    };
-    let ingest_raw = raw.clone();
-    let ingest_thread = spawn("ingest", Box::new(move || ingest.run(ingest_raw)))?;
-    let inference_thread = spawn("inference", Box::new(move || inference.run()))?;
-    let trainer_thread = spawn("training", Box::new(move || trainer.run()))?;
+/// Home Assistant's discovery configs, or none when `[mqtt] discovery_prefix` is empty.
+fn discovery_messages(
+    wing: &DaemonConfig,
+    names: &Names,
+    classifier: &Classifier,
+    model_path: &std::path::Path,
+) -> Vec<(String, serde_json::Value)> {
+    if wing.mqtt.discovery_prefix.is_empty() {
+        return Vec::new();
+    }
+    let model = model_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    discovery::Announce {
+        discovery_prefix: &wing.mqtt.discovery_prefix,
+        client_id: &names.client_id,
+        topics: &names.topics,
+        class_names: &classifier.class_names,
+        commands: &wing.control.allow,
+        model: &model,
+    }
+    .messages()
+}
 
-    let discovery = if cfg.mqtt.discovery_prefix.is_empty() {
-        Vec::new()
-    } else {
-        discovery::Announce {
-            discovery_prefix: &cfg.mqtt.discovery_prefix,
-            client_id: &client_id,
-            topics: &topics,
-            class_names: &classifier.class_names,
-            commands: &cfg.control.allow,
-            model: &model_name,
-        }
-        .messages()
-    };
-    let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
-    let poll = tokio::spawn(
-        mqtt::PollTask {
-            eventloop,
-            client: client.clone(),
-            cfg: cfg.mqtt.clone(),
-            client_id: client_id.clone(),
-            shared: shared.clone(),
-            router,
-            connected: Some(connected_tx),
-            discovery,
-        }
-        .run(),
-    );
-    let metrics_task = tokio::spawn(publish_metrics(
-        client.clone(),
-        topics.metrics.clone(),
-        shared.clone(),
-        crate::config::duration_s(cfg.metrics.interval_s),
-    ));
-    let prometheus_task = prometheus
-        .map(|(listener, exposition)| tokio::spawn(prometheus::serve(listener, exposition)));
-    let watchdog_task =
-        notify::watchdog_interval().map(|period| tokio::spawn(watchdog(shared.clone(), period)));
-    let broker = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
-    tracing::info!("edgemt started: topics under {prefix}/, connecting to broker {broker}");
-    notify::status(&format!("connecting to the broker at {broker}"));
-    let ready = tokio::spawn(announce_ready(
-        connected_rx,
-        crate::config::duration_s(cfg.daemon.ready_timeout_s),
-        broker,
-        prefix,
-    ));
+/// Binds the Prometheus endpoint's port.
+async fn bind_prometheus(
+    addr: &str,
+    exposition: Arc<prometheus::Exposition>,
+) -> Result<(tokio::net::TcpListener, Arc<prometheus::Exposition>), DaemonError> {
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        DaemonError::Setup(format!("metrics.prometheus: cannot listen on {addr}: {e}"))
+    })?;
+    tracing::info!("Prometheus metrics on http://{addr}/metrics");
+    Ok((listener, exposition))
+}
 
-    shutdown.await;
-    ready.abort();
-    tracing::info!("stopping: no new input, finishing the current step");
-    notify::notify(&[
-        notify::NotifyState::Stopping,
-        notify::NotifyState::Status("stopping"),
-    ]);
-    shared.stopping.store(true, Relaxed);
-    metrics_task.abort();
-    if let Some(p) = prometheus_task {
-        p.abort();
-    }
-    if let Some(w) = watchdog_task {
-        w.abort();
-    }
-    // Each stage closes the queue behind it once it has drained its own.
-    raw.close();
-    let joined = tokio::task::spawn_blocking(move || {
-        let _ = ingest_thread.join();
-        input.close();
-        let _ = inference_thread.join();
-        train.close();
-        let _ = trainer_thread.join();
-    });
-    if tokio::time::timeout(Duration::from_secs(3), joined)
-        .await
-        .is_err()
-    {
-        tracing::warn!("workers did not stop within 3 s; exiting anyway");
-    }
+/// The last words on the broker: the final metrics, the retained `offline` status (the last
+/// will says it only when the connection breaks) and a clean disconnect.
+fn sign_off(client: &AsyncClient, topics: &Topics, shared: &Shared) {
     let final_metrics = serde_json::to_vec(&shared.metrics()).unwrap_or_default();
     let _ = client.try_publish(&topics.metrics, QoS::AtLeastOnce, false, final_metrics);
     let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, "offline");
     let _ = client.try_disconnect();
-    if tokio::time::timeout(Duration::from_millis(1500), poll)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the broker did not take the final messages in time");
-    }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// READY=1 once the broker connection exists, or after `timeout` without one: systemd
 /// would otherwise kill a daemon that only waits for its broker. The STATUS= line says which.
 async fn announce_ready(
-    connected: tokio::sync::oneshot::Receiver<()>,
+    connected: oneshot::Receiver<()>,
     timeout: Duration,
     broker: String,
     prefix: String,

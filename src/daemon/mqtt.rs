@@ -19,10 +19,10 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 
+use super::config::MqttConfig;
+use super::error::DaemonError;
 use super::ingest::{Router, Topics};
 use super::state::Shared;
-use super::DaemonError;
-use crate::config::MqttConfig;
 
 pub fn qos(level: u8) -> QoS {
     if level == 0 {

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::config::DaemonConfig;
 use super::items::{Incoming, TrainItem};
 use super::publish::PredictionSink;
 use super::queue::BoundedQueue;
@@ -27,24 +28,27 @@ use crate::session::{
     Answer, Feedback, PredictionMessage, Predictor, Session, SessionError, Taken,
 };
 
-/// The two stages, wired to each other through the training queue: what `daemon::run`
-/// starts as threads, and what the equivalence test drives in-process, batch by batch.
-pub struct Stages {
+/// The two worker stages, wired to each other through the training queue: what
+/// `Daemon::build` puts on threads, and what the equivalence test
+/// drives in-process, batch by batch.
+pub struct Workers {
     pub inference: InferenceWorker,
     pub trainer: TrainerWorker,
 }
 
-impl Stages {
-    /// Stages for `classifier` with `cfg`'s knobs: inference reads `input` and publishes
-    /// through `sink`; training keeps its checkpoints in `checkpoints`, if any.
+impl Workers {
+    /// Workers for `classifier` with the core's and the daemon's knobs: inference reads
+    /// `input` and publishes through `sink`; training keeps its checkpoints in
+    /// `checkpoints`, if any.
     pub fn new(
         cfg: &Config,
+        wing: &DaemonConfig,
         classifier: &Classifier,
         shared: Arc<Shared>,
         queues: (Arc<BoundedQueue<Incoming>>, Arc<BoundedQueue<TrainItem>>),
         sink: Box<dyn PredictionSink>,
         checkpoints: Option<CheckpointStore>,
-    ) -> Result<Stages, SessionError> {
+    ) -> Result<Workers, SessionError> {
         let (input, train) = queues;
         let inference = InferenceWorker {
             shared: shared.clone(),
@@ -53,15 +57,15 @@ impl Stages {
             train: train.clone(),
             sink,
             class_names: classifier.class_names.clone(),
-            max_batch: cfg.input.max_batch,
+            max_batch: wing.input.max_batch,
             sample_len: classifier.sample_len(),
             latency_histogram: None,
-            state_every: crate::config::duration_s(cfg.metrics.state_interval_s),
+            state_every: crate::config::duration_s(wing.metrics.state_interval_s),
             scratch: Scratch::default(),
         };
         let trainer = TrainerWorker {
             shared,
-            session: Session::new(classifier, cfg, cfg.daemon.seed)?,
+            session: Session::new(classifier, cfg, wing.daemon.seed)?,
             queue: train,
             checkpoints,
             exporter: Exporter {
@@ -71,10 +75,10 @@ impl Stages {
                 fingerprint: classifier.fingerprint,
             },
             published: (Serving::Pretrained, SignedPerm::IDENTITY),
-            recent_feedback: RecentAccuracy::new(cfg.metrics.recent_labels),
+            recent_feedback: RecentAccuracy::new(wing.metrics.recent_labels),
             writer: None,
         };
-        Ok(Stages { inference, trainer })
+        Ok(Workers { inference, trainer })
     }
 }
 
@@ -412,32 +416,26 @@ impl TrainerWorker {
         };
         let e = &self.exporter;
         let version = self.session.teacher_version();
-        let meta = [
-            ("edgemt.adapted_from", format!("{:016x}", e.fingerprint)),
-            ("edgemt.teacher_version", version.to_string()),
-        ];
         let path = dir.join("adapted.onnx");
-        let result = crate::model::export::export_adapted(
+        let mounting = self.session.mounting_record();
+        let result = crate::model::export::write_adapted(
+            &path,
             &e.proto,
             &e.trainable,
-            self.session.teacher(),
-            self.session.mounting_record().as_ref(),
             &e.input_shape,
-            &meta,
-        )
-        .map_err(|err| crate::report(&err))
-        .and_then(|bytes| {
-            let tmp = dir.join("adapted.onnx.tmp");
-            std::fs::write(&tmp, bytes)
-                .and_then(|_| std::fs::rename(&tmp, &path))
-                .map_err(|err| err.to_string())
-        });
+            &crate::model::export::Adapted {
+                head: self.session.teacher(),
+                mounting: mounting.as_ref().map(Into::into),
+                from_fingerprint: e.fingerprint,
+                teacher_version: version,
+            },
+        );
         match result {
             Ok(()) => {
                 self.shared.counters.exports_total.fetch_add(1, Relaxed);
                 tracing::info!("exported teacher_version {version} to {}", path.display());
             }
-            Err(err) => tracing::error!("export to {} failed: {err}", path.display()),
+            Err(err) => tracing::error!("export failed: {}", crate::report(&err)),
         }
     }
 

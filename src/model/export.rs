@@ -6,10 +6,15 @@
 //! opsets and metadata, is kept; a few `edgemt.*` metadata entries record where the weights
 //! came from.
 //!
-//! An adopted sensor mounting (`calibration`) is folded in front of the graph by
-//! [`fold_input_transform`], so the exported file takes the device's raw data.
+//! An adopted sensor mounting is folded in front of the graph by [`fold_input_transform`],
+//! so the exported file takes the device's raw data. It arrives here as an
+//! [`InputTransform`], plain numbers, so this module needs nothing from calibration.
+//! [`write_adapted`] is the one export both `edgemt export` and the daemon's `export`
+//! command use: it builds the file and puts it in place atomically.
 
 use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayView1, ArrayView2};
 use prost::Message;
@@ -290,6 +295,18 @@ fn rename_uses(graph: &mut GraphProto, from: &str, to: &str) {
     }
 }
 
+/// A map over the input's channel axis to fold in front of the graph (an adopted sensor
+/// mounting): `x'_t = M · x_t` for every time step t.
+#[derive(Debug, Clone, Copy)]
+pub struct InputTransform<'a> {
+    /// Recorded as `edgemt.mounting`.
+    pub name: &'a str,
+    /// Axis of the per-sample input shape that holds the channels.
+    pub channel_axis: usize,
+    /// `M`, row by row.
+    pub channel_matrix: &'a [Vec<f32>],
+}
+
 /// The adapted model as device users need it: every adapted layer written back and, when a
 /// mounting was adopted, its channel matrix folded in front of the graph (`edgemt.mounting`
 /// names it), so the file takes raw device data.
@@ -297,7 +314,7 @@ pub fn export_adapted(
     proto: &ModelProto,
     spec: &TrainableSpec,
     adapted: &Mlp,
-    mounting: Option<&crate::checkpoint::MountingRecord>,
+    mounting: Option<&InputTransform<'_>>,
     input_shape: &[usize],
     metadata: &[(&str, String)],
 ) -> Result<Vec<u8>, ModelError> {
@@ -310,6 +327,88 @@ pub fn export_adapted(
         .map_err(|e| ModelError::Unsupported(format!("mounting matrix: {e}")))?;
     let folded = fold_input_transform(proto, matrix.view(), m.channel_axis, input_shape)?;
     let mut meta: Vec<(&str, String)> = metadata.to_vec();
-    meta.push(("edgemt.mounting", m.name.clone()));
+    meta.push(("edgemt.mounting", m.name.to_string()));
     export_trainable(&folded, spec, adapted, &meta)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("building the adapted model")]
+    Model(#[from] ModelError),
+    #[error("writing {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What an export writes back into the original graph, and where it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Adapted<'a> {
+    /// The adapted layers (the teacher).
+    pub head: &'a Mlp,
+    /// The adopted mounting, folded in front of the graph.
+    pub mounting: Option<InputTransform<'a>>,
+    /// The original model's fingerprint (`edgemt.adapted_from`).
+    pub from_fingerprint: u64,
+    /// `edgemt.teacher_version`.
+    pub teacher_version: u64,
+}
+
+/// Writes the adapted model ([`export_adapted`], with the `edgemt.adapted_from` and
+/// `edgemt.teacher_version` metadata) to `path` the way durable state is written: a
+/// temporary file in the same directory, fsynced, renamed over `path`, then the directory
+/// fsynced. A reader of `path` sees the old file or the new one, never half of one, and
+/// the temporary file is removed when any step fails.
+pub fn write_adapted(
+    path: &Path,
+    proto: &ModelProto,
+    spec: &TrainableSpec,
+    input_shape: &[usize],
+    adapted: &Adapted<'_>,
+) -> Result<(), ExportError> {
+    let metadata = [
+        (
+            "edgemt.adapted_from",
+            format!("{:016x}", adapted.from_fingerprint),
+        ),
+        (
+            "edgemt.teacher_version",
+            adapted.teacher_version.to_string(),
+        ),
+    ];
+    let bytes = export_adapted(
+        proto,
+        spec,
+        adapted.head,
+        adapted.mounting.as_ref(),
+        input_shape,
+        &metadata,
+    )?;
+    let io = |source| ExportError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A NamedTempFile deletes itself when dropped, so every early return below removes it.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(io)?;
+    tmp.write_all(&bytes).map_err(io)?;
+    tmp.as_file().sync_all().map_err(io)?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io)?;
+    Ok(())
 }

@@ -93,7 +93,7 @@ pub struct Classifier {
     /// Width of the embedding: the first trainable layer's input.
     pub embedding_dim: usize,
     pub class_names: Vec<String>,
-    /// FNV-1a hash of the file's bytes, to tell models apart in checkpoints and reports.
+    /// FNV-1a hash of the file's bytes, to tell models apart in saved state and reports.
     pub fingerprint: u64,
     pub backbone: Backbone,
     /// Parameter count of the whole graph's initializers (for `inspect`).
