@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README and CI): formatting, then the whole test suite, which starts and
-# stops its own mosquitto brokers. Lints are tools/lint.sh (they add ~5 minutes of checking
+# stops its own mosquitto brokers. Lints are tools/dev/lint.sh (they add ~5 minutes of checking
 # tract on 2 cores, so CI leaves them to developers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
