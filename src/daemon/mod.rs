@@ -12,6 +12,7 @@ pub mod discovery;
 pub mod ingest;
 pub mod mqtt;
 pub mod notify;
+pub mod priority;
 pub mod prometheus;
 pub mod queue;
 pub mod state;

@@ -356,6 +356,7 @@ impl TrainerWorker {
     }
 
     pub fn run(mut self) {
+        super::priority::lower_current_thread("training");
         if let Some(store) = &self.checkpoints {
             self.session.restore(store);
         }
@@ -529,6 +530,7 @@ fn write_checkpoints(
     rx: std::sync::mpsc::Receiver<Saved>,
     shared: Arc<Shared>,
 ) {
+    super::priority::lower_current_thread("checkpoint writer");
     while let Ok(state) = rx.recv() {
         match store.save(&state) {
             Ok(m) => {
