@@ -1,6 +1,6 @@
 //! Deployment files: the systemd unit in packaging/, the Debian package's metadata in
 //! Cargo.toml and the config it installs, and Cross.toml. These tests check the files as
-//! text; tools/check_packaging.sh runs `systemd-analyze verify`, and tools/package.sh builds
+//! text; tools/package/check_packaging.sh runs `systemd-analyze verify`, and tools/package/package.sh builds
 //! the packages and checks their contents.
 
 use std::path::{Path, PathBuf};
@@ -147,21 +147,21 @@ fn service_unit_waits_for_readiness_well_beyond_the_daemons_ready_timeout() {
     );
 }
 
-/// Where tools/package.sh writes the config that the package installs in /etc/edgemt.
+/// Where tools/package/package.sh writes the config that the package installs in /etc/edgemt.
 const PACKAGED_CONFIG: &str = "target/packaging/edgemt.toml";
 const INSTALLED_MODEL: &str = "/usr/share/edgemt/hapt_mlp.onnx";
 
-/// The config the Debian package installs, as tools/package.sh derives it from
+/// The config the Debian package installs, as tools/package/package.sh derives it from
 /// config/edgemt.toml.
 fn packaged_config() -> String {
     let out = Command::new("bash")
-        .arg(repo_path("tools/package.sh"))
+        .arg(repo_path("tools/package/package.sh"))
         .arg("--print-config")
         .output()
-        .expect("bash runs tools/package.sh");
+        .expect("bash runs tools/package/package.sh");
     assert!(
         out.status.success(),
-        "tools/package.sh --print-config failed: {}",
+        "tools/package/package.sh --print-config failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("UTF-8 config")
@@ -311,7 +311,7 @@ fn debian_package_has_what_cargo_deb_and_debian_require() {
 
 #[test]
 fn arm_packages_keep_the_name_and_state_the_glibc_floor_the_docs_promise() {
-    // tools/package.sh builds arm64/armhf with --variant cross, which states libc6's version
+    // tools/package/package.sh builds arm64/armhf with --variant cross, which states libc6's version
     // itself ($auto would take the cross toolchain's `libc6:arm64 (>= 2.36)`); package.sh
     // checks it against the binary's GLIBC_ symbols, this test against packaging/README.md.
     let deb = deb_metadata();

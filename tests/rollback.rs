@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::util::{self, edgemt, run_ok, tempdir};
 
 /// The target stream, then its first 400 samples again with every 2nd labeled with a
-/// consistently wrong class (the same recording tools/make_misleading.py writes).
+/// consistently wrong class (the same recording tools/model/make_misleading.py writes).
 pub(crate) fn misleading_recording(path: &std::path::Path) {
     let wrong = [1, 2, 0, 4, 3, 3];
     let text = std::fs::read_to_string(util::path("data/target_stream.jsonl")).unwrap();

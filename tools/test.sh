@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The test command (README and CI): formatting, then the whole test suite, which starts and
-# stops its own mosquitto brokers. Lints are tools/lint.sh (they add ~5 minutes of checking
-# tract on 2 cores, so CI leaves them to developers).
+# The test command (README and CI): formatting and clippy (the same two checks as
+# tools/dev/lint.sh), then the whole test suite, which starts and stops its own mosquitto brokers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
 # The daemon is the cargo feature `daemon`: without it no async or MQTT crate may be linked,
 # and the core commands must still work. Costs ~35 s on 2 busy cores: tract and nearly every
 # other dependency are shared with the default build; only edgemt, tracing-subscriber and

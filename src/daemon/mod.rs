@@ -18,6 +18,7 @@ pub mod ingest;
 pub mod items;
 pub mod mqtt;
 pub mod notify;
+pub mod priority;
 pub mod prometheus;
 pub mod publish;
 pub mod queue;

@@ -303,6 +303,7 @@ impl TrainerWorker {
     }
 
     pub fn run(mut self) {
+        super::priority::lower_current_thread("training");
         self.begin();
         let (writer_tx, writer_thread) = match self.checkpoints.take() {
             Some(store) => {
@@ -472,6 +473,7 @@ fn write_checkpoints(
     rx: std::sync::mpsc::Receiver<Saved>,
     shared: Arc<Shared>,
 ) {
+    super::priority::lower_current_thread("checkpoint writer");
     while let Ok(state) = rx.recv() {
         match store.save(&state) {
             Ok(m) => {

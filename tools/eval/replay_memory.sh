@@ -4,9 +4,9 @@
 # the 1x and the Nx recording with the release binary and compares their peak RSS (VmHWM
 # from the replay report). Fails if the Nx peak is more than 1.3x the 1x peak.
 #
-#   tools/replay_memory.sh [N]
+#   tools/eval/replay_memory.sh [N]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 N=${1:-100}
 BIN=target/release/edgemt
 [ -x "$BIN" ] || { echo "error: $BIN is missing (cargo build --release)" >&2; exit 1; }

@@ -2,7 +2,7 @@
 # Renders an SVG (e.g. from `edgemt replay --plot`) to a PNG with headless Chromium, to look
 # at it the way a browser shows it:
 #
-#     tools/plot_screenshot.sh timeline.svg [out.png] [WIDTHxHEIGHT]
+#     tools/eval/plot_screenshot.sh timeline.svg [out.png] [WIDTHxHEIGHT]
 #
 # Needs Debian's `chromium` (apt-get install chromium). Writes out.png (default: the SVG's
 # name with .png) at the window size (default 1200x800, which fits --plot's 1200 x 760).

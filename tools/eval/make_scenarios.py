@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Write the scenario matrix for tools/scenarios.py: recordings + scenarios.json.
+"""Write the scenario matrix for tools/eval/scenarios.py: recordings + scenarios.json.
 
-    tools/.venv/bin/python tools/make_scenarios.py OUTDIR
+    tools/.venv/bin/python tools/eval/make_scenarios.py OUTDIR
 
 Deterministic (fixed seeds, single-threaded BLAS). Reuses the HAPT loader, windowing,
-rotation and JSONL writer of tools/make_hapt_model.py, so the windows are cut exactly as
+rotation and JSONL writer of tools/model/make_hapt_model.py, so the windows are cut exactly as
 for the shipped model (25 Hz, 64 steps, hop 32 for streams, hop 64 for holdouts, values
 rounded to 3 decimals) and the ONNX models are NOT retrained here.
 
@@ -44,7 +44,8 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The generator of the shipped data lives in tools/model/.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model"))
 import make_hapt_model as hm  # noqa: E402  (loader, windows, rotation, writer)
 
 ROOT = hm.ROOT
@@ -254,7 +255,7 @@ def main():
 
     manifest = {
         "version": VERSION,
-        "generator": "tools/make_scenarios.py",
+        "generator": "tools/eval/make_scenarios.py",
         "class_names": hm.CLASS_NAMES,
         "train_users": hm.TRAIN_USERS,
         "models": {m: {k: v for k, v in s.items() if k != "prefix"} for m, s in MODELS.items()},

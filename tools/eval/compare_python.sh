@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side run of edgemt's replay (release binary) and the Python reference loop
-# (tools/reference_loop.py: onnxruntime + numpy) on the same recording.
+# (tools/eval/reference_loop.py: onnxruntime + numpy) on the same recording.
 #
-#   tools/compare_python.sh [RECORDING [HOLDOUT]]     (default: data/target_stream.jsonl,
+#   tools/eval/compare_python.sh [RECORDING [HOLDOUT]]     (default: data/target_stream.jsonl,
 #                                                      data/target_holdout.jsonl)
 #   RUNS=5 (seeds 0..RUNS-1)   OUT=dir for the reports (default: a fresh temp dir)
 #
@@ -14,7 +14,7 @@
 # OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE are removed from the Python runs' environment when
 # set (they slow current numpy); edgemt's environment is not touched.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 REC=${1:-data/target_stream.jsonl}
 HOLD=${2:-data/target_holdout.jsonl}
@@ -61,9 +61,9 @@ echo "comparing on $REC (holdout $HOLD), $RUNS runs each, seeds 0..$((RUNS - 1))
 for ((seed = 0; seed < RUNS; seed++)); do
   run edgemt "$seed" "$BIN" replay --config "$CONFIG" "$REC" --eval "$HOLD" \
     --seed "$seed" --report "$OUT/edgemt-$seed.json"
-  run py1 "$seed" "${py_pinned[@]}" "$PY" tools/reference_loop.py --model "$MODEL" --config "$CONFIG" "$REC" \
+  run py1 "$seed" "${py_pinned[@]}" "$PY" tools/eval/reference_loop.py --model "$MODEL" --config "$CONFIG" "$REC" \
     --eval "$HOLD" --seed "$seed" --threads 1 --report "$OUT/py1-$seed.json"
-  run pydef "$seed" "${py_default[@]}" "$PY" tools/reference_loop.py --model "$MODEL" --config "$CONFIG" "$REC" \
+  run pydef "$seed" "${py_default[@]}" "$PY" tools/eval/reference_loop.py --model "$MODEL" --config "$CONFIG" "$REC" \
     --eval "$HOLD" --seed "$seed" --threads 0 --report "$OUT/pydef-$seed.json"
   echo "  seed $seed done" >&2
 done

@@ -2,12 +2,12 @@
 # Replays a recording once per seed with the release binary and prints each seed's holdout
 # accuracies and the teacher's gain over the pretrained model, then the mean, min and max.
 #
-#   tools/seeds.sh [RECORDING HOLDOUT [CONFIG]]   (default: the shipped target pair)
+#   tools/eval/seeds.sh [RECORDING HOLDOUT [CONFIG]]   (default: the shipped target pair)
 #   SEEDS="0 1 2 ..." (default 0..9)   EXTRA="--flag ..." passed to replay
 #
 # Needs target/release/edgemt (cargo build --release) and python3 (for the JSON).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 REC=${1:-data/target_stream.jsonl}
 HOLD=${2:-data/target_holdout.jsonl}
 CONFIG=${3:-config/edgemt.toml}
@@ -19,6 +19,7 @@ for s in $SEEDS; do
   # shellcheck disable=SC2086
   "$BIN" replay --config "$CONFIG" "$REC" --eval "$HOLD" --seed "$s" --report "$OUT/$s.json" ${EXTRA:-} >/dev/null 2>&1
 done
+# shellcheck disable=SC2086  # SEEDS is a list of words on purpose
 python3 - "$OUT" $SEEDS <<'PY'
 import json, sys, statistics as st
 out, seeds = sys.argv[1], sys.argv[2:]

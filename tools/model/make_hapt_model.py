@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate edgemt's shipped HAR model, recordings and loader test models.
 
-    python tools/make_hapt_model.py
+    python tools/model/make_hapt_model.py
 
 Writes (deterministically, fixed seeds):
   models/hapt_mlp.onnx                 teacher MLP (normalisation + backbone + linear head)
@@ -27,7 +27,8 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tools/<purpose>/this.py: the repository is two folders up.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEED = 20240611
 
 CLASS_NAMES = ["WALKING", "WALKING_UPSTAIRS", "WALKING_DOWNSTAIRS",

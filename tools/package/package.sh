@@ -2,9 +2,9 @@
 # Builds edgemt's Debian packages with cargo-deb (metadata in Cargo.toml's
 # [package.metadata.deb]) and checks each one:
 #
-#   tools/package.sh                   # arm64, armhf and this machine's architecture
-#   tools/package.sh arm64 armhf       # only these (any of: arm64, armhf, native)
-#   tools/package.sh --print-config    # print the packaged /etc/edgemt/edgemt.toml, build nothing
+#   tools/package/package.sh                   # arm64, armhf and this machine's architecture
+#   tools/package/package.sh arm64 armhf       # only these (any of: arm64, armhf, native)
+#   tools/package/package.sh --print-config    # print the packaged /etc/edgemt/edgemt.toml, build nothing
 #
 #   arm64  = aarch64-unknown-linux-gnu      (64-bit boards: Raspberry Pi 3/4/5, most SBCs)
 #   armhf  = armv7-unknown-linux-gnueabihf  (32-bit ARMv7 hard-float OSes)
@@ -32,7 +32,7 @@
 # Cargo runs under `nice -n 10`. Needs root (or sudo) only to install missing packages.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 # The installed model; Cargo.toml's asset list puts models/hapt_mlp.onnx there.
 installed_model=/usr/share/edgemt/hapt_mlp.onnx

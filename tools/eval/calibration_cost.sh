@@ -3,9 +3,9 @@
 # with the shipped config, with and without its [calibration] channels, interleaved RUNS
 # times (default 10); prints the medians and their ratio (the budget is 1.5x).
 #
-#   tools/calibration_cost.sh [RECORDING]    (default data/target_stream.jsonl)
+#   tools/eval/calibration_cost.sh [RECORDING]    (default data/target_stream.jsonl)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 REC=${1:-data/target_stream.jsonl}
 RUNS=${RUNS:-10}
 BIN=target/release/edgemt

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate the small hand-built test models that exercise other weight layouts.
 
-    tools/.venv/bin/python tools/make_test_models.py
+    tools/.venv/bin/python tools/model/make_test_models.py
 
 Writes (deterministically, fixed seed, a few KB each):
   tests/data/models/gemm_alpha_beta.onnx            three Gemms, the last two with transB = 0
@@ -21,7 +21,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# tools/<purpose>/this.py: the repository is two folders up.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(ROOT, "tests", "data", "models")
 SEED = 20240612
 
@@ -52,6 +53,8 @@ def gemm_alpha_beta(rng):
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 16])],
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 5])],
         inits)
+    # The producer keeps the script's old path so the regenerated file stays byte-identical
+    # to the committed one.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)],
                               producer_name="edgemt tools/make_test_models.py")
     model.ir_version = 8

@@ -6,7 +6,7 @@ the first STRETCH samples of the same stream again, every 2nd one labeled with a
 wrong class (WALKING->UPSTAIRS->DOWNSTAIRS->WALKING, SITTING<->STANDING, LAYING->SITTING), as
 an operator confirming the wrong button for a while would. Standard library only.
 
-    python3 tools/make_misleading.py OUT.jsonl [STRETCH]
+    python3 tools/model/make_misleading.py OUT.jsonl [STRETCH]
 """
 import json
 import sys
@@ -18,7 +18,7 @@ WRONG = {0: 1, 1: 2, 2: 0, 3: 4, 4: 3, 5: 3}
 def main() -> None:
     out = Path(sys.argv[1])
     stretch = int(sys.argv[2]) if len(sys.argv) > 2 else 400
-    src = Path(__file__).resolve().parent.parent / "data" / "target_stream.jsonl"
+    src = Path(__file__).resolve().parents[2] / "data" / "target_stream.jsonl"
     lines = [json.loads(l) for l in src.read_text().splitlines() if l.strip()]
     rows = list(lines)
     for i, s in enumerate(lines[:stretch]):

@@ -4,13 +4,13 @@
 # profiles (LLVM 19 or newer). The daemon and CLI tests run the `edgemt` binary, so both the
 # test binary and the binary are measured.
 #
-#   bash tools/coverage.sh             # table on stdout, summary in target/coverage/summary.txt
-#   bash tools/coverage.sh --html DIR  # also an HTML report in DIR
+#   bash tools/dev/coverage.sh             # table on stdout, summary in target/coverage/summary.txt
+#   bash tools/dev/coverage.sh --html DIR  # also an HTML report in DIR
 #
 # The instrumented build has its own target directory (a full build of tract, ~10 minutes on
 # 2 cores, ~3 GB).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 html=""
 if [ "${1:-}" = "--html" ]; then html="${2:?--html needs a directory}"; fi

@@ -7,8 +7,8 @@
 #   - eval.teacher_accuracy, eval.source_accuracy, prequential_accuracy.teacher within 0.005.
 # Prints PASS/FAIL per target and exits non-zero on any FAIL.
 #
-#   tools/arm_check.sh            # aarch64 only
-#   tools/arm_check.sh --armv7    # aarch64, then armv7
+#   tools/dev/arm_check.sh            # aarch64 only
+#   tools/dev/arm_check.sh --armv7    # aarch64, then armv7
 #
 # Environment: EDGEMT_ARM_TARGET_DIR (default /tmp/edgemt-arm-target) is the CARGO_TARGET_DIR
 # of the ARM builds, so they never lock the main target/ directory; the x86 build uses cargo's
@@ -17,7 +17,7 @@
 # python3 for the comparison. Linkers and runners come from .cargo/config.toml.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 repo=$(pwd)
 
 want_armv7=0

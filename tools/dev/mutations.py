@@ -5,8 +5,8 @@ that moves the code makes this script say so instead of silently testing nothing
 that does not compile is reported as such, never as caught. Every file is restored
 afterwards, whatever happens.
 
-    python3 tools/mutations.py            # every mutation (a rebuild and a test run each)
-    python3 tools/mutations.py queue      # only those whose name contains "queue"
+    python3 tools/dev/mutations.py            # every mutation (a rebuild and a test run each)
+    python3 tools/dev/mutations.py queue      # only those whose name contains "queue"
 
 Exit status 0 when every mutation was caught. Not part of the test command: it rebuilds the
 crate once per mutation (~1-2 min each on 2 cores).
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # tools/dev/mutations.py
 
 # (name, file, literal to replace, replacement, test filter for `cargo test --test integration`)
 MUTATIONS = [

@@ -12,7 +12,7 @@
 # otherwise skips with a message (exit 0). Also prints the `systemd-analyze security` score.
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 unit=packaging/edgemt.service
 as_is=0
 [[ "${1:-}" == "--as-is" ]] && as_is=1

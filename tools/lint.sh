@@ -1,6 +1,0 @@
-#!/usr/bin/env bash
-# Lints every target with warnings as errors, as every commit should pass.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
