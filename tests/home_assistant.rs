@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::util::broker::{
-    daemon_config, last_metrics, mosquitto_sub_one, num, on, Broker, Daemon, MqttPeer,
+    daemon_config, free_port, last_metrics, mosquitto_sub_one, num, on, Broker, Daemon, MqttPeer,
 };
 use crate::util::{self, sample_with_id, stream, tempdir};
 
@@ -331,11 +331,7 @@ fn the_prometheus_endpoint_serves_edgemt_series_that_the_official_parser_accepts
     };
     let dir = tempdir();
     let broker = Broker::start();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let prefix = "edgemt-test/prom";
     let cfg = daemon_config(dir.path(), &broker, prefix, "");
     table_keys(

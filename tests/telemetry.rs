@@ -14,7 +14,9 @@ use edgemt::daemon::queue::{BoundedQueue, Depth, Droppable};
 use edgemt::daemon::telemetry::{Entity, Kind, Metric, METRICS};
 use serde_json::Value;
 
-use crate::util::broker::{daemon_config, last_metrics, num, on, Broker, Daemon, MqttPeer};
+use crate::util::broker::{
+    daemon_config, free_port, last_metrics, num, on, Broker, Daemon, MqttPeer,
+};
 use crate::util::{sample_with_id, stream, tempdir};
 
 fn scrape(port: u16) -> String {
@@ -59,11 +61,7 @@ fn discovery_for<'a>(
 fn every_metric_of_the_telemetry_table_reaches_mqtt_prometheus_and_home_assistant() {
     let dir = tempdir();
     let broker = Broker::start();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let prefix = "edgemt-test/telemetry";
     let cfg = daemon_config(
         dir.path(),

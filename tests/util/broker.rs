@@ -76,11 +76,7 @@ impl Broker {
     /// A broker with its port and files chosen but not running yet: nothing listens on
     /// `port` until [`Broker::restart`].
     pub fn unstarted(options: BrokerOptions) -> Broker {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         Broker {
             port,
@@ -323,6 +319,15 @@ fn make_tls_files(dir: &Path) {
             "server.ext",
         ]);
     }
+}
+
+/// A loopback port nothing listens on right now (the OS's pick, released at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Writes a daemon config for `broker` under `prefix` into `dir`; `extra` is appended.
