@@ -155,8 +155,13 @@ impl InferenceWorker {
         }
         let mut row = 0;
         let mut published = 0;
-        // The retained state gets the batch's latest prediction, at most once a period.
-        let state_due = state_at.is_none_or(|t| t.elapsed() >= self.state_every);
+        // The retained state gets the batch's latest prediction, at most once a period: the
+        // payload of that one row is copied, not every row's.
+        let state_row = if state_at.is_none_or(|t| t.elapsed() >= self.state_every) && embedded {
+            answers.iter().rposition(Option::is_some)
+        } else {
+            None
+        };
         let mut latest: Option<Vec<u8>> = None;
         for item in items.drain(..) {
             let (x, id, label, received) = match item {
@@ -188,7 +193,7 @@ impl InferenceWorker {
                 ..PredictionMessage::new(&answer, &self.class_names, teacher.version)
             };
             let payload = serde_json::to_vec(&message).unwrap_or_default();
-            if state_due {
+            if state_row == Some(r) {
                 latest = Some(payload.clone());
             }
             if self.sink.prediction(payload) {
