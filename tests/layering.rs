@@ -54,23 +54,23 @@ fn sources(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// Every `crate::name` a file mentions (imports and paths alike), comments included, so a
-/// doc link that would not resolve without the dependency counts too.
-fn crate_refs(text: &str) -> BTreeSet<String> {
-    let mut refs = BTreeSet::new();
-    for (at, _) in text.match_indices("crate::") {
-        let rest = &text[at + "crate::".len()..];
-        let name: String = rest
+/// Every name right after `prefix` (e.g. `crate::` or `super::`) in a file, imports and
+/// paths alike, comments included, so a doc link that would not resolve without the
+/// dependency counts too.
+fn names_after(text: &str, prefix: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (at, _) in text.match_indices(prefix) {
+        let name: String = text[at + prefix.len()..]
             .chars()
             .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
             .collect();
         let before = text[..at].chars().last();
         // `edgemt::...` in docs, or `$crate::` in macros, are not this crate's paths.
         if !name.is_empty() && before.is_none_or(|c| !c.is_ascii_alphanumeric() && c != '$') {
-            refs.insert(name);
+            names.insert(name);
         }
     }
-    refs
+    names
 }
 
 #[test]
@@ -89,7 +89,7 @@ fn each_module_imports_only_from_the_layers_below_it() {
         let Some(&own) = rank.get(module.as_str()) else {
             panic!("{} is in no layer: add it to LAYERS", rel.display());
         };
-        for used in crate_refs(&std::fs::read_to_string(file).unwrap()) {
+        for used in names_after(&std::fs::read_to_string(file).unwrap(), "crate::") {
             if used == module {
                 continue;
             }
@@ -121,33 +121,27 @@ fn no_two_files_of_the_daemon_import_each_other() {
     for file in &files {
         let text = std::fs::read_to_string(file).unwrap();
         let me = name(file);
-        let mut used = BTreeSet::new();
-        for other in &names {
-            if *other == me {
-                continue;
+        let used: BTreeSet<String> = if me == "mod" {
+            // The parent uses a child through its module path.
+            names
+                .iter()
+                .filter(|o| **o != me && text.contains(&format!("{o}::")))
+                .cloned()
+                .collect()
+        } else {
+            let mut refs = names_after(&text, "super::");
+            refs.extend(names_after(&text, "crate::daemon::"));
+            // A name that is no sibling file is an item of the parent's own (mod.rs).
+            let parent = refs.iter().any(|r| !names.contains(r));
+            let mut used: BTreeSet<String> = refs
+                .into_iter()
+                .filter(|r| names.contains(r) && *r != me)
+                .collect();
+            if parent {
+                used.insert("mod".into());
             }
-            let mentioned = if other == "mod" {
-                // A child reaching its parent's own items.
-                text.contains("super::") && me != "mod" && {
-                    text.match_indices("super::").any(|(at, _)| {
-                        let rest = &text[at + "super::".len()..];
-                        let item: String = rest
-                            .chars()
-                            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                            .collect();
-                        !names.contains(&item) && !item.is_empty()
-                    })
-                }
-            } else if me == "mod" {
-                text.contains(&format!("{other}::"))
-            } else {
-                text.contains(&format!("super::{other}"))
-                    || text.contains(&format!("crate::daemon::{other}"))
-            };
-            if mentioned {
-                used.insert(other.clone());
-            }
-        }
+            used
+        };
         uses.insert(me, used);
     }
     let mut mutual = Vec::new();
