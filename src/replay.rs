@@ -181,7 +181,8 @@ pub struct TimelinePoint {
     pub acceptance: f64,
 }
 
-/// One model's, and each series', accuracies: the three answers a replay scores.
+/// Accuracy of the three answers a replay scores: the served model's, and the adapted
+/// teacher's and the pretrained model's as their own series.
 #[derive(Debug, Clone, Copy, Default)]
 struct Scored {
     teacher: Accuracy,
@@ -532,11 +533,12 @@ pub fn evaluate(
     let mut reader = RecordingReader::open(path, &decoder)?;
     let l = session.learner();
     // The pretrained baseline sees the raw holdout; the adapted and served models see it
-    // through the adopted mounting, as on the device.
+    // through the adopted mounting, as on the device. Grouped by what they see, so each
+    // batch is embedded at most twice.
     let heads: [(&Mlp, Option<&crate::calibration::Mounting>); 4] = [
+        (l.pretrained(), None),
         (l.teacher(), session.mounting()),
         (l.student(), session.mounting()),
-        (l.pretrained(), None),
         (l.served(), session.mounting()),
     ];
     let mut predictor = Predictor::new(classifier.backbone.clone());
@@ -591,9 +593,9 @@ pub fn evaluate(
     let n = total as f64;
     Ok(Eval {
         samples: total,
-        teacher_accuracy: correct[0] as f64 / n,
-        student_accuracy: correct[1] as f64 / n,
-        source_accuracy: correct[2] as f64 / n,
+        source_accuracy: correct[0] as f64 / n,
+        teacher_accuracy: correct[1] as f64 / n,
+        student_accuracy: correct[2] as f64 / n,
         served_accuracy: correct[3] as f64 / n,
     })
 }
