@@ -195,7 +195,18 @@ impl Predictor {
         out: &mut Vec<Option<Answer>>,
     ) {
         let emb = self.emb.slice(ndarray::s![rows.clone(), ..]);
-        let heads = [Some(models.served), models.teacher, models.pretrained];
+        // The served model is always one of the other two when they are asked for too
+        // (the gate serves the teacher or the pretrained model): it is computed once.
+        let same = |h: Option<&Mlp>| h.is_some_and(|h| std::ptr::eq(h, models.served));
+        let served_slot = [models.teacher, models.pretrained]
+            .iter()
+            .position(|h| same(*h))
+            .map_or(0, |i| i + 1);
+        let heads = [
+            (served_slot == 0).then_some(models.served),
+            models.teacher,
+            models.pretrained,
+        ];
         for (head, preds) in heads.iter().zip(self.preds.iter_mut()) {
             match head {
                 Some(h) => predict_rows(h, emb, &mut self.ws, &mut self.probs, preds),
@@ -205,7 +216,7 @@ impl Predictor {
         out.clear();
         out.extend(emb.rows().into_iter().enumerate().map(|(r, e)| {
             embedding_ok(e).then(|| Answer {
-                served: self.preds[0][r],
+                served: self.preds[served_slot][r],
                 serving: models.serving,
                 teacher: self.preds[1].get(r).copied(),
                 pretrained: self.preds[2].get(r).copied(),
