@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calibration::CalibrationConfig;
 use crate::checkpoint::CheckpointConfig;
-use crate::learn::{AugmentConfig, GateConfig, GuardConfig, LearnConfig};
+use crate::learn::{AugmentConfig, GateConfig, GuardConfig, LearnConfig, RequestConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -51,6 +51,8 @@ pub struct Config {
     pub gate: GateConfig,
     #[serde(default)]
     pub calibration: CalibrationConfig,
+    #[serde(default)]
+    pub requests: RequestConfig,
     /// The daemon's sections, as written (see the module docs).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub daemon: toml::Table,
@@ -169,6 +171,7 @@ impl Config {
             guard: Default::default(),
             gate: Default::default(),
             calibration: Default::default(),
+            requests: Default::default(),
             daemon: Default::default(),
             mqtt: Default::default(),
             control: Default::default(),
@@ -220,6 +223,7 @@ impl Config {
         self.checkpoint.validate()?;
         self.guard.validate()?;
         self.gate.validate()?;
+        self.requests.validate()?;
         self.calibration.validate_section()
     }
 }
@@ -382,6 +386,15 @@ impl CalibrationConfig {
                 key: "calibration",
                 message,
             })
+    }
+}
+
+impl Section for RequestConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        check("requests.fraction", self.fraction as f32, 0.0..=1.0)?;
+        positive("requests.max_open", self.max_open as u64)?;
+        check("requests.burst", self.burst as f32, 1.0..=1e6)?;
+        seconds("requests.open_s", self.open_s, 1.0)
     }
 }
 

@@ -10,7 +10,7 @@ use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
 use edgemt::model::export::{write_adapted, Adapted};
 use edgemt::model::{Classifier, HeadSelection};
-use edgemt::replay::{replay, Progress, ReplayOptions};
+use edgemt::replay::{replay, LabelBudget, Progress, ReplayOptions};
 use edgemt::session::PredictionMessage;
 
 #[derive(Parser)]
@@ -124,6 +124,26 @@ struct ReplayArgs {
     /// with --eval the final holdout accuracies.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Simulate label requests: ignore the recording's labels, let the device ask for at
+    /// most FRACTION of the samples seen so far, and answer each request from that sample's
+    /// `truth`.
+    #[arg(long, value_name = "FRACTION", value_parser = parse_fraction)]
+    label_budget: Option<f64>,
+    /// Samples between a request and its simulated answer (with --label-budget).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        requires = "label_budget"
+    )]
+    label_delay: usize,
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction between 0 and 1")),
+    }
 }
 
 fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
@@ -142,6 +162,10 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
         &ReplayOptions {
             seed: args.seed,
             checkpoint: args.checkpoint,
+            label_budget: args.label_budget.map(|fraction| LabelBudget {
+                fraction,
+                delay: args.label_delay,
+            }),
         },
         |progress| match progress {
             Progress::Read { bytes } => {
@@ -451,6 +475,17 @@ fn print_summary(r: &edgemt::replay::Report) {
         g.p,
         g.switches.len()
     );
+    if let Some(q) = &r.requests {
+        println!(
+            "label requests: {} made ({} at disagreements, {} uncertain), {} answered after {} samples, {} of them discordant",
+            q.counts.made,
+            q.counts.disagreement,
+            q.counts.uncertain,
+            q.counts.answered,
+            q.delay,
+            q.counts.discordant
+        );
+    }
     let p = &r.pseudo_labels;
     println!(
         "pseudo-labels: {} offered, {} accepted ({:.1}%), {} of those correct",

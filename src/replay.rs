@@ -20,6 +20,7 @@ use serde::Serialize;
 use crate::calibration::SignedPerm;
 use crate::checkpoint::{CheckpointError, CheckpointStore, Identity};
 use crate::config::Config;
+use crate::learn::requests::{RequestConfig, RequestCounts};
 use crate::learn::Serving;
 use crate::metrics::peak_rss_bytes;
 use crate::model::{Classifier, ModelError};
@@ -90,6 +91,9 @@ pub struct Report {
     pub peak_rss_bytes: u64,
     pub seed: u64,
     pub timeline: Vec<TimelinePoint>,
+    /// Label requests and their simulated answers (`--label-budget`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<RequestReport>,
 }
 
 /// Accuracy of each model's answers on the samples with a `truth`, each made before the
@@ -236,6 +240,47 @@ pub struct ReplayOptions {
     pub seed: Option<u64>,
     /// Resume from and save checkpoints in this directory.
     pub checkpoint: Option<std::path::PathBuf>,
+    /// Simulate label requests instead of the recording's labels.
+    pub label_budget: Option<LabelBudget>,
+}
+
+/// `--label-budget`: the recording's labels (its `label` fields and feedback lines) are
+/// ignored; the session asks for labels under `[requests]` with this `fraction`, and a
+/// simulated user answers each request from that sample's `truth`, `delay` samples later.
+/// Only samples with a `truth` are asked about, and a request never expires (the simulated
+/// user always answers).
+#[derive(Debug, Clone, Copy)]
+pub struct LabelBudget {
+    pub fraction: f64,
+    pub delay: usize,
+}
+
+impl LabelBudget {
+    /// The `[requests]` a simulated user can keep up with: open as long as it takes to
+    /// answer, room for every request `delay` samples can raise, no hourly limit.
+    fn requests(&self, cfg: &RequestConfig) -> RequestConfig {
+        RequestConfig {
+            enabled: true,
+            fraction: self.fraction,
+            per_hour: 0,
+            max_open: cfg
+                .max_open
+                .max((self.fraction * self.delay as f64).ceil() as usize + 1),
+            open_s: f64::INFINITY,
+            burst: cfg.burst,
+        }
+    }
+}
+
+/// What the label requests came to (`--label-budget`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestReport {
+    pub fraction: f64,
+    pub delay: usize,
+    #[serde(flatten)]
+    pub counts: RequestCounts,
+    /// Still unanswered at the end (asked less than `delay` samples before it).
+    pub open: usize,
 }
 
 /// What a replay tells its caller as it goes.
@@ -302,7 +347,21 @@ pub fn replay(
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
         .with_max_abs(cfg.input.max_abs);
     let seed = opts.seed.unwrap_or(cfg.replay.seed);
+    // Nobody answers a replay's requests unless a user is simulated.
+    let mut cfg = cfg.clone();
+    cfg.requests = match &opts.label_budget {
+        Some(budget) => budget.requests(&cfg.requests),
+        None => RequestConfig {
+            enabled: false,
+            ..cfg.requests
+        },
+    };
+    let cfg = &cfg;
     let mut session = Session::new(classifier, cfg, seed)?;
+    // The simulated user's answers still to give: when, for which id, which class.
+    let mut answers_due: std::collections::VecDeque<(usize, String, usize)> = Default::default();
+    let mut lines = Vec::with_capacity(2);
+    let mut request_id = String::new();
     let mut store = match &opts.checkpoint {
         Some(dir) => Some(CheckpointStore::open(
             dir,
@@ -356,80 +415,118 @@ pub fn replay(
         let mounting = session.mounting_r();
         predictor.embed(&chunk.inputs, chunk.samples, session.mounting())?;
         let mut row = 0;
-        for line in chunk.lines.drain(..) {
-            let taken = match &line {
-                Line::Sample(s) => {
-                    let r = row;
-                    row += 1;
-                    samples += 1;
-                    predictor.answer(r..r + 1, &session.models(), &mut answers);
-                    match answers[0] {
-                        None => {
-                            unembeddable += 1;
-                            Taken::default()
-                        }
-                        Some(answer) => {
-                            on_progress(Progress::Prediction {
-                                sample: samples - 1,
-                                id: s.id.as_deref(),
-                                answer,
-                                teacher_version: session.teacher_version(),
-                            });
-                            if let Some(truth) = s.truth {
-                                scored.update(&answer, truth);
-                                window.scored.update(&answer, truth);
+        for next in chunk.lines.drain(..) {
+            // The simulated user's answers that are due go first, as feedback lines.
+            while answers_due.front().is_some_and(|a| a.0 <= samples) {
+                let (_, id, label) = answers_due.pop_front().expect("checked");
+                lines.push(Line::Feedback { id, label });
+            }
+            match next {
+                Line::Feedback { .. } if opts.label_budget.is_some() => {}
+                line => lines.push(line),
+            }
+            for line in lines.drain(..) {
+                let taken = match &line {
+                    Line::Sample(s) => {
+                        let r = row;
+                        row += 1;
+                        samples += 1;
+                        predictor.answer(r..r + 1, &session.models(), &mut answers);
+                        match answers[0] {
+                            None => {
+                                unembeddable += 1;
+                                Taken::default()
                             }
-                            session.take(Item::Sample(Observation {
-                                id: s.id.as_deref(),
-                                x: &s.x,
-                                embedding: predictor.embeddings().row(r),
-                                mounting,
-                                label: s.label,
-                                truth: s.truth,
-                                predicted: answer.served.class,
-                            }))?
+                            Some(answer) => {
+                                on_progress(Progress::Prediction {
+                                    sample: samples - 1,
+                                    id: s.id.as_deref(),
+                                    answer,
+                                    teacher_version: session.teacher_version(),
+                                });
+                                if let Some(truth) = s.truth {
+                                    scored.update(&answer, truth);
+                                    window.scored.update(&answer, truth);
+                                }
+                                let (id, label) = match (&opts.label_budget, s.truth) {
+                                    // Only samples the simulated user can answer are asked
+                                    // about; they need an id to be answered by.
+                                    (Some(_), Some(_)) => {
+                                        request_id.clear();
+                                        match &s.id {
+                                            Some(id) => request_id.push_str(id),
+                                            None => {
+                                                use std::fmt::Write;
+                                                let _ = write!(request_id, "#{samples}");
+                                            }
+                                        }
+                                        (Some(request_id.as_str()), None)
+                                    }
+                                    (Some(_), None) => (None, None),
+                                    (None, _) => (s.id.as_deref(), s.label),
+                                };
+                                let taken = session.take(Item::Sample(Observation {
+                                    id,
+                                    x: &s.x,
+                                    embedding: predictor.embeddings().row(r),
+                                    mounting,
+                                    label,
+                                    truth: s.truth,
+                                    predicted: answer.served.class,
+                                }))?;
+                                if let (Some(budget), Some(request), Some(truth)) =
+                                    (&opts.label_budget, &taken.request, s.truth)
+                                {
+                                    answers_due.push_back((
+                                        samples + budget.delay,
+                                        request.id.clone(),
+                                        truth,
+                                    ));
+                                }
+                                taken
+                            }
                         }
                     }
+                    Line::Feedback { id, label } => {
+                        session.take(Item::Feedback { id, label: *label })?
+                    }
+                };
+                if let Some(step) = &taken.step {
+                    window.steps.add(step);
+                    steps.add(step);
+                    if step.rollback.is_some() {
+                        rollbacks_at.push(samples);
+                    }
                 }
-                Line::Feedback { id, label } => {
-                    session.take(Item::Feedback { id, label: *label })?
+                let mounted = session.mounting_r();
+                if adoptions
+                    .last()
+                    .map_or(SignedPerm::IDENTITY, |a: &(usize, SignedPerm)| a.1)
+                    != mounted
+                {
+                    adoptions.push((samples, mounted));
                 }
-            };
-            if let Some(step) = &taken.step {
-                window.steps.add(step);
-                steps.add(step);
-                if step.rollback.is_some() {
-                    rollbacks_at.push(samples);
+                let serving = session.serving();
+                let before = switches
+                    .last()
+                    .map_or(Serving::Pretrained, |s: &Switch| s.serving);
+                if serving != before {
+                    switches.push(Switch {
+                        sample: samples,
+                        serving,
+                    });
                 }
-            }
-            let mounted = session.mounting_r();
-            if adoptions
-                .last()
-                .map_or(SignedPerm::IDENTITY, |a: &(usize, SignedPerm)| a.1)
-                != mounted
-            {
-                adoptions.push((samples, mounted));
-            }
-            let serving = session.serving();
-            let before = switches
-                .last()
-                .map_or(Serving::Pretrained, |s: &Switch| s.serving);
-            if serving != before {
-                switches.push(Switch {
-                    sample: samples,
-                    serving,
-                });
-            }
-            // A timeline point closes after the step its last sample triggered.
-            let closed = timeline.last().map_or(0, |p: &TimelinePoint| p.sample);
-            if samples % cfg.replay.timeline_every == 0 && samples > closed {
-                timeline.push(window.point(samples));
-                window = Window::default();
-            }
-            if let Some(store) = store.as_mut() {
-                if let Some(state) = session.take_checkpoint(Instant::now()) {
-                    store.save(&state)?;
-                    checkpoints_written += 1;
+                // A timeline point closes after the step its last sample triggered.
+                let closed = timeline.last().map_or(0, |p: &TimelinePoint| p.sample);
+                if samples % cfg.replay.timeline_every == 0 && samples > closed {
+                    timeline.push(window.point(samples));
+                    window = Window::default();
+                }
+                if let Some(store) = store.as_mut() {
+                    if let Some(state) = session.take_checkpoint(Instant::now()) {
+                        store.save(&state)?;
+                        checkpoints_written += 1;
+                    }
                 }
             }
         }
@@ -517,6 +614,12 @@ pub fn replay(
         peak_rss_bytes: peak_rss_bytes(),
         seed,
         timeline,
+        requests: opts.label_budget.map(|b| RequestReport {
+            fraction: b.fraction,
+            delay: b.delay,
+            counts: session.requests().map(|r| r.counts()).unwrap_or_default(),
+            open: session.requests().map_or(0, |r| r.open().count()),
+        }),
     };
     Ok(Outcome { report, session })
 }

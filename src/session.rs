@@ -19,6 +19,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 use crate::calibration::{CalibrationEvent, Calibrator, Mounting, SignedPerm};
 use crate::checkpoint::{CheckpointStore, MountingRecord, Restored, Saved};
 use crate::config::{duration_s, Config};
+use crate::learn::requests::{Candidate, Request, Requests};
 use crate::learn::{Embed, EmbedError, LearnError, Learner, Serving, StepReport};
 use crate::model::{Backbone, Classifier, ModelError};
 use crate::nn::{argmax, Mlp, Workspace};
@@ -409,6 +410,8 @@ pub struct Taken {
     pub feedback: Option<Feedback>,
     /// The student step the item made due, if one ran.
     pub step: Option<StepReport>,
+    /// For a sample: the label request it raised, if the device asks about it.
+    pub request: Option<Request>,
 }
 
 /// See the module docs.
@@ -427,6 +430,10 @@ pub struct Session {
     policy: CheckpointPolicy,
     paused: bool,
     stats: SessionStats,
+    /// Label requests, when the device asks (`[requests] enabled`).
+    requests: Option<Requests>,
+    /// The requests' clock.
+    started: Instant,
 }
 
 impl Session {
@@ -472,6 +479,11 @@ impl Session {
             ),
             paused: false,
             stats: SessionStats::default(),
+            requests: cfg
+                .requests
+                .enabled
+                .then(|| Requests::new(cfg.requests.clone())),
+            started: Instant::now(),
         })
     }
 
@@ -540,32 +552,30 @@ impl Session {
     /// The loop body of every driver: files `item` (a sample, or a label for an earlier one),
     /// then takes a student step if one is due.
     pub fn take(&mut self, item: Item) -> Result<Taken, SessionError> {
-        let feedback = match item {
-            Item::Sample(o) => {
-                self.observe(o)?;
-                None
-            }
-            Item::Feedback { id, label } => Some(self.feedback(id, label)?),
+        let (feedback, request) = match item {
+            Item::Sample(o) => (None, self.observe(o)?),
+            Item::Feedback { id, label } => (Some(self.feedback(id, label)?), None),
         };
         Ok(Taken {
             feedback,
             step: self.maybe_step()?,
+            request,
         })
     }
 
     /// Files a sample: shown to calibration, remembered by id for later feedback, and given
     /// to the learner. A sample whose embedding is not usable is refused (and counted) so it
     /// cannot poison the buffers; one embedded under a mounting calibration has since
-    /// replaced is not learned from. Returns whether the learner took it.
-    fn observe(&mut self, o: Observation) -> Result<bool, SessionError> {
+    /// replaced is not learned from. Returns the label request it raised, if any.
+    fn observe(&mut self, o: Observation) -> Result<Option<Request>, SessionError> {
         if !embedding_ok(o.embedding) {
             self.stats.rejected_embeddings += 1;
-            return Ok(false);
+            return Ok(None);
         }
         self.calibrate(o.x, o.label, true)?;
         if o.mounting != self.mounting_r() {
             self.stats.stale_mounting += 1;
-            return Ok(false);
+            return Ok(None);
         }
         if let Some(id) = o.id {
             self.recent.insert(id, &o);
@@ -575,12 +585,51 @@ impl Session {
         }
         let x = mount_batch(self.mounting.as_ref(), o.x, &mut self.mounted);
         self.learner.observe(x, o.embedding, o.label, o.truth);
-        Ok(true)
+        Ok(self.consider_request(&o))
+    }
+
+    /// Asks for a label on an unlabeled sample with an id when the requests' policy says so.
+    /// The choice reads the models' outputs only (see `learn::requests`).
+    fn consider_request(&mut self, o: &Observation) -> Option<Request> {
+        let requests = self.requests.as_mut()?;
+        requests.seen();
+        let id = o.id.filter(|_| o.label.is_none())?;
+        let (adapted, pretrained) = self.learner.opinions(o.embedding);
+        let served = match self.learner.serving() {
+            Serving::Adapted => adapted,
+            Serving::Pretrained => pretrained,
+        };
+        let now = self.started.elapsed().as_secs_f64();
+        requests
+            .consider(
+                now,
+                Candidate {
+                    id,
+                    served,
+                    adapted,
+                    pretrained,
+                },
+            )
+            .cloned()
+    }
+
+    /// The label requests, when the device asks.
+    pub fn requests(&self) -> Option<&Requests> {
+        self.requests.as_ref()
+    }
+
+    /// Closes the label requests that stayed open too long; returns how many.
+    pub fn expire_requests(&mut self) -> usize {
+        let now = self.started.elapsed().as_secs_f64();
+        self.requests.as_mut().map_or(0, |r| r.expire(now))
     }
 
     /// A label for an earlier sample, by id: scored against the prediction made for it, then
     /// (a clean test for calibration as well) learned from.
     fn feedback(&mut self, id: &str, label: usize) -> Result<Feedback, SessionError> {
+        if let Some(requests) = self.requests.as_mut() {
+            requests.answer(id, label);
+        }
         let Some(slot) = self.recent.take(id) else {
             self.stats.late_labels += 1;
             return Ok(Feedback::Late);
@@ -690,6 +739,11 @@ impl Session {
 
     pub fn set_paused(&mut self, paused: bool) {
         self.paused = paused;
+    }
+
+    /// Whether enough new samples arrived for a student step (paused or not).
+    pub fn step_due(&self) -> bool {
+        self.learner.due()
     }
 
     /// One student step if enough new samples arrived (and training is not paused).

@@ -59,7 +59,7 @@ fn run(cfg: &Config, stream: &Path, holdout: &Path, seed: u64) -> edgemt::replay
         Some(holdout),
         &ReplayOptions {
             seed: Some(seed),
-            checkpoint: None,
+            ..Default::default()
         },
         |_| {},
     )

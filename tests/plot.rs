@@ -387,6 +387,7 @@ fn synthetic_report(switches: &[(usize, Serving)], rollbacks_at: Vec<usize>) -> 
         peak_rss_bytes: 0,
         seed: 0,
         timeline,
+        requests: None,
     }
 }
 

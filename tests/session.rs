@@ -149,7 +149,7 @@ fn replay_and_the_daemons_session_end_with_bit_identical_teacher_weights() {
         None,
         &ReplayOptions {
             seed: Some(seed),
-            checkpoint: None,
+            ..Default::default()
         },
         |_| {},
     )

@@ -112,6 +112,12 @@ impl Shared {
         }
     }
 
+    /// Whether messages are waiting to be parsed or samples to be answered (training yields
+    /// to them).
+    pub fn inference_backlog(&self) -> bool {
+        self.queues.input.depth().items > 0 || self.queues.raw.depth().items > 0
+    }
+
     pub fn teacher(&self) -> Arc<TeacherSnapshot> {
         self.teacher
             .read()

@@ -47,6 +47,9 @@ pub struct Counters {
     pub commands_refused_total: AtomicU64,
     /// Checkpoints that could not be written (a non-finite state, a full disk).
     pub checkpoint_failures_total: AtomicU64,
+    /// Items after which a due student step waited because samples were queued for
+    /// inference (learning yields the CPU to answers).
+    pub steps_deferred_total: AtomicU64,
     pub labels_total: AtomicU64,
     pub feedback_total: AtomicU64,
     pub feedback_correct: AtomicU64,
@@ -649,6 +652,12 @@ pub static METRICS: &[Metric] = &[
         |s| count(&s.counters.train_dropped_total),
     )
     .prometheus("train_dropped"),
+    Metric::counter(
+        "steps_deferred_total",
+        "Due student steps that waited because samples were queued for inference",
+        |s| count(&s.counters.steps_deferred_total),
+    )
+    .prometheus("steps_deferred"),
     Metric::counter(
         "labeled_dropped_total",
         "Labeled samples and labels dropped from either queue",

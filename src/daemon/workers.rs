@@ -375,10 +375,19 @@ impl TrainerWorker {
     /// order, the served model handed to inference when it changed, checkpoints queued for
     /// the writer when due. `items` is left empty.
     pub fn take_batch(&mut self, items: &mut Vec<TrainItem>) {
-        self.session
-            .set_paused(self.shared.paused.load(Relaxed) || self.shared.stopping.load(Relaxed));
+        let halted = self.shared.paused.load(Relaxed) || self.shared.stopping.load(Relaxed);
         for item in items.drain(..) {
+            // Answers come first: while samples wait for inference, a due step waits too
+            // (the item is still filed), so learning only takes CPU that inference leaves.
+            let yielding = !halted && self.shared.inference_backlog();
+            self.session.set_paused(halted || yielding);
             let result = self.session.take(item.as_item());
+            if yielding && self.session.step_due() {
+                self.shared
+                    .counters
+                    .steps_deferred_total
+                    .fetch_add(1, Relaxed);
+            }
             self.after_take(result);
             if (self.session.serving(), self.session.mounting_r()) != self.published {
                 self.publish_teacher();

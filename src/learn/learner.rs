@@ -18,6 +18,7 @@ use super::optim::{
     ema_update, rampup, warmed_up_decay, Optimizer, OptimizerKind, OptimizerSettings,
 };
 use super::pseudo::{Balance, PseudoLabeler};
+use super::requests::Opinion;
 use super::rng::Rng;
 use crate::nn::{argmax, Mlp, Params, Workspace};
 use crate::stream::Layout;
@@ -386,6 +387,20 @@ impl Learner {
                 self.gate.p_value()
             );
         }
+    }
+
+    /// The adapted teacher's and the pretrained model's class and confidence on one
+    /// embedding (what a label request is chosen from).
+    pub fn opinions(&mut self, embedding: ArrayView1<f32>) -> (Opinion, Opinion) {
+        let row = embedding.insert_axis(ndarray::Axis(0));
+        let opinion = |m: &Mlp, ws: &mut Workspace, out: &mut Array2<f32>| {
+            m.probs_into(row, ws, out);
+            let (class, confidence) = argmax(out.row(0));
+            Opinion { class, confidence }
+        };
+        let teacher = opinion(&self.teacher, &mut self.ws, &mut self.test_logits);
+        let pretrained = opinion(&self.pretrained, &mut self.ws, &mut self.test_logits);
+        (teacher, pretrained)
     }
 
     /// True when enough new samples arrived for the next step and there is data to learn from.

@@ -11,6 +11,7 @@ pub mod learner;
 pub mod loss;
 pub mod optim;
 pub mod pseudo;
+pub mod requests;
 pub mod rng;
 
 pub use augment::AugmentConfig;
@@ -20,3 +21,4 @@ pub use learner::{
     Counters, Embed, EmbedError, LearnConfig, LearnError, Learner, LearnerState, StepReport,
 };
 pub use loss::{ConsistencyMode, LossParts};
+pub use requests::{RequestConfig, Requests};
