@@ -289,8 +289,7 @@ fn a_flood_of_labeled_samples_drops_the_oldest_labeled_counts_it_and_accounts_fo
             + num(v, "unembeddable_total")
     };
     let m = metrics_when(&peer, &metrics, Duration::from_secs(60), |v| {
-        num(v, "samples_total") + unread(v) == n as f64
-            && identity(v) == num(v, "samples_total")
+        num(v, "samples_total") + unread(v) == n as f64 && identity(v) == num(v, "samples_total")
     });
     assert!(
         num(&m, "labeled_dropped_total") > 0.0,
