@@ -122,7 +122,8 @@ pub struct Eval {
 pub struct GateReport {
     pub serving: Serving,
     /// Discordant labels in the gate's window: the teacher alone right / the pretrained
-    /// model alone right, and the sign test's p-value on them.
+    /// model alone right; and the gate's anytime-valid p-value (1 over its wealth, from all the
+    /// evidence since it last began, not only the window).
     pub wins: u64,
     pub losses: u64,
     pub p: f64,
