@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::util::{self, edgemt, run_ok};
 
-fn replay(stream: &str, holdout: &str, extra_args: &[&str]) -> Value {
+pub(crate) fn replay(stream: &str, holdout: &str, extra_args: &[&str]) -> Value {
     let dir = util::tempdir();
     let report = dir.path().join("r.json");
     run_ok(

@@ -25,6 +25,7 @@ mod plot;
 mod queues;
 mod recordings;
 mod replay_cli;
+mod requests;
 mod rollback;
 mod security;
 mod session;

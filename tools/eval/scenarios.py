@@ -62,10 +62,10 @@ EPS = 1e-9
 MODES = ("random", "requests")
 DRIFT_KINDS = ("drift",)
 CONTROL_KINDS = ("control", "natural")
-# Keys of the report's `requests` object, first match wins (the flag is new; be lenient).
-REQUEST_KEYS = {"asked": ("count", "requested", "asked", "requests"),
+# Columns from the report's `requests` object (src/replay.rs `RequestReport`).
+REQUEST_KEYS = {"asked": ("made",),
                 "answered": ("answered",),
-                "discordant": ("discordant", "discordant_answers", "discordant_answered")}
+                "discordant": ("discordant",)}
 
 
 def parse_seeds(spec):
