@@ -618,9 +618,14 @@ impl Session {
         self.requests.as_ref()
     }
 
+    /// Now on the requests' clock (seconds since the session began).
+    pub fn requests_clock_s(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
     /// Closes the label requests that stayed open too long; returns how many.
     pub fn expire_requests(&mut self) -> usize {
-        let now = self.started.elapsed().as_secs_f64();
+        let now = self.requests_clock_s();
         self.requests.as_mut().map_or(0, |r| r.expire(now))
     }
 

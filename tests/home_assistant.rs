@@ -209,7 +209,7 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
         m.iter()
             .filter(|(t, _)| t.starts_with("homeassistant/"))
             .count()
-            >= 27
+            >= 31
             && last_metrics(m, &metrics).is_some()
     });
     let configs: HashMap<String, Value> = got
@@ -237,7 +237,7 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
     assert!(sensors.len() >= 17, "{} sensors", sensors.len());
     let class_sensor = sensors
         .iter()
-        .find(|c| c["device_class"] == "enum")
+        .find(|c| c["device_class"] == "enum" && c["state_topic"] == format!("{prefix}/state"))
         .expect("a sensor for the current predicted class");
     let class_names: Vec<String> = class_sensor["options"]
         .as_array()
@@ -295,8 +295,25 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
     });
     assert_eq!(num(&last_metrics(&got, &metrics).unwrap(), "paused"), 1.0);
 
+    // The label request's sensor says "none" or the served model's guess; its select
+    // answers it with a class name.
+    let request = sensors
+        .iter()
+        .find(|c| c["state_topic"] == format!("{prefix}/label_request"))
+        .expect("a sensor for the open label request");
+    assert_eq!(request["options"].as_array().unwrap().len(), 7, "{request}");
+    let selects = by_component("select");
+    let answer = selects
+        .iter()
+        .find(|c| c["command_topic"] == format!("{prefix}/label_request/answer"))
+        .expect("a select that answers the label request");
+    assert_eq!(answer["options"].as_array().unwrap().len(), 6);
+
     // Picking a class in the select labels the samples of the last seconds by name.
-    let select = &by_component("select")[0];
+    let select = selects
+        .iter()
+        .find(|c| c["command_topic"] == format!("{prefix}/labels"))
+        .expect("a select that labels the current activity");
     assert_eq!(select["options"].as_array().unwrap().len(), 6);
     ha.publish(select["command_topic"].as_str().unwrap(), "SITTING");
     let got = ha.collect_until(Duration::from_secs(10), |m| {

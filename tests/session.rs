@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
 use edgemt::daemon::items::Incoming;
-use edgemt::daemon::publish::PredictionSink;
+use edgemt::daemon::publish::{PredictionSink, RequestSink, Sinks};
 use edgemt::daemon::queue::BoundedQueue;
 use edgemt::daemon::state::{Queues, Shared};
 use edgemt::daemon::workers::Workers;
@@ -62,6 +62,15 @@ impl PredictionSink for Published {
     }
 }
 
+/// Nobody answers label requests here: they are dropped.
+struct Unasked;
+
+impl RequestSink for Unasked {
+    fn label_request(&mut self, _: Vec<u8>) -> bool {
+        true
+    }
+}
+
 /// The recording through the daemon's own two stages (not threads: batch by batch, so the
 /// run is deterministic): the inference stage answers each batch of `[input] max_batch`
 /// lines and hands its items to the training queue, the training stage takes them in
@@ -95,7 +104,10 @@ fn through_the_daemons_stages(
         &c,
         shared,
         (input, train.clone()),
-        Box::new(published),
+        Sinks {
+            predictions: Box::new(published),
+            requests: Box::new(Unasked),
+        },
         None,
     )
     .unwrap();

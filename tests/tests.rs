@@ -17,6 +17,7 @@ mod harness;
 mod home_assistant;
 mod hostile;
 mod input_values;
+mod label_requests;
 mod layering;
 mod learning;
 mod model_loading;

@@ -147,6 +147,24 @@ impl Announce<'_> {
         c["options"] = json!(self.class_names);
         c["optimistic"] = json!(true);
         out.push((self.topic("select", "label"), c));
+
+        // The label request: what the device asks about (the served model's guess, or
+        // "none"), with the request's details as attributes, and a select that answers it.
+        let mut c = self.base("label_request", "Label request");
+        c["state_topic"] = json!(self.topics.label_request);
+        c["value_template"] = json!("{{ value_json.served if value_json.open else 'none' }}");
+        c["json_attributes_topic"] = json!(self.topics.label_request);
+        c["device_class"] = json!("enum");
+        let mut options = self.class_names.to_vec();
+        options.push("none".into());
+        c["options"] = json!(options);
+        c["icon"] = json!("mdi:tag-question");
+        out.push((self.topic("sensor", "label_request"), c));
+        let mut c = self.base("label_answer", "Answer label request");
+        c["command_topic"] = json!(self.topics.answer);
+        c["options"] = json!(self.class_names);
+        c["optimistic"] = json!(true);
+        out.push((self.topic("select", "label_answer"), c));
         out
     }
 }

@@ -37,6 +37,10 @@ pub struct Topics {
     pub status: String,
     /// The current activity, retained and rate-limited (`[metrics] state_interval_s`).
     pub state: String,
+    /// The open label request, retained (or `{"open": false}`).
+    pub label_request: String,
+    /// Answers to the open label request: a class name.
+    pub answer: String,
 }
 
 impl Topics {
@@ -51,11 +55,19 @@ impl Topics {
             metrics: t("metrics"),
             status: t("status"),
             state: t("state"),
+            label_request: t("label_request"),
+            answer: t("label_request/answer"),
         }
     }
 
-    pub fn inputs(&self) -> [&str; 4] {
-        [&self.samples, &self.rows, &self.labels, &self.cmd]
+    pub fn inputs(&self) -> [&str; 5] {
+        [
+            &self.samples,
+            &self.rows,
+            &self.labels,
+            &self.answer,
+            &self.cmd,
+        ]
     }
 }
 
@@ -65,6 +77,8 @@ pub enum Input {
     Samples,
     Rows,
     Labels,
+    /// An answer to the open label request.
+    Answer,
 }
 
 /// A message as received, waiting to be parsed.
@@ -81,7 +95,8 @@ pub struct Raw {
 impl Raw {
     pub fn new(input: Input, payload: &[u8]) -> Self {
         // A byte search, since parsing is what the raw queue exists to defer.
-        let labeled = input == Input::Labels || memchr::memmem::find(payload, LABEL_KEY).is_some();
+        let labeled = matches!(input, Input::Labels | Input::Answer)
+            || memchr::memmem::find(payload, LABEL_KEY).is_some();
         Raw {
             input,
             payload: payload.to_vec(),
@@ -148,6 +163,8 @@ impl Router {
             Some(Input::Rows)
         } else if topic == self.topics.labels {
             Some(Input::Labels)
+        } else if topic == self.topics.answer {
+            Some(Input::Answer)
         } else if topic == self.topics.cmd {
             None
         } else {
@@ -325,6 +342,7 @@ impl Ingest {
             Input::Samples => self.sample(payload),
             Input::Rows => self.rows(payload),
             Input::Labels => self.feedback(payload),
+            Input::Answer => self.answer(payload),
         };
         if let Err(e) = result {
             self.shared.counters.rejected_total.fetch_add(1, Relaxed);
@@ -332,6 +350,7 @@ impl Ingest {
                 Input::Samples => &self.topics.samples,
                 Input::Rows => &self.topics.rows,
                 Input::Labels => &self.topics.labels,
+                Input::Answer => &self.topics.answer,
             };
             self.shared
                 .log_rejection(format_args!("rejected a message on {topic}: {e}"));
@@ -436,6 +455,68 @@ impl Ingest {
         let dropped = self.queue.push(Incoming::Feedback { id, label });
         self.count_drop(dropped);
         Ok(())
+    }
+
+    /// An answer to the open label request: the class name (as a Home Assistant select or
+    /// an actionable notification sends it), or `{"label": name or index}`, optionally with
+    /// the request's `"id"` (then it must be the open one, so a late answer to an expired
+    /// request cannot land on a newer sample).
+    fn answer(&mut self, payload: &[u8]) -> Result<(), Rejection> {
+        let text = std::str::from_utf8(payload).map_err(|_| Rejection::NotText)?;
+        let (label, id) = match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(obj)) => {
+                let label = obj.get("label").ok_or_else(|| {
+                    Rejection::Other("an answer needs \"label\": a class name or index".into())
+                })?;
+                let label = match label {
+                    serde_json::Value::String(name) => self.class_index(name),
+                    v => v
+                        .as_u64()
+                        .map(|k| k as usize)
+                        .filter(|&k| k < self.class_names.len()),
+                };
+                let id = match obj.get("id") {
+                    None => None,
+                    Some(serde_json::Value::String(id)) => Some(id.as_str()),
+                    Some(v) => {
+                        return Err(Rejection::Other(format!(
+                            "\"id\" is {v}, expected the request's id as a string"
+                        )))
+                    }
+                };
+                (label, id.map(str::to_owned))
+            }
+            _ => (self.class_index(text.trim().trim_matches('"')), None),
+        };
+        let label = label.ok_or_else(|| {
+            Rejection::Other(format!(
+                "the answer {:?} names no class; expected one of {:?}",
+                text.chars().take(40).collect::<String>(),
+                self.class_names
+            ))
+        })?;
+        let id = match (self.shared.open_request(), id) {
+            (Some(open), None) => open,
+            (Some(open), Some(id)) if open == id => open,
+            (None, _) => return Err(self.refuse_answer("no label request is open".into())),
+            (Some(open), Some(id)) => {
+                return Err(self.refuse_answer(format!(
+                    "the answer is for request {id:?}, but the open one is {open:?}"
+                )))
+            }
+        };
+        let dropped = self.queue.push(Incoming::Feedback { id, label });
+        self.count_drop(dropped);
+        Ok(())
+    }
+
+    /// An answer that has no open request to go to: counted apart from malformed ones.
+    fn refuse_answer(&self, why: String) -> Rejection {
+        self.shared
+            .counters
+            .answers_refused_total
+            .fetch_add(1, Relaxed);
+        Rejection::Other(why)
     }
 
     fn class_index(&self, name: &str) -> Option<usize> {

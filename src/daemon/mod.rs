@@ -159,6 +159,13 @@ impl Daemon {
             .prometheus
             .is_some()
             .then(|| Arc::new(prometheus::Exposition::new(shared.clone())));
+        let sink = publish::MqttSink {
+            client: client.clone(),
+            predictions_topic: names.topics.predictions.clone(),
+            state_topic: names.topics.state.clone(),
+            label_request_topic: names.topics.label_request.clone(),
+            qos: mqtt::qos(wing.mqtt.qos),
+        };
         let Workers {
             mut inference,
             trainer,
@@ -168,12 +175,10 @@ impl Daemon {
             classifier,
             shared.clone(),
             (queues.input.clone(), queues.train.clone()),
-            Box::new(publish::MqttSink {
-                client: client.clone(),
-                predictions_topic: names.topics.predictions.clone(),
-                state_topic: names.topics.state.clone(),
-                qos: mqtt::qos(wing.mqtt.qos),
-            }),
+            publish::Sinks {
+                predictions: Box::new(sink.clone()),
+                requests: Box::new(sink),
+            },
             checkpoints,
         )
         .map_err(|e| setup(&e))?;

@@ -1,5 +1,6 @@
-//! Where the inference stage's output goes: a small sink trait, so the stage formats and
-//! counts predictions without holding a transport, and the MQTT adapter that implements it.
+//! Where the worker stages' output goes: small sink traits, so the stages format and count
+//! what they publish without holding a transport (inference: predictions and the current
+//! activity; training: the open label request), and the MQTT adapter that implements both.
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::AsyncClient;
@@ -13,12 +14,26 @@ pub trait PredictionSink: Send {
     fn state(&mut self, payload: Vec<u8>) -> bool;
 }
 
+/// Takes what the training stage publishes.
+pub trait RequestSink: Send {
+    /// The open label request, or that none is open, retained (`{prefix}/label_request`).
+    fn label_request(&mut self, payload: Vec<u8>) -> bool;
+}
+
+/// Where each worker stage publishes.
+pub struct Sinks {
+    pub predictions: Box<dyn PredictionSink>,
+    pub requests: Box<dyn RequestSink>,
+}
+
 /// Publishes through the MQTT client's request queue (`try_publish`: a full queue is a drop,
 /// never a wait).
+#[derive(Clone)]
 pub struct MqttSink {
     pub client: AsyncClient,
     pub predictions_topic: String,
     pub state_topic: String,
+    pub label_request_topic: String,
     pub qos: QoS,
 }
 
@@ -32,6 +47,14 @@ impl PredictionSink for MqttSink {
     fn state(&mut self, payload: Vec<u8>) -> bool {
         self.client
             .try_publish(&self.state_topic, QoS::AtLeastOnce, true, payload)
+            .is_ok()
+    }
+}
+
+impl RequestSink for MqttSink {
+    fn label_request(&mut self, payload: Vec<u8>) -> bool {
+        self.client
+            .try_publish(&self.label_request_topic, QoS::AtLeastOnce, true, payload)
             .is_ok()
     }
 }

@@ -78,6 +78,9 @@ pub struct Shared {
     last_report: Mutex<(Instant, u64)>,
     /// One limit for every "rejected a message" line, whichever stage rejects it.
     rejections: Mutex<RateLimitedLog>,
+    /// The id of the open label request, set by the trainer: where an answer without an id
+    /// goes.
+    open_request: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -108,8 +111,21 @@ impl Shared {
             trainer_beat: AtomicU64::new(0),
             queues,
             last_report: Mutex::new((now, 0)),
+            open_request: Mutex::new(None),
             rejections: Mutex::new(RateLimitedLog::new(5, std::time::Duration::from_secs(10))),
         }
+    }
+
+    /// The id of the open label request, if one is open.
+    pub fn open_request(&self) -> Option<String> {
+        self.open_request
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_open_request(&self, id: Option<String>) {
+        *self.open_request.lock().unwrap_or_else(|e| e.into_inner()) = id;
     }
 
     /// Whether messages are waiting to be parsed or samples to be answered (training yields

@@ -50,6 +50,8 @@ pub struct Counters {
     /// Items after which a due student step waited because samples were queued for
     /// inference (learning yields the CPU to answers).
     pub steps_deferred_total: AtomicU64,
+    /// Answers on the answer topic with no open request to go to (none open, or another id).
+    pub answers_refused_total: AtomicU64,
     pub labels_total: AtomicU64,
     pub feedback_total: AtomicU64,
     pub feedback_correct: AtomicU64,
@@ -93,6 +95,9 @@ pub struct TrainStats {
     pub gate_p: f64,
     pub gate_switches: u64,
     pub calibration_changes: u64,
+    /// What the label requests came to, and how many are open.
+    pub requests: crate::learn::requests::RequestCounts,
+    pub requests_open: usize,
     /// Share of the most recent labels (`[metrics] recent_labels`) the served model got right.
     pub feedback_accuracy_recent: Option<f64>,
 }
@@ -550,7 +555,7 @@ pub static METRICS: &[Metric] = &[
         |s| s.train.gate_losses.into(),
     )
     .prometheus("gate_losses"),
-    Metric::gauge("gate_p", "The serving gate's sign-test p-value", |s| {
+    Metric::gauge("gate_p", "The serving gate's anytime-valid p-value (1 / its wealth)", |s| {
         Some(s.train.gate_p).filter(|p| p.is_finite()).into()
     })
     .prometheus("gate_p")
@@ -561,6 +566,42 @@ pub static METRICS: &[Metric] = &[
         s.train.gate_switches.into()
     })
     .prometheus("gate_switches"),
+    Metric::counter("requests_total", "Label requests made", |s| {
+        s.train.requests.made.into()
+    })
+    .prometheus("label_requests")
+    .sensor("Label requests", Show::PLAIN)
+    .diagnostic(),
+    Metric::counter(
+        "requests_answered_total",
+        "Label requests answered in time",
+        |s| s.train.requests.answered.into(),
+    )
+    .prometheus("label_requests_answered")
+    .sensor("Label requests answered", Show::PLAIN)
+    .diagnostic(),
+    Metric::counter(
+        "requests_discordant_total",
+        "Answered label requests on which exactly one of the adapted and the pretrained model was right",
+        |s| s.train.requests.discordant.into(),
+    )
+    .prometheus("label_requests_discordant"),
+    Metric::counter(
+        "requests_expired_total",
+        "Label requests that expired unanswered",
+        |s| s.train.requests.expired.into(),
+    )
+    .prometheus("label_requests_expired"),
+    Metric::gauge("requests_open", "Label requests waiting for an answer", |s| {
+        s.train.requests_open.into()
+    })
+    .prometheus("label_requests_open"),
+    Metric::counter(
+        "answers_refused_total",
+        "Answers that found no open label request (none open, or another id)",
+        |s| count(&s.counters.answers_refused_total),
+    )
+    .prometheus("label_answers_refused"),
     Metric::gauge(
         "mounting_adopted",
         "1 while a calibrated mounting is applied",

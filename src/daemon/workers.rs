@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::config::DaemonConfig;
 use super::items::{Incoming, TrainItem};
-use super::publish::PredictionSink;
+use super::publish::{PredictionSink, RequestSink, Sinks};
 use super::queue::BoundedQueue;
 use super::state::{Shared, TeacherSnapshot};
 use crate::calibration::SignedPerm;
@@ -38,15 +38,15 @@ pub struct Workers {
 
 impl Workers {
     /// Workers for `classifier` with the core's and the daemon's knobs: inference reads
-    /// `input` and publishes through `sink`; training keeps its checkpoints in
-    /// `checkpoints`, if any.
+    /// `input` and publishes predictions through `sinks`; training publishes its label
+    /// requests there too and keeps its checkpoints in `checkpoints`, if any.
     pub fn new(
         cfg: &Config,
         wing: &DaemonConfig,
         classifier: &Classifier,
         shared: Arc<Shared>,
         queues: (Arc<BoundedQueue<Incoming>>, Arc<BoundedQueue<TrainItem>>),
-        sink: Box<dyn PredictionSink>,
+        sinks: Sinks,
         checkpoints: Option<CheckpointStore>,
     ) -> Result<Workers, SessionError> {
         let (input, train) = queues;
@@ -55,7 +55,7 @@ impl Workers {
             predictor: Predictor::new(classifier.backbone.clone()),
             input,
             train: train.clone(),
-            sink,
+            sink: sinks.predictions,
             class_names: classifier.class_names.clone(),
             max_batch: wing.input.max_batch,
             sample_len: classifier.sample_len(),
@@ -77,6 +77,9 @@ impl Workers {
             published: (Serving::Pretrained, SignedPerm::IDENTITY),
             recent_feedback: RecentAccuracy::new(wing.metrics.recent_labels),
             writer: None,
+            requests: sinks.requests,
+            published_request: None,
+            class_names: classifier.class_names.clone(),
         };
         Ok(Workers { inference, trainer })
     }
@@ -277,6 +280,12 @@ pub struct TrainerWorker {
     pub recent_feedback: RecentAccuracy,
     /// The checkpoint writer thread's queue, while it runs.
     pub writer: Option<std::sync::mpsc::SyncSender<Saved>>,
+    /// Where the open label request is announced.
+    pub requests: Box<dyn RequestSink>,
+    /// The open request's id last announced (`Some(None)`: that none is open; `None`:
+    /// nothing announced yet).
+    pub published_request: Option<Option<String>>,
+    pub class_names: Vec<String>,
 }
 
 /// What `export` needs to write the teacher back into the original graph.
@@ -305,6 +314,51 @@ impl TrainerWorker {
             self.session.restore(store);
         }
         self.publish_teacher();
+        // Replaces whatever request a previous run left retained.
+        self.sync_request();
+    }
+
+    /// Announces the open label request (retained) and tells ingest where an answer goes,
+    /// when it changed. A request the transport could not take is announced next turn.
+    fn sync_request(&mut self) {
+        let Some(requests) = self.session.requests() else {
+            return;
+        };
+        let open = requests.newest_open();
+        let id = open.map(|r| r.id.as_str());
+        if self.published_request.as_ref().map(Option::as_deref) == Some(id) {
+            return;
+        }
+        let name = |k: usize| self.class_names.get(k).map_or("?", String::as_str);
+        let payload = match open {
+            None => serde_json::json!({ "open": false }),
+            Some(r) => {
+                let age = (self.session.requests_clock_s() - r.asked_s).max(0.0);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64());
+                serde_json::json!({
+                    "open": true,
+                    "id": r.id,
+                    "reason": r.reason,
+                    "served": name(r.served.class),
+                    "confidence": r.served.confidence,
+                    "adapted": name(r.adapted.class),
+                    "pretrained": name(r.pretrained.class),
+                    "asked_at": (now - age).round(),
+                    "expires_in_s": (requests.config().open_s - age).max(0.0).round(),
+                    "options": self.class_names,
+                })
+            }
+        };
+        let id = id.map(str::to_owned);
+        self.shared.set_open_request(id.clone());
+        if self
+            .requests
+            .label_request(payload.to_string().into_bytes())
+        {
+            self.published_request = Some(id);
+        }
     }
 
     pub fn run(mut self) {
@@ -346,6 +400,8 @@ impl TrainerWorker {
                 }
             }
             self.take_batch(&mut items);
+            self.session.expire_requests();
+            self.sync_request();
             if let Some(tx) = &self.writer {
                 // A requested checkpoint is due even when no item arrived with it.
                 if let Some(state) = self.session.take_checkpoint(Instant::now()) {
@@ -408,6 +464,9 @@ impl TrainerWorker {
         };
         if let Some(Feedback::Matched { correct }) = taken.feedback {
             self.recent_feedback.update(correct);
+        }
+        if taken.request.is_some() || taken.feedback.is_some() {
+            self.sync_request();
         }
         if let Some(step) = taken.step {
             self.shared
@@ -477,6 +536,10 @@ impl TrainerWorker {
         t.gate_p = g.p_value();
         t.gate_switches = g.switches();
         t.calibration_changes = s.calibration_changes;
+        if let Some(r) = self.session.requests() {
+            t.requests = r.counts();
+            t.requests_open = r.open().count();
+        }
         t.feedback_accuracy_recent = self.recent_feedback.get();
     }
 }

@@ -1,0 +1,192 @@
+//! The daemon's label requests against a real mosquitto: it asks within its budget, one
+//! request at a time, announces it retained on `{prefix}/label_request`, takes the answer as
+//! a bare class name on `{prefix}/label_request/answer` or by id on the labels topic, refuses
+//! answers no request is open for, and lets an unanswered request expire.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::broker::{daemon_config, last_metrics, num, on, Broker, Daemon, MqttPeer};
+use crate::util::{sample_with_id, stream, tempdir};
+
+/// The label request messages among `msgs`, parsed.
+fn requests(msgs: &[(String, Vec<u8>)], topic: &str) -> Vec<Value> {
+    on(msgs, topic)
+        .map(|p| serde_json::from_str(&p).expect("a label request is JSON"))
+        .collect()
+}
+
+fn is_open(v: &Value) -> bool {
+    v["open"] == true
+}
+
+struct Device {
+    broker: Broker,
+    daemon: Daemon,
+    peer: MqttPeer,
+    prefix: &'static str,
+    _dir: tempfile::TempDir,
+}
+
+impl Device {
+    /// A daemon that may ask about one sample in ten, with nothing saved up for
+    /// disagreements (so it asks about uncertain samples too), requests open `open_s`.
+    fn start(prefix: &'static str, open_s: f64) -> Device {
+        let dir = tempdir();
+        let broker = Broker::start();
+        let cfg = daemon_config(
+            dir.path(),
+            &broker,
+            prefix,
+            &format!("[requests]\nfraction = 0.1\nburst = 1\nper_hour = 0\nopen_s = {open_s}\n"),
+        );
+        let peer = MqttPeer::connect(
+            broker.port,
+            "user",
+            &[
+                &format!("{prefix}/label_request"),
+                &format!("{prefix}/metrics"),
+            ],
+        );
+        let daemon = Daemon::start(&cfg, &[]);
+        Device {
+            broker,
+            daemon,
+            peer,
+            prefix,
+            _dir: dir,
+        }
+    }
+
+    fn topic(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    fn send_samples(&self, tag: &str, range: std::ops::Range<usize>) {
+        let samples = stream(range.end);
+        for i in range {
+            self.peer.publish(
+                &self.topic("samples"),
+                sample_with_id(&samples[i], &format!("{tag}{i}")),
+            );
+        }
+    }
+
+    /// Waits for the next label request message that `wanted` accepts.
+    fn request_where(&self, wanted: impl Fn(&Value) -> bool) -> Value {
+        let topic = self.topic("label_request");
+        let got = self.peer.collect_until(Duration::from_secs(30), |m| {
+            requests(m, &topic).iter().any(&wanted)
+        });
+        requests(&got, &topic)
+            .into_iter()
+            .find(|v| wanted(v))
+            .unwrap_or_else(|| panic!("no such label request; the daemon said:\n{}", self.log()))
+    }
+
+    /// Waits for a metrics message that `done` accepts.
+    fn metrics_where(&self, done: impl Fn(&Value) -> bool) -> Value {
+        let topic = self.topic("metrics");
+        let got = self.peer.collect_until(Duration::from_secs(30), |m| {
+            last_metrics(m, &topic).is_some_and(|v| done(&v))
+        });
+        last_metrics(&got, &topic)
+            .filter(|v| done(v))
+            .unwrap_or_else(|| panic!("metrics never got there; the daemon said:\n{}", self.log()))
+    }
+
+    fn log(&self) -> String {
+        self.daemon.log_text()
+    }
+}
+
+#[test]
+fn the_daemon_asks_within_its_budget_and_takes_answers_by_class_name_and_by_id() {
+    let mut d = Device::start("edgemt-test/requests", 600.0);
+    // A fresh start says that nothing is asked (replacing what a previous run left).
+    let first = d.request_where(|_| true);
+    assert!(!is_open(&first), "{first}");
+
+    d.send_samples("a", 0..200);
+    let r1 = d.request_where(is_open);
+    let id1 = r1["id"].as_str().unwrap().to_string();
+    assert!(id1.starts_with('a'), "asked about a sample sent: {r1}");
+    let options = r1["options"].as_array().unwrap();
+    assert_eq!(options.len(), 6);
+    assert!(options.contains(&r1["served"]), "{r1}");
+    assert!(["disagreement", "uncertain"].contains(&r1["reason"].as_str().unwrap()));
+    // One request open at a time: the other 199 samples raise none while it waits.
+    let m = d
+        .metrics_where(|v| num(v, "predictions_total") >= 200.0 && num(v, "requests_total") >= 1.0);
+    assert_eq!(num(&m, "requests_total"), 1.0, "{m}");
+    assert_eq!(num(&m, "requests_open"), 1.0, "{m}");
+
+    // The answer names a class, as Home Assistant's select sends it: the request closes
+    // and the sample is labelled.
+    d.peer.publish(&d.topic("label_request/answer"), "WALKING");
+    let closed = d.request_where(|v| !is_open(v));
+    assert!(!is_open(&closed));
+    let m = d.metrics_where(|v| {
+        num(v, "requests_answered_total") == 1.0 && num(v, "feedback_total") == 1.0
+    });
+    assert_eq!(num(&m, "requests_open"), 0.0, "{m}");
+
+    // With none open, an answer goes nowhere: refused and counted.
+    d.peer.publish(&d.topic("label_request/answer"), "SITTING");
+    d.metrics_where(|v| num(v, "answers_refused_total") == 1.0);
+
+    // A new request, answered by its id on the labels topic.
+    d.send_samples("b", 0..200);
+    let r2 =
+        d.request_where(|v| is_open(v) && v["id"].as_str().is_some_and(|id| id.starts_with('b')));
+    let id2 = r2["id"].as_str().unwrap();
+    d.peer.publish(
+        &d.topic("labels"),
+        serde_json::json!({ "id": id2, "label": 3 }).to_string(),
+    );
+    let m = d.metrics_where(|v| num(v, "requests_answered_total") == 2.0);
+    assert_eq!(num(&m, "feedback_total"), 2.0, "{m}");
+
+    // An answer naming another request than the open one is refused, and leaves it open.
+    d.send_samples("c", 0..100);
+    let r3 =
+        d.request_where(|v| is_open(v) && v["id"].as_str().is_some_and(|id| id.starts_with('c')));
+    d.peer.publish(
+        &d.topic("label_request/answer"),
+        serde_json::json!({ "label": "LAYING", "id": id1 }).to_string(),
+    );
+    let m = d.metrics_where(|v| num(v, "answers_refused_total") == 2.0);
+    assert_eq!(num(&m, "requests_open"), 1.0, "{m}: {r3}");
+    assert_eq!(num(&m, "requests_answered_total"), 2.0);
+    // Never more than the budget: a tenth of the samples seen.
+    assert!(
+        num(&m, "requests_total") <= 0.1 * num(&m, "samples_total"),
+        "{m}"
+    );
+    assert!(d.daemon.terminate().0.success());
+    drop(d.broker);
+}
+
+#[test]
+fn an_unanswered_request_expires_is_counted_and_its_late_answer_is_refused() {
+    let mut d = Device::start("edgemt-test/expiry", 1.0);
+    d.send_samples("a", 0..100);
+    let r = d.request_where(is_open);
+    let id = r["id"].as_str().unwrap().to_string();
+    let closed = d.request_where(|v| !is_open(v));
+    assert!(!is_open(&closed));
+    let m = d.metrics_where(|v| num(v, "requests_expired_total") >= 1.0);
+    assert_eq!(num(&m, "requests_answered_total"), 0.0);
+    d.peer.publish(
+        &d.topic("label_request/answer"),
+        serde_json::json!({ "label": "WALKING", "id": id }).to_string(),
+    );
+    let m = d.metrics_where(|v| num(v, "answers_refused_total") == 1.0);
+    assert_eq!(
+        num(&m, "feedback_total"),
+        0.0,
+        "the expired request's sample was not labelled"
+    );
+    assert!(d.daemon.terminate().0.success());
+}
