@@ -48,6 +48,13 @@ stream). drift-gain: per-axis gains; drift-bias: offsets on all six axes; drift-
 growing white noise; drift-mix: milder gain + offset + noise together. Severities were picked
 so the pretrained model loses 15-23 points on the end-state holdout (not down to chance).
 
+Aging, "a sensor that aged and stays so" (kind "drift", users 26-30): the same four
+corruptions, over a longer stream: AGING_PASSES passes over the natural stream's windows
+(the person repeats their day), the strength growing linearly over the first pass, s = i /
+(P - 1) on line i < P (P lines a pass), and 1 on every later line; holdout at s = 1 as above.
+aging-gain, aging-bias, aging-noise, aging-mix. The drift-* streams end the moment the
+sensor is fully aged, so the teacher's end-state gain has no stream left to show in; these
+ask whether it reaches the user once the aged sensor is what the device lives with.
 Digits, "a camera that ages": tools/model/make_digits_model.py's split of scikit-learn's
 bundled load_digits (its stream and holdout pools: images the CNN never saw, disjoint). The
 stream is DIGITS_STREAM lines drawn from the stream pool (every image about equally often),
@@ -89,6 +96,7 @@ PARTIAL_EVERY = 33
 DRIFT_SEED = 20240616
 DIGITS_SEED = 20240617
 DIGITS_STREAM = 4000
+AGING_PASSES = 3
 
 MODELS = {
     "hapt": dict(path="models/hapt_mlp.onnx", input_shape=[64, 6], layout="time-major [64, 6]",
@@ -255,6 +263,18 @@ def main():
                 s = ramp(len(idx)) if part == "stream" else np.ones(len(idx))
                 seed = DRIFT_SEED + 2 * sorted(DRIFTS).index(shift) + (part == "holdout")
                 x = hm.quantize(drift(WW["x"][idx], s, shift, seed))
+            elif shift and shift.startswith("aging-"):
+                kind = "drift-" + shift[len("aging-"):]
+                seed = DRIFT_SEED + 100 + 2 * sorted(DRIFTS).index(kind) + (part == "holdout")
+                if part == "stream":
+                    p = len(idx)
+                    idx = np.tile(idx, AGING_PASSES)
+                    s = np.minimum(np.arange(len(idx)) / max(p - 1, 1), 1.0)
+                    y = np.tile(y, AGING_PASSES)
+                    ts = np.arange(len(idx)) * (hm.HOP / hm.FS)
+                else:
+                    s = np.ones(len(idx))
+                x = hm.quantize(drift(WW["x"][idx], s, kind, seed))
             out[part] = (x, y, ts)
         base[key] = out
         return out
@@ -307,6 +327,11 @@ def main():
             g, b, n, ddesc = DRIFTS[shift]
             drift_info = dict(description=ddesc, gain=g, offset=b, noise_sd=n,
                               strength="linear, 0 on the first stream line to 1 on the last; holdout at 1")
+        elif shift and shift.startswith("aging-"):
+            g, b, n, ddesc = DRIFTS["drift-" + shift[len("aging-"):]]
+            drift_info = dict(description=ddesc, gain=g, offset=b, noise_sd=n,
+                              strength=f"linear over the first of {AGING_PASSES} passes over the "
+                                       "stream's windows, then 1; holdout at 1")
         elif shift == "aged":
             a = dm.AGED
             drift_info = dict(description=(
@@ -376,6 +401,10 @@ def main():
     for name in DRIFTS:
         for rate in ("5%", "1%"):
             add(name, "drift", "hapt", "cross", name, rate, control=f"cross-user-{rate}")
+    for name in DRIFTS:
+        aging = "aging-" + name[len("drift-"):]
+        for rate in ("5%", "1%"):
+            add(aging, "drift", "hapt", "cross", aging, rate, control=f"cross-user-{rate}")
     for rate in ("5%", "1%"):
         add("digits-control", "control", "digits", "digits", None, rate)
         add("digits-drift", "drift", "digits", "digits", "aged", rate, control=f"digits-control-{rate}")
