@@ -6,9 +6,11 @@
 //! respect to it. Every `check_every_steps` steps the guard judges:
 //! - collapse: the teacher's prediction entropy on the recent stream is far below the
 //!   pretrained model's on the same samples;
-//! - misleading labels: once enough labels are trusted, the last good teacher agrees with
-//!   less than `min_agreement` of the pending ones (a systematic relabeling, not drift: the
-//!   good teacher already learned the domain from the trusted labels);
+//! - misleading labels: once enough labels are trusted, neither the last good teacher nor the
+//!   pretrained model agrees with `min_agreement` of the pending ones (a systematic
+//!   relabeling, not drift: the good teacher already learned the domain from the trusted
+//!   labels; the pretrained model counts too because labels asked for where the two
+//!   disagree are, by design, often ones the teacher gets wrong);
 //! - regression: the deployed teacher's accuracy on the trusted labels is more than `margin`
 //!   below the last good teacher's.
 //!
@@ -35,7 +37,8 @@ pub struct GuardConfig {
     pub holdout_every: usize,
     /// Pending labels needed before they are judged and promoted.
     pub min_pending: usize,
-    /// Least share of pending labels the last good teacher must agree with.
+    /// Least share of pending labels the last good teacher or the pretrained model must
+    /// agree with.
     pub min_agreement: f32,
     /// Student steps between checks.
     pub check_every_steps: u64,
@@ -194,7 +197,7 @@ impl RollbackGuard {
         }
         if self.pending.len() >= self.cfg.min_pending {
             let m = self.pending.matrix(good.input_dim());
-            let agreement = accuracy(good, m.view(), &self.pending.labels);
+            let agreement = agreement(good, source, m.view(), &self.pending.labels);
             if agreement < self.cfg.min_agreement {
                 return Verdict::Misleading {
                     agreement,
@@ -241,6 +244,26 @@ impl RollbackGuard {
         self.pending = HeldOut::new();
         self.rollbacks += 1;
     }
+}
+
+/// Share of `labels` that the last good teacher or the pretrained model predicts. Either
+/// counts: labels asked for where the two disagree are right for one of them, and by design
+/// often not for the teacher; a systematic relabeling matches neither.
+fn agreement(
+    good: &Mlp,
+    source: &Mlp,
+    embeddings: ArrayView2<f32>,
+    labels: &VecDeque<usize>,
+) -> f32 {
+    let (g, s) = (good.logits(embeddings), source.logits(embeddings));
+    let agreed = g
+        .rows()
+        .into_iter()
+        .zip(s.rows())
+        .zip(labels)
+        .filter(|((g, s), &y)| argmax(*g).0 == y || argmax(*s).0 == y)
+        .count();
+    agreed as f32 / labels.len().max(1) as f32
 }
 
 fn accuracy(head: &Mlp, embeddings: ArrayView2<f32>, labels: &VecDeque<usize>) -> f32 {
