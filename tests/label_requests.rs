@@ -91,9 +91,13 @@ impl Device {
         let got = self.peer.collect_until(Duration::from_secs(30), |m| {
             last_metrics(m, &topic).is_some_and(|v| done(&v))
         });
-        last_metrics(&got, &topic)
-            .filter(|v| done(v))
-            .unwrap_or_else(|| panic!("metrics never got there; the daemon said:\n{}", self.log()))
+        let last = last_metrics(&got, &topic);
+        last.clone().filter(|v| done(v)).unwrap_or_else(|| {
+            panic!(
+                "metrics never got there (last: {last:?}); the daemon said:\n{}",
+                self.log()
+            )
+        })
     }
 
     fn log(&self) -> String {
@@ -189,4 +193,59 @@ fn an_unanswered_request_expires_is_counted_and_its_late_answer_is_refused() {
         "the expired request's sample was not labelled"
     );
     assert!(d.daemon.terminate().0.success());
+}
+
+#[test]
+fn answered_requests_make_the_gate_serve_the_adapted_teacher_on_a_shifted_sensor() {
+    // The shipped target stream (a sensor mounted differently), no calibration: the adapted
+    // teacher becomes better than the pretrained model, and only the answers can show it.
+    let d = Device::start("edgemt-test/requests-gate", 600.0);
+    let samples = stream(771);
+    let truth = |id: &str| -> usize {
+        let i: usize = id[1..].parse().unwrap();
+        samples[i]["truth"].as_u64().unwrap() as usize
+    };
+    let topic = d.topic("label_request");
+    let mut answered = std::collections::HashSet::new();
+    for (round, chunk) in samples.chunks(10).enumerate() {
+        for (j, s) in chunk.iter().enumerate() {
+            let i = round * 10 + j;
+            // Only the answers label anything.
+            let mut s = s.clone();
+            s.as_object_mut().unwrap().remove("label");
+            d.peer
+                .publish(&d.topic("samples"), sample_with_id(&s, &format!("t{i}")));
+        }
+        // Answer the open request, if one came, from the recording's truth: by id on the
+        // labels topic and by class name on the answer topic, in turn.
+        let got = d.peer.collect_until(Duration::from_millis(300), |m| {
+            requests(m, &topic)
+                .iter()
+                .any(|v| is_open(v) && !answered.contains(v["id"].as_str().unwrap()))
+        });
+        for r in requests(&got, &topic).into_iter().filter(is_open) {
+            let id = r["id"].as_str().unwrap().to_string();
+            if !answered.insert(id.clone()) {
+                continue;
+            }
+            let label = truth(&id);
+            if answered.len() % 2 == 0 {
+                d.peer.publish(
+                    &d.topic("labels"),
+                    serde_json::json!({ "id": id, "label": label }).to_string(),
+                );
+            } else {
+                let name = r["options"][label].as_str().unwrap();
+                d.peer.publish(&d.topic("label_request/answer"), name);
+            }
+        }
+    }
+    let m = d.metrics_where(|v| num(v, "serving_adapted") == 1.0);
+    assert!(num(&m, "gate_switches_total") >= 1.0, "{m}");
+    assert!(num(&m, "requests_answered_total") >= 10.0, "{m}");
+    assert!(
+        num(&m, "requests_total") <= 0.1 * num(&m, "samples_total"),
+        "{m}"
+    );
+    assert_eq!(num(&m, "answers_refused_total"), 0.0, "{m}");
 }
