@@ -394,6 +394,7 @@ impl Section for RequestConfig {
         check("requests.fraction", self.fraction as f32, 0.0..=1.0)?;
         positive("requests.max_open", self.max_open as u64)?;
         check("requests.burst", self.burst as f32, 1.0..=1e6)?;
+        check("requests.explore", self.explore as f32, 0.0..=1.0)?;
         seconds("requests.open_s", self.open_s, 1.0)
     }
 }

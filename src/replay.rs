@@ -269,6 +269,7 @@ impl LabelBudget {
                 .max((self.fraction * self.delay as f64).ceil() as usize + 1),
             open_s: f64::INFINITY,
             burst: cfg.burst,
+            explore: cfg.explore,
         }
     }
 }

@@ -19,7 +19,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 use crate::calibration::{CalibrationEvent, Calibrator, Mounting, SignedPerm};
 use crate::checkpoint::{CheckpointStore, MountingRecord, Restored, Saved};
 use crate::config::{duration_s, Config};
-use crate::learn::requests::{Candidate, Request, Requests};
+use crate::learn::requests::{Candidate, Reason, Request, Requests};
 use crate::learn::{Embed, EmbedError, LearnError, Learner, Serving, StepReport};
 use crate::model::{Backbone, Classifier, ModelError};
 use crate::nn::{argmax, Mlp, Workspace};
@@ -632,9 +632,12 @@ impl Session {
     /// A label for an earlier sample, by id: scored against the prediction made for it, then
     /// (a clean test for calibration as well) learned from.
     fn feedback(&mut self, id: &str, label: usize) -> Result<Feedback, SessionError> {
-        if let Some(requests) = self.requests.as_mut() {
-            requests.answer(id, label);
-        }
+        // A label asked for because of what the models said is biased evidence about the
+        // pretrained model (see `learn::requests`): calibration does not take it.
+        let clean = match self.requests.as_mut().and_then(|r| r.answer(id, label)) {
+            Some(request) => request.reason == Reason::Sampled,
+            None => true,
+        };
         let Some(slot) = self.recent.take(id) else {
             self.stats.late_labels += 1;
             return Ok(Feedback::Late);
@@ -642,7 +645,7 @@ impl Session {
         let correct = self.recent.predicted[slot] == label;
         self.stats.feedback.update(correct);
         let raw = self.recent.inputs.row(slot).to_vec();
-        self.calibrate(&raw, Some(label), false)?;
+        self.calibrate(&raw, clean.then_some(label), false)?;
         if self.recent.mountings[slot] != self.mounting_r() {
             self.stats.stale_mounting += 1;
             return Ok(Feedback::Matched { correct });

@@ -30,10 +30,12 @@ fn agreement(id: &str, confidence: f32) -> Candidate<'_> {
     candidate(id, opinion(0, confidence), opinion(0, 0.9))
 }
 
+/// Requests chosen by the models' outputs only (no `explore` share), no hourly limit.
 fn requests(cfg: RequestConfig) -> Requests {
     Requests::new(RequestConfig {
         per_hour: 0,
         max_open: 1000,
+        explore: 0.0,
         ..cfg
     })
 }
@@ -129,11 +131,39 @@ fn an_agreement_more_confident_than_most_of_the_stream_is_never_asked_about() {
 }
 
 #[test]
+fn the_explore_share_asks_about_every_kth_sample_whatever_the_models_say() {
+    let mut r = Requests::new(RequestConfig {
+        fraction: 0.1,
+        explore: 0.5,
+        per_hour: 0,
+        max_open: 1000,
+        // Never full, so nothing is asked for uncertainty.
+        burst: 1000.0,
+        ..Default::default()
+    });
+    let mut sampled = Vec::new();
+    for i in 0..1000u32 {
+        r.seen();
+        let id = i.to_string();
+        // Confident agreements: nothing the models say would ask about them.
+        if let Some(q) = r.consider(i as f64, agreement(&id, 0.999)) {
+            assert_eq!(q.reason, Reason::Sampled);
+            sampled.push(i);
+        }
+    }
+    // Half of a tenth: one sample in twenty, evenly spaced.
+    assert_eq!(sampled.len(), 50, "{sampled:?}");
+    assert!(sampled.windows(2).all(|w| w[1] - w[0] == 20), "{sampled:?}");
+    assert_eq!(r.counts().sampled, 50);
+}
+
+#[test]
 fn no_more_requests_are_open_than_max_open_and_an_answer_makes_room() {
     let mut r = Requests::new(RequestConfig {
         fraction: 1.0,
         max_open: 2,
         per_hour: 0,
+        explore: 0.0,
         ..Default::default()
     });
     for id in ["a", "b", "c", "d"] {
@@ -155,6 +185,7 @@ fn no_more_than_per_hour_requests_are_made_in_any_hour() {
         fraction: 1.0,
         per_hour: 3,
         max_open: 100,
+        explore: 0.0,
         ..Default::default()
     });
     let ask = |r: &mut Requests, t: f64, id: &str| {
@@ -174,6 +205,7 @@ fn a_request_left_open_too_long_expires_is_counted_and_its_late_answer_changes_n
     let mut r = Requests::new(RequestConfig {
         fraction: 1.0,
         open_s: 60.0,
+        explore: 0.0,
         ..Default::default()
     });
     r.seen();

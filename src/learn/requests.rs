@@ -7,6 +7,13 @@
 //! which spreads the requests over time. The choice reads model outputs only, never an
 //! answer, so the gate's test on the answers stays valid.
 //!
+//! A share `explore` of the budget asks about samples picked regardless of what the models
+//! say (every so many samples): labels chosen by model outputs are biased evidence for
+//! anything that compares the pretrained model with an alternative (calibration adopts a
+//! mounting on labels, and a label asked for because the pretrained model disagreed is more
+//! often one it gets wrong), and they cluster on a few confused classes. The sampled ones
+//! are clean evidence and cover every class.
+//!
 //! The budget is a token bucket: every sample seen adds `fraction` of a request, a request
 //! spends one, and at most `burst` are saved up, so requests never exceed `fraction` of the
 //! samples seen so far. On top: at most `per_hour` in any hour, at most `max_open`
@@ -31,6 +38,8 @@ pub struct RequestConfig {
     pub open_s: f64,
     /// Requests the budget may save up for disagreements to come.
     pub burst: f64,
+    /// Share of the requests made about samples picked regardless of the models' outputs.
+    pub explore: f64,
 }
 
 impl Default for RequestConfig {
@@ -42,6 +51,7 @@ impl Default for RequestConfig {
             max_open: 1,
             open_s: 600.0,
             burst: 5.0,
+            explore: 0.25,
         }
     }
 }
@@ -61,6 +71,8 @@ pub enum Reason {
     Disagreement,
     /// They agree, but the adapted teacher is unsure.
     Uncertain,
+    /// Picked regardless of the models' outputs (`explore`).
+    Sampled,
 }
 
 /// What the models said about a sample that could be asked about.
@@ -94,6 +106,7 @@ pub struct RequestCounts {
     /// Of those: at a disagreement, or at an uncertain sample.
     pub disagreement: u64,
     pub uncertain: u64,
+    pub sampled: u64,
     pub answered: u64,
     /// Answers on which exactly one of the adapted and the pretrained model was right (the
     /// ones that move the serving gate).
@@ -111,6 +124,9 @@ const QUANTILE_STEP: f32 = 0.01;
 pub struct Requests {
     cfg: RequestConfig,
     tokens: f64,
+    /// The `explore` share of the budget: when it holds a whole request, the next candidate
+    /// is asked about whatever the models say.
+    explore_tokens: f64,
     open: VecDeque<Request>,
     /// When the requests of the last hour were made, oldest first.
     last_hour: VecDeque<f64>,
@@ -127,6 +143,7 @@ impl Requests {
             last_hour: VecDeque::new(),
             cfg,
             tokens: 0.0,
+            explore_tokens: 0.0,
             threshold: 0.5,
             counts: RequestCounts::default(),
         }
@@ -153,6 +170,7 @@ impl Requests {
     /// One sample seen (labeled or not): adds to the budget.
     pub fn seen(&mut self) {
         self.tokens = (self.tokens + self.cfg.fraction).min(self.cfg.burst.max(1.0));
+        self.explore_tokens = (self.explore_tokens + self.cfg.fraction * self.cfg.explore).min(1.0);
     }
 
     /// A sample that could be asked about (unlabeled, with an id). Returns the request when
@@ -168,7 +186,9 @@ impl Requests {
             } else {
                 -(1.0 - UNCERTAIN_SHARE)
             };
-        let reason = if c.adapted.class != c.pretrained.class {
+        let reason = if self.explore_tokens >= 1.0 - 1e-9 {
+            Reason::Sampled
+        } else if c.adapted.class != c.pretrained.class {
             Reason::Disagreement
         } else if above && self.tokens >= self.cfg.burst.max(1.0) - 1e-9 {
             // Only a budget saved up in full goes to uncertain samples: the rest waits for
@@ -194,6 +214,10 @@ impl Requests {
         match reason {
             Reason::Disagreement => self.counts.disagreement += 1,
             Reason::Uncertain => self.counts.uncertain += 1,
+            Reason::Sampled => {
+                self.explore_tokens -= 1.0;
+                self.counts.sampled += 1;
+            }
         }
         self.open.push_back(Request {
             id: c.id.to_owned(),
