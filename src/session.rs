@@ -592,7 +592,11 @@ impl Session {
     /// The choice reads the models' outputs only (see `learn::requests`).
     fn consider_request(&mut self, o: &Observation) -> Option<Request> {
         let requests = self.requests.as_mut()?;
-        requests.seen();
+        requests.seen_wanting(
+            self.calibrator
+                .as_ref()
+                .is_some_and(|c| c.candidate().is_some()),
+        );
         let id = o.id.filter(|_| o.label.is_none())?;
         let (adapted, pretrained) = self.learner.opinions(o.embedding);
         let served = match self.learner.serving() {

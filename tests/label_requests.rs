@@ -207,14 +207,24 @@ fn answered_requests_make_the_gate_serve_the_adapted_teacher_on_a_shifted_sensor
     };
     let topic = d.topic("label_request");
     let mut answered = std::collections::HashSet::new();
-    for (round, chunk) in samples.chunks(10).enumerate() {
+    // Twice through the recording (the person repeats their day), so that enough answers
+    // fall where the two models disagree.
+    let chunks = ["t", "u"].into_iter().flat_map(|pass| {
+        samples
+            .chunks(10)
+            .enumerate()
+            .map(move |(round, chunk)| (pass, round, chunk))
+    });
+    for (pass, round, chunk) in chunks {
         for (j, s) in chunk.iter().enumerate() {
             let i = round * 10 + j;
             // Only the answers label anything.
             let mut s = s.clone();
             s.as_object_mut().unwrap().remove("label");
-            d.peer
-                .publish(&d.topic("samples"), sample_with_id(&s, &format!("t{i}")));
+            d.peer.publish(
+                &d.topic("samples"),
+                sample_with_id(&s, &format!("{pass}{i}")),
+            );
         }
         // Answer the open request, if one came, from the recording's truth: by id on the
         // labels topic and by class name on the answer topic, in turn.

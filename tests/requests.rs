@@ -158,6 +158,26 @@ fn the_explore_share_asks_about_every_kth_sample_whatever_the_models_say() {
 }
 
 #[test]
+fn while_clean_evidence_is_wanted_the_whole_budget_asks_regardless_of_the_models() {
+    let mut r = requests(RequestConfig {
+        fraction: 0.1,
+        ..Default::default()
+    });
+    for i in 0..200u32 {
+        r.seen_wanting(true);
+        // Disagreements, which would otherwise be asked about first.
+        if let Some(q) = r.consider(i as f64, disagreement("x")) {
+            assert_eq!(q.reason, Reason::Sampled);
+            r.answer("x", 0);
+        }
+    }
+    let c = r.counts();
+    // A tenth of 200, give or take the bucket's rounding.
+    assert!(c.made >= 19 && c.made <= 20, "{c:?}");
+    assert_eq!((c.sampled, c.disagreement), (c.made, 0));
+}
+
+#[test]
 fn no_more_requests_are_open_than_max_open_and_an_answer_makes_room() {
     let mut r = Requests::new(RequestConfig {
         fraction: 1.0,

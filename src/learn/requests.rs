@@ -169,8 +169,16 @@ impl Requests {
 
     /// One sample seen (labeled or not): adds to the budget.
     pub fn seen(&mut self) {
+        self.seen_wanting(false);
+    }
+
+    /// [`Requests::seen`], when `clean_wanted`: something waits for clean evidence (a
+    /// mounting that calibration proposed and only unselected labels may confirm), so the
+    /// whole budget goes to samples picked regardless of the models while it waits.
+    pub fn seen_wanting(&mut self, clean_wanted: bool) {
+        let share = if clean_wanted { 1.0 } else { self.cfg.explore };
         self.tokens = (self.tokens + self.cfg.fraction).min(self.cfg.burst.max(1.0));
-        self.explore_tokens = (self.explore_tokens + self.cfg.fraction * self.cfg.explore).min(1.0);
+        self.explore_tokens = (self.explore_tokens + self.cfg.fraction * share).min(1.0);
     }
 
     /// A sample that could be asked about (unlabeled, with an id). Returns the request when

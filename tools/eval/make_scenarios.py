@@ -84,7 +84,7 @@ import make_hapt_model as hm  # noqa: E402  (loader, windows, rotation, writer)
 import make_digits_model as dm  # noqa: E402  (digits split, jitter, the ageing camera)
 
 ROOT = hm.ROOT
-VERSION = 2
+VERSION = 3
 SHUFFLE_SEED = 20240612
 
 CONTROL = dict(users=[22, 23, 24, 25], stream=[44, 46, 48, 50], holdout=[45, 47, 49, 51])
