@@ -766,6 +766,15 @@ impl Session {
         Ok(self.learner.step(&mut self.backbone)?)
     }
 
+    /// A student step a driver deferred (the daemon's trainer yields to inference while
+    /// samples wait), taken now; nothing while paused or with nothing to learn from.
+    pub fn catch_up(&mut self) -> Result<Option<StepReport>, SessionError> {
+        if self.paused || !self.learner.has_data() {
+            return Ok(None);
+        }
+        Ok(self.learner.step(&mut self.backbone)?)
+    }
+
     /// The state to save when the checkpoint policy says it is time (`None` otherwise).
     pub fn take_checkpoint(&mut self, now: Instant) -> Option<Saved> {
         let steps = self.learner.counters().train_steps;

@@ -80,6 +80,7 @@ impl Workers {
             requests: sinks.requests,
             published_request: None,
             class_names: classifier.class_names.clone(),
+            owed_steps: 0,
         };
         Ok(Workers { inference, trainer })
     }
@@ -286,7 +287,13 @@ pub struct TrainerWorker {
     /// nothing announced yet).
     pub published_request: Option<Option<String>>,
     pub class_names: Vec<String>,
+    /// Student steps deferred while inference had a backlog, still to take.
+    pub owed_steps: usize,
 }
+
+/// Most deferred steps kept owing: after a long overload the trainer catches up at most
+/// this many (about a third of a second of CPU here), not every step the burst skipped.
+const MAX_OWED_STEPS: usize = 256;
 
 /// What `export` needs to write the teacher back into the original graph.
 pub struct Exporter {
@@ -443,6 +450,7 @@ impl TrainerWorker {
                     .counters
                     .steps_deferred_total
                     .fetch_add(1, Relaxed);
+                self.owed_steps = (self.owed_steps + 1).min(MAX_OWED_STEPS);
             }
             self.after_take(result);
             if (self.session.serving(), self.session.mounting_r()) != self.published {
@@ -453,6 +461,21 @@ impl TrainerWorker {
                     // A full writer queue means a save is already on its way.
                     let _ = tx.try_send(state);
                 }
+            }
+        }
+        self.catch_up(halted);
+    }
+
+    /// Takes the steps deferred while inference had a backlog, one at a time and only while
+    /// it still has none, so learning keeps its pace without ever holding up an answer.
+    fn catch_up(&mut self, halted: bool) {
+        while self.owed_steps > 0 && !halted && !self.shared.inference_backlog() {
+            self.owed_steps -= 1;
+            self.session.set_paused(false);
+            match self.session.catch_up() {
+                Ok(Some(step)) => self.after_step(&step),
+                Ok(None) => {}
+                Err(e) => tracing::error!("training step failed: {}", crate::report(&e)),
             }
         }
     }
@@ -469,14 +492,26 @@ impl TrainerWorker {
             self.sync_request();
         }
         if let Some(step) = taken.step {
-            self.shared
-                .train
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .interval
-                .add(&step);
-            if step.ema_updated || step.rollback.is_some() {
-                self.publish_teacher();
+            self.after_step(&step);
+        }
+    }
+
+    fn after_step(&mut self, step: &crate::learn::StepReport) {
+        self.shared
+            .train
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .interval
+            .add(step);
+        if step.ema_updated || step.rollback.is_some() {
+            self.publish_teacher();
+        }
+        if (self.session.serving(), self.session.mounting_r()) != self.published {
+            self.publish_teacher();
+        }
+        if let Some(tx) = &self.writer {
+            if let Some(state) = self.session.take_checkpoint(Instant::now()) {
+                let _ = tx.try_send(state);
             }
         }
     }

@@ -405,8 +405,12 @@ impl Learner {
 
     /// True when enough new samples arrived for the next step and there is data to learn from.
     pub fn due(&self) -> bool {
-        self.since_step >= self.cfg.train_every.max(1)
-            && (!self.labeled.is_empty() || !self.unlabeled.is_empty())
+        self.since_step >= self.cfg.train_every.max(1) && self.has_data()
+    }
+
+    /// True when there is something to learn from.
+    pub fn has_data(&self) -> bool {
+        !self.labeled.is_empty() || !self.unlabeled.is_empty()
     }
 
     /// One student step (and EMA refresh when due). Returns `None` if it was skipped because
