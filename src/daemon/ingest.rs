@@ -22,6 +22,7 @@ use super::config::{Command, InputFormat};
 use super::items::Incoming;
 use super::queue::{BoundedQueue, Droppable};
 use super::state::Shared;
+use crate::stream::sample::id_of;
 use crate::stream::window::{decode_f32le, rows_from_f32le, rows_from_json};
 use crate::stream::{DecodeError, SampleDecoder, WindowAssembler};
 
@@ -470,21 +471,9 @@ impl Ingest {
                 })?;
                 let label = match label {
                     serde_json::Value::String(name) => self.class_index(name),
-                    v => v
-                        .as_u64()
-                        .map(|k| k as usize)
-                        .filter(|&k| k < self.class_names.len()),
+                    v => self.decoder.class(Some(v), "label")?,
                 };
-                let id = match obj.get("id") {
-                    None => None,
-                    Some(serde_json::Value::String(id)) => Some(id.as_str()),
-                    Some(v) => {
-                        return Err(Rejection::Other(format!(
-                            "\"id\" is {v}, expected the request's id as a string"
-                        )))
-                    }
-                };
-                (label, id.map(str::to_owned))
+                (label, id_of(obj.get("id"))?)
             }
             _ => (self.class_index(text.trim().trim_matches('"')), None),
         };
