@@ -591,6 +591,7 @@ impl Session {
     /// Asks for a label on an unlabeled sample with an id when the requests' policy says so.
     /// The choice reads the models' outputs only (see `learn::requests`).
     fn consider_request(&mut self, o: &Observation) -> Option<Request> {
+        let now = self.requests_clock_s();
         let requests = self.requests.as_mut()?;
         requests.seen_wanting(
             self.calibrator
@@ -603,7 +604,6 @@ impl Session {
             Serving::Adapted => adapted,
             Serving::Pretrained => pretrained,
         };
-        let now = self.started.elapsed().as_secs_f64();
         requests
             .consider(
                 now,
@@ -760,10 +760,10 @@ impl Session {
 
     /// One student step if enough new samples arrived (and training is not paused).
     fn maybe_step(&mut self) -> Result<Option<StepReport>, SessionError> {
-        if self.paused || !self.learner.due() {
+        if !self.learner.due() {
             return Ok(None);
         }
-        Ok(self.learner.step(&mut self.backbone)?)
+        self.catch_up()
     }
 
     /// A student step a driver deferred (the daemon's trainer yields to inference while

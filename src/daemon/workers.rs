@@ -453,17 +453,24 @@ impl TrainerWorker {
                 self.owed_steps = (self.owed_steps + 1).min(MAX_OWED_STEPS);
             }
             self.after_take(result);
-            if (self.session.serving(), self.session.mounting_r()) != self.published {
-                self.publish_teacher();
-            }
-            if let Some(tx) = &self.writer {
-                if let Some(state) = self.session.take_checkpoint(Instant::now()) {
-                    // A full writer queue means a save is already on its way.
-                    let _ = tx.try_send(state);
-                }
-            }
+            self.hand_over();
         }
         self.catch_up(halted);
+    }
+
+    /// After anything that may have changed the session: the served model to inference if
+    /// it changed (a gate switch, a rollback, an EMA refresh, a new mounting), a checkpoint to
+    /// the writer if one is due.
+    fn hand_over(&mut self) {
+        if (self.session.serving(), self.session.mounting_r()) != self.published {
+            self.publish_teacher();
+        }
+        if let Some(tx) = &self.writer {
+            if let Some(state) = self.session.take_checkpoint(Instant::now()) {
+                // A full writer queue means a save is already on its way.
+                let _ = tx.try_send(state);
+            }
+        }
     }
 
     /// Takes the steps deferred while inference had a backlog, one at a time and only while
@@ -477,6 +484,7 @@ impl TrainerWorker {
                 Ok(None) => {}
                 Err(e) => tracing::error!("training step failed: {}", crate::report(&e)),
             }
+            self.hand_over();
         }
     }
 
@@ -505,14 +513,6 @@ impl TrainerWorker {
             .add(step);
         if step.ema_updated || step.rollback.is_some() {
             self.publish_teacher();
-        }
-        if (self.session.serving(), self.session.mounting_r()) != self.published {
-            self.publish_teacher();
-        }
-        if let Some(tx) = &self.writer {
-            if let Some(state) = self.session.take_checkpoint(Instant::now()) {
-                let _ = tx.try_send(state);
-            }
         }
     }
 
