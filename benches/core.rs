@@ -78,6 +78,7 @@ fn train_step(c: &mut Criterion) {
         &Default::default(),
         &Default::default(),
         &Default::default(),
+        &Default::default(),
         0,
     );
     // Fill the buffers from the recording, as a replay would.

@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::calibration::CalibrationConfig;
 use crate::checkpoint::CheckpointConfig;
-use crate::learn::{AugmentConfig, GateConfig, GuardConfig, LearnConfig, RequestConfig};
+use crate::learn::{
+    AugmentConfig, GateConfig, GuardConfig, LearnConfig, RequestConfig, TrustConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -53,6 +55,8 @@ pub struct Config {
     pub calibration: CalibrationConfig,
     #[serde(default)]
     pub requests: RequestConfig,
+    #[serde(default)]
+    pub trust: TrustConfig,
     /// The daemon's sections, as written (see the module docs).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub daemon: toml::Table,
@@ -172,6 +176,7 @@ impl Config {
             gate: Default::default(),
             calibration: Default::default(),
             requests: Default::default(),
+            trust: Default::default(),
             daemon: Default::default(),
             mqtt: Default::default(),
             control: Default::default(),
@@ -224,6 +229,7 @@ impl Config {
         self.guard.validate()?;
         self.gate.validate()?;
         self.requests.validate()?;
+        self.trust.validate()?;
         self.calibration.validate_section()
     }
 }
@@ -396,6 +402,15 @@ impl Section for RequestConfig {
         check("requests.burst", self.burst as f32, 1.0..=1e6)?;
         check("requests.explore", self.explore as f32, 0.0..=1.0)?;
         seconds("requests.open_s", self.open_s, 1.0)
+    }
+}
+
+impl Section for TrustConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.check().map_err(|message| ConfigError::Invalid {
+            key: "trust",
+            message,
+        })
     }
 }
 

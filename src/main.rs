@@ -475,6 +475,20 @@ fn print_summary(r: &edgemt::replay::Report) {
         g.p,
         g.switches.len()
     );
+    let t = &r.trust;
+    if t.counts.held > 0 {
+        println!(
+            "label trust: {} labels held (contradicting a confident pretrained model against their neighbours), {} released, {} dropped, {} still held{}",
+            t.counts.held,
+            t.counts.released,
+            t.counts.dropped,
+            t.holding,
+            match t.disputed {
+                Some((a, b)) => format!("; labels DISPUTED between classes {a} and {b}: the pretrained model is served"),
+                None => String::new(),
+            }
+        );
+    }
     if let Some(q) = &r.requests {
         println!(
             "label requests: {} made ({} at disagreements, {} uncertain), {} answered after {} samples, {} of them discordant",

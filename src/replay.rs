@@ -21,6 +21,7 @@ use crate::calibration::SignedPerm;
 use crate::checkpoint::{CheckpointError, CheckpointStore, Identity};
 use crate::config::Config;
 use crate::learn::requests::{RequestConfig, RequestCounts};
+use crate::learn::trust::TrustCounts;
 use crate::learn::Serving;
 use crate::metrics::peak_rss_bytes;
 use crate::model::{Classifier, ModelError};
@@ -94,6 +95,18 @@ pub struct Report {
     /// Label requests and their simulated answers (`--label-budget`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests: Option<RequestReport>,
+    /// Label trust: labels held (not believed), released, dropped; whether labels are
+    /// disputed at the end, and between which classes.
+    pub trust: TrustReport,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrustReport {
+    #[serde(flatten)]
+    pub counts: TrustCounts,
+    /// Labels still held at the end.
+    pub holding: usize,
+    pub disputed: Option<(usize, usize)>,
 }
 
 /// Accuracy of each model's answers on the samples with a `truth`, each made before the
@@ -594,7 +607,7 @@ pub fn replay(
         gate: {
             let g = session.learner().gate();
             GateReport {
-                serving: g.serving(),
+                serving: session.serving(),
                 wins: g.wins(),
                 losses: g.losses(),
                 p: g.p_value(),
@@ -622,6 +635,14 @@ pub fn replay(
             counts: session.requests().map(|r| r.counts()).unwrap_or_default(),
             open: session.requests().map_or(0, |r| r.open().count()),
         }),
+        trust: {
+            let t = session.learner().trust();
+            TrustReport {
+                counts: t.counts(),
+                holding: t.held_len(),
+                disputed: t.disputed(),
+            }
+        },
     };
     Ok(Outcome { report, session })
 }

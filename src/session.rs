@@ -456,6 +456,7 @@ impl Session {
             &cfg.augment,
             &cfg.guard,
             &cfg.gate,
+            &cfg.trust,
             seed,
         );
         Ok(Session {
@@ -791,6 +792,11 @@ impl Session {
     /// Ask for a checkpoint at the next [`Session::take_checkpoint`].
     pub fn request_checkpoint(&mut self) {
         self.policy.request();
+    }
+
+    /// An operator believes the labels label trust holds; returns how many it released.
+    pub fn accept_labels(&mut self) -> usize {
+        self.learner.accept_held_labels()
     }
 
     /// Back to the pretrained model (behind the adopted mounting); the reset state is

@@ -52,6 +52,7 @@ fn learner_for(c: &Classifier, cfg: &LearnConfig) -> Learner {
         &Default::default(),
         &no_guard,
         &Default::default(),
+        &Default::default(),
         0,
     )
 }

@@ -252,15 +252,18 @@ pub enum Command {
     Checkpoint,
     Export,
     Reset,
+    /// Believe the labels label trust holds (a class really changed its meaning).
+    AcceptLabels,
 }
 
 impl Command {
-    pub const ALL: [Command; 5] = [
+    pub const ALL: [Command; 6] = [
         Command::Pause,
         Command::Resume,
         Command::Checkpoint,
         Command::Export,
         Command::Reset,
+        Command::AcceptLabels,
     ];
 
     pub fn name(self) -> &'static str {
@@ -270,12 +273,13 @@ impl Command {
             Command::Checkpoint => "checkpoint",
             Command::Export => "export",
             Command::Reset => "reset",
+            Command::AcceptLabels => "accept_labels",
         }
     }
 }
 
 /// `[control]`: which commands `{prefix}/cmd` may give. `reset` throws away everything
-/// learned, so it is opt-in; an empty list turns remote control off.
+/// learned and `accept_labels` overrides label trust's defence, so both are opt-in; an empty list turns remote control off.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {

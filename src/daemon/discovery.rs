@@ -132,7 +132,7 @@ impl Announce<'_> {
         // Buttons for the commands this daemon obeys; each sends the bare command word.
         for cmd in self.commands {
             let key = cmd.name();
-            let mut name = key.to_string();
+            let mut name = key.replace('_', " ");
             name[..1].make_ascii_uppercase();
             let mut c = self.base(key, &name);
             c["command_topic"] = json!(self.topics.cmd);

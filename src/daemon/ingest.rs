@@ -234,7 +234,7 @@ impl Router {
             .find(|c| c.name().eq_ignore_ascii_case(&word))
         else {
             return Err(Rejection::Other(format!(
-                "unknown command {word:?}; expected pause, resume, checkpoint, export or reset"
+                "unknown command {word:?}; expected pause, resume, checkpoint, export, reset or accept_labels"
             )));
         };
         if !self.allow.contains(&cmd) {
@@ -247,6 +247,7 @@ impl Router {
             Command::Reset => s.reset_requested.store(true, Relaxed),
             Command::Checkpoint => s.checkpoint_requested.store(true, Relaxed),
             Command::Export => s.export_requested.store(true, Relaxed),
+            Command::AcceptLabels => s.accept_requested.store(true, Relaxed),
         }
         s.counters.commands_total.fetch_add(1, Relaxed);
         tracing::info!("command: {}", cmd.name());

@@ -65,6 +65,7 @@ pub struct Shared {
     pub reset_requested: AtomicBool,
     pub checkpoint_requested: AtomicBool,
     pub export_requested: AtomicBool,
+    pub accept_requested: AtomicBool,
     /// Checkpoint directory (also where `export` writes), if any.
     pub state_dir: Option<std::path::PathBuf>,
     /// Set on shutdown: stop taking input.
@@ -104,6 +105,7 @@ impl Shared {
             reset_requested: AtomicBool::new(false),
             checkpoint_requested: AtomicBool::new(false),
             export_requested: AtomicBool::new(false),
+            accept_requested: AtomicBool::new(false),
             state_dir,
             stopping: AtomicBool::new(false),
             connected: AtomicBool::new(false),

@@ -94,6 +94,10 @@ pub struct TrainStats {
     pub gate_losses: u64,
     pub gate_p: f64,
     pub gate_switches: u64,
+    /// Label trust: what it held and released, what it holds now, whether labels are disputed.
+    pub trust: crate::learn::trust::TrustCounts,
+    pub labels_holding: usize,
+    pub labels_disputed: bool,
     pub calibration_changes: u64,
     /// What the label requests came to, and how many are open.
     pub requests: crate::learn::requests::RequestCounts,
@@ -543,6 +547,29 @@ pub static METRICS: &[Metric] = &[
     )
     .prometheus("serving_adapted")
     .binary_sensor("Serving the adapted model"),
+    Metric::gauge(
+        "labels_disputed",
+        "1 while labels are disputed (they contradict the confident pretrained model both ways in one class pair): the pretrained model is served until they age out or accept_labels",
+        |s| s.train.labels_disputed.into(),
+    )
+    .prometheus("labels_disputed")
+    .binary_sensor("Disputed labels"),
+    Metric::counter(
+        "labels_held_total",
+        "Labels not believed on arrival (they contradict a confident pretrained model and their neighbours' labels)",
+        |s| s.train.trust.held.into(),
+    )
+    .prometheus("labels_held"),
+    Metric::counter(
+        "labels_released_total",
+        "Held labels believed later (their neighbours came to agree) or accepted by accept_labels",
+        |s| (s.train.trust.released + s.train.trust.accepted).into(),
+    )
+    .prometheus("labels_released"),
+    Metric::gauge("labels_holding", "Labels held now", |s| {
+        s.train.labels_holding.into()
+    })
+    .prometheus("labels_holding"),
     Metric::gauge(
         "gate_wins",
         "Labels in the serving gate's window only the teacher got right",

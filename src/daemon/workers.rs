@@ -399,6 +399,10 @@ impl TrainerWorker {
                     .unwrap_or_else(|e| e.into_inner())
                     .resets += 1;
             }
+            if self.shared.accept_requested.swap(false, Relaxed) {
+                let n = self.session.accept_labels();
+                tracing::info!("accepted {n} held labels; their class pairs are no longer checked");
+            }
             if self.shared.checkpoint_requested.swap(false, Relaxed) {
                 if self.writer.is_some() {
                     self.session.request_checkpoint();
@@ -570,6 +574,10 @@ impl TrainerWorker {
         t.gate_losses = g.losses();
         t.gate_p = g.p_value();
         t.gate_switches = g.switches();
+        let trust = l.trust();
+        t.trust = trust.counts();
+        t.labels_holding = trust.held_len();
+        t.labels_disputed = trust.disputed().is_some();
         t.calibration_changes = s.calibration_changes;
         if let Some(r) = self.session.requests() {
             t.requests = r.counts();

@@ -20,6 +20,7 @@ use super::optim::{
 use super::pseudo::{Balance, PseudoLabeler};
 use super::requests::Opinion;
 use super::rng::Rng;
+use super::trust::{Held, LabelTrust, TrustConfig, Verdict as TrustVerdict};
 use crate::nn::{argmax, Mlp, Params, Workspace};
 use crate::stream::Layout;
 
@@ -204,6 +205,8 @@ pub struct Learner {
     guard: RollbackGuard,
     gate: Gate,
     gate_cfg: GateConfig,
+    trust: LabelTrust,
+    trust_cfg: TrustConfig,
     /// The last state the rollback guard accepted (weights, optimizer, labels, alignment
     /// are what a rollback puts back).
     good: Option<LearnerState>,
@@ -236,6 +239,7 @@ impl Learner {
         augment: &AugmentConfig,
         guard: &GuardConfig,
         gate: &GateConfig,
+        trust: &TrustConfig,
         seed: u64,
     ) -> Self {
         let classes = pretrained.classes();
@@ -261,6 +265,8 @@ impl Learner {
             guard: RollbackGuard::new(guard.clone()),
             gate: Gate::new(gate.clone()),
             gate_cfg: gate.clone(),
+            trust: LabelTrust::new(trust.clone(), dim),
+            trust_cfg: trust.clone(),
             good: None,
             since_step: 0,
             picks: Vec::new(),
@@ -309,13 +315,19 @@ impl Learner {
     }
 
     /// Which model the gate serves.
+    /// The pretrained model while labels are disputed (see `learn::trust`), whatever the
+    /// gate's evidence says.
     pub fn serving(&self) -> Serving {
-        self.gate.serving()
+        if self.trust.disputed().is_some() {
+            Serving::Pretrained
+        } else {
+            self.gate.serving()
+        }
     }
 
     /// The model that should answer: the adapted teacher or the pretrained model.
     pub fn served(&self) -> &Mlp {
-        match self.gate.serving() {
+        match self.serving() {
             Serving::Adapted => &self.teacher,
             Serving::Pretrained => &self.pretrained,
         }
@@ -355,15 +367,56 @@ impl Learner {
         self.since_step += 1;
         match label {
             Some(y) => {
-                self.test_label(embedding, y);
-                if !self.guard.hold_out(embedding, y) {
-                    self.labeled.push(input, embedding, y)
+                let row = embedding.insert_axis(ndarray::Axis(0));
+                self.pretrained
+                    .probs_into(row, &mut self.ws, &mut self.test_logits);
+                let pretrained = argmax(self.test_logits.row(0));
+                let judged = self.trust.judge(input, embedding, y, pretrained);
+                if judged.raised {
+                    // The evidence so far may be the swap's own wins: it starts over.
+                    self.gate.clear();
+                }
+                if judged.verdict == TrustVerdict::Held {
+                    return;
+                }
+                self.file_label(input, embedding, y);
+                for held in self.trust.release() {
+                    self.file_held(held);
                 }
             }
             None => {
                 self.unlabeled.push(input, embedding, truth);
             }
         }
+    }
+
+    /// A believed label: a clean test for the gate, then the guard's and the buffer's.
+    fn file_label(&mut self, input: &[f32], embedding: ArrayView1<f32>, y: usize) {
+        self.test_label(embedding, y);
+        if !self.guard.hold_out(embedding, y) {
+            self.labeled.push(input, embedding, y)
+        }
+    }
+
+    fn file_held(&mut self, held: Held) {
+        let embedding = ndarray::ArrayView1::from(held.embedding.as_slice());
+        self.file_label(&held.input, embedding, held.label);
+    }
+
+    /// Label trust: whether labels are disputed, and its counts.
+    pub fn trust(&self) -> &LabelTrust {
+        &self.trust
+    }
+
+    /// An operator accepts the held labels (a class changed its meaning): they are filed as
+    /// believed labels and their class pairs no longer checked. Returns how many.
+    pub fn accept_held_labels(&mut self) -> usize {
+        let held = self.trust.accept();
+        let n = held.len();
+        for h in held {
+            self.file_held(h);
+        }
+        n
     }
 
     /// Scores one label against the current teacher and the pretrained model.
@@ -623,6 +676,7 @@ impl Learner {
             &self.augment,
             &self.guard_cfg,
             &self.gate_cfg,
+            &self.trust_cfg,
             self.seed,
         );
         self.counters.teacher_version = version;

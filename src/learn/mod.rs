@@ -1,5 +1,5 @@
 //! On-device learning: the student's losses and optimizer, the EMA teacher, buffers,
-//! augmentations, pseudo-labels and the rollback guard. Synchronous and free of tokio: the
+//! augmentations, pseudo-labels, the rollback guard, the serving gate and label trust. Synchronous and free of tokio: the
 //! session drives it; it never does I/O. It trains an [`crate::nn::Mlp`] and reaches the
 //! frozen backbone only through the [`Embed`] trait, so it does not depend on `model/`.
 
@@ -13,6 +13,7 @@ pub mod optim;
 pub mod pseudo;
 pub mod requests;
 pub mod rng;
+pub mod trust;
 
 pub use augment::AugmentConfig;
 pub use gate::{GateConfig, Serving};
@@ -22,3 +23,4 @@ pub use learner::{
 };
 pub use loss::{ConsistencyMode, LossParts};
 pub use requests::{RequestConfig, Requests};
+pub use trust::TrustConfig;

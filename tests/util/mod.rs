@@ -251,6 +251,7 @@ pub fn learner_with(
             ..Default::default()
         },
         &Default::default(),
+        &Default::default(),
         0,
     )
 }

@@ -1,0 +1,517 @@
+//! Label trust: which labels the learner believes, and when labels are *disputed*.
+//!
+//! Authorization decides who may send a label; it cannot tell an honest label from a well
+//! placed lie. The lie that hurts is targeted: swap two similar classes on a fraction of the
+//! samples, honest elsewhere. The honest majority hides it from the guard, and every swapped
+//! label looks to the serving gate like a win for the adapted teacher, which has learned the
+//! swap. What gives it away is that the backbone is frozen: a swapped label sits among honest
+//! labels of the other class on inputs the backbone cannot tell apart, so no head can learn it
+//! without unlearning them. An honest label that contradicts the pretrained model does so
+//! because the input moved (another mounting, another person, an aging sensor), and the labels
+//! around a moved input say the same as it.
+//!
+//! So a label that contradicts a *confident* pretrained model is believed only when the
+//! labels of its nearest neighbours in embedding space side with it more than with the
+//! pretrained model's class (the deep k-NN defence against clean-label poisoning, Peri et al.
+//! 2020, restricted to the labels that would move the gate). Until then it is *held*: neither
+//! learned from nor counted by the gate, and looked at again as more labels arrive, so the
+//! first honest labels of a real shift are released once their neighbours agree.
+//!
+//! A swap needs no neighbours to hide if the attacker labels every sample of the pair; then
+//! its signature is the pair itself: the confident pretrained model contradicted in *both*
+//! directions, a→b and b→a, on a steady share of the pair's labels. Honest shifts move
+//! inputs one way (a rotated sensor makes STANDING look like SITTING, not both at once):
+//! across the scenario matrix, honest labels contradict a confident pretrained model in the
+//! minority direction of any pair at most once. When both directions reach `dispute_after`
+//! labels and `dispute_share` of the labels the pretrained model confidently gives each of the
+//! two classes, the labels are *disputed*: the gate's evidence starts over, the pretrained model
+//! is served, and the pair's contradicting labels are held, until the contradictions age out
+//! of the memory or an operator who knows a class really changed its meaning accepts them
+//! (`accept`), which releases the held labels and stops checking their pairs.
+//!
+//! Everything here is bounded: the neighbours come from the last `memory` labels, at most
+//! `quarantine` labels are held (the oldest is dropped, and counted, first).
+
+use std::collections::VecDeque;
+
+use ndarray::{Array2, ArrayView1};
+
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrustConfig {
+    /// Off: every label is believed (the behaviour before label trust).
+    pub enabled: bool,
+    /// Pretrained confidence from which a label that contradicts the pretrained model needs
+    /// the support of its neighbours.
+    pub confidence: f32,
+    /// Neighbours (most recent labels, nearest in embedding space) consulted per label.
+    pub neighbours: usize,
+    /// Labels remembered for the neighbourhoods.
+    pub memory: usize,
+    /// Labels held at most (the oldest goes first, counted).
+    pub quarantine: usize,
+    /// Contradicting labels needed in each direction of a pair to dispute it.
+    pub dispute_after: usize,
+    /// ... and the share of the labels the pretrained model confidently gives each class of
+    /// the pair that they must make up.
+    pub dispute_share: f32,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        TrustConfig {
+            enabled: true,
+            confidence: 0.9,
+            neighbours: 7,
+            memory: 256,
+            quarantine: 64,
+            dispute_after: 3,
+            dispute_share: 0.1,
+        }
+    }
+}
+
+impl TrustConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.confidence) {
+            return Err(format!(
+                "trust.confidence must be within [0, 1], not {}",
+                self.confidence
+            ));
+        }
+        for (name, v) in [
+            ("neighbours", self.neighbours),
+            ("memory", self.memory),
+            ("quarantine", self.quarantine),
+            ("dispute_after", self.dispute_after),
+        ] {
+            if v == 0 {
+                return Err(format!("trust.{name} must be at least 1"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.dispute_share) {
+            return Err(format!(
+                "trust.dispute_share must be within [0, 1], not {}",
+                self.dispute_share
+            ));
+        }
+        if self.neighbours > self.memory {
+            return Err(format!(
+                "trust.neighbours ({}) cannot exceed trust.memory ({})",
+                self.neighbours, self.memory
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A label that is not believed (yet), with what filing it later needs.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub input: Vec<f32>,
+    pub embedding: Vec<f32>,
+    pub label: usize,
+    /// The pretrained model's class for the input (what the label contradicts).
+    pub pretrained: usize,
+    /// Its entry in the memory (so it is not its own neighbour).
+    seq: u64,
+}
+
+/// What became of one label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Believed,
+    Held,
+}
+
+/// A verdict, and whether the label raised the disputed state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Judged {
+    pub verdict: Verdict,
+    pub raised: bool,
+}
+
+impl Judged {
+    fn believed() -> Self {
+        Judged {
+            verdict: Verdict::Believed,
+            raised: false,
+        }
+    }
+}
+
+/// Counts for reports and telemetry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrustCounts {
+    /// Labels held when they arrived.
+    pub held: u64,
+    /// Held labels released because their neighbours came to agree.
+    pub released: u64,
+    /// Held labels dropped unlearned (the quarantine was full).
+    pub dropped: u64,
+    /// Held labels an operator accepted.
+    pub accepted: u64,
+}
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct LabelTrust {
+    cfg: TrustConfig,
+    /// Ring of the last `memory` labels: embedding rows, label, sequence number, and the
+    /// pretrained model's class where it was confident.
+    embeddings: Array2<f32>,
+    labels: Vec<usize>,
+    seqs: Vec<u64>,
+    confident: Vec<Option<usize>>,
+    next_seq: u64,
+    held: VecDeque<Held>,
+    /// Unordered class pairs an operator accepted (smaller class first).
+    accepted_pairs: Vec<(usize, usize)>,
+    disputed: Option<(usize, usize)>,
+    counts: TrustCounts,
+    // Reused per label: (squared distance, label) of the nearest neighbours so far.
+    nearest: Vec<(f32, usize)>,
+}
+
+fn pair(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+impl LabelTrust {
+    pub fn new(cfg: TrustConfig, dim: usize) -> Self {
+        LabelTrust {
+            embeddings: Array2::zeros((cfg.memory.max(1), dim)),
+            labels: Vec::with_capacity(cfg.memory),
+            seqs: Vec::with_capacity(cfg.memory),
+            confident: Vec::with_capacity(cfg.memory),
+            next_seq: 0,
+            held: VecDeque::new(),
+            accepted_pairs: Vec::new(),
+            disputed: None,
+            counts: TrustCounts::default(),
+            nearest: Vec::with_capacity(cfg.neighbours + 1),
+            cfg,
+        }
+    }
+
+    /// The pair of classes whose held labels raised the disputed state, if raised.
+    pub fn disputed(&self) -> Option<(usize, usize)> {
+        self.disputed
+    }
+
+    pub fn counts(&self) -> TrustCounts {
+        self.counts
+    }
+
+    /// Labels held now.
+    pub fn held_len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Judges one label on `embedding`; `pretrained` is the pretrained model's class and
+    /// confidence there. A held label is kept (with `input`) until released or accepted.
+    /// `raised` is set when this label raised the disputed state.
+    pub fn judge(
+        &mut self,
+        input: &[f32],
+        embedding: ArrayView1<f32>,
+        label: usize,
+        pretrained: (usize, f32),
+    ) -> Judged {
+        if !self.cfg.enabled {
+            return Judged::believed();
+        }
+        let (class, confidence) = pretrained;
+        let confident = confidence >= self.cfg.confidence;
+        let seq = self.remember(embedding, label, confident.then_some(class));
+        let raised = self.update_dispute();
+        let p = pair(class, label);
+        if class == label || !confident || self.accepted_pairs.contains(&p) {
+            return Judged {
+                verdict: Verdict::Believed,
+                raised,
+            };
+        }
+        if self.disputed != Some(p) && self.supported(embedding, label, class, seq) {
+            return Judged {
+                verdict: Verdict::Believed,
+                raised,
+            };
+        }
+        self.counts.held += 1;
+        if self.held.len() >= self.cfg.quarantine {
+            self.held.pop_front();
+            self.counts.dropped += 1;
+        }
+        self.held.push_back(Held {
+            input: input.to_vec(),
+            embedding: embedding.to_vec(),
+            label,
+            pretrained: class,
+            seq,
+        });
+        Judged {
+            verdict: Verdict::Held,
+            raised,
+        }
+    }
+
+    /// Held labels whose neighbours now side with them, taken out of the quarantine.
+    pub fn release(&mut self) -> Vec<Held> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.held.len() {
+            let h = &self.held[i];
+            let (label, class, seq) = (h.label, h.pretrained, h.seq);
+            let emb = ndarray::Array1::from(h.embedding.clone());
+            if self.disputed != Some(pair(label, class))
+                && self.supported(emb.view(), label, class, seq)
+            {
+                out.extend(self.held.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        self.counts.released += out.len() as u64;
+        out
+    }
+
+    /// An operator's word that the held labels are right (a class changed its meaning): all
+    /// are released and their pairs are no longer checked.
+    pub fn accept(&mut self) -> Vec<Held> {
+        let out: Vec<Held> = self.held.drain(..).collect();
+        if let Some(p) = self.disputed {
+            self.accepted_pairs.push(p);
+        }
+        for h in &out {
+            let p = pair(h.label, h.pretrained);
+            if !self.accepted_pairs.contains(&p) {
+                self.accepted_pairs.push(p);
+            }
+        }
+        self.counts.accepted += out.len() as u64;
+        self.disputed = None;
+        out
+    }
+
+    /// Files a label in the memory ring; returns its sequence number.
+    fn remember(
+        &mut self,
+        embedding: ArrayView1<f32>,
+        label: usize,
+        confident: Option<usize>,
+    ) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let slot = (seq % self.cfg.memory as u64) as usize;
+        self.embeddings.row_mut(slot).assign(&embedding);
+        if slot < self.labels.len() {
+            self.labels[slot] = label;
+            self.seqs[slot] = seq;
+            self.confident[slot] = confident;
+        } else {
+            self.labels.push(label);
+            self.seqs.push(seq);
+            self.confident.push(confident);
+        }
+        seq
+    }
+
+    /// Whether the labels nearest `embedding` (itself excluded) name `label` more often than
+    /// `against`. Ties go against the label: a confident model and a split neighbourhood
+    /// are not evidence that the input moved.
+    fn supported(
+        &mut self,
+        embedding: ArrayView1<f32>,
+        label: usize,
+        against: usize,
+        seq: u64,
+    ) -> bool {
+        let k = self.cfg.neighbours;
+        self.nearest.clear();
+        for (slot, (&l, &s)) in self.labels.iter().zip(&self.seqs).enumerate() {
+            if s == seq {
+                continue;
+            }
+            let row = self.embeddings.row(slot);
+            let d: f32 = row
+                .iter()
+                .zip(embedding.iter())
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum();
+            if self.nearest.len() < k {
+                self.nearest.push((d, l));
+            } else if let Some(worst) = self
+                .nearest
+                .iter_mut()
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .filter(|w| d < w.0)
+            {
+                *worst = (d, l);
+            }
+        }
+        let support = self.nearest.iter().filter(|n| n.1 == label).count();
+        let opposed = self.nearest.iter().filter(|n| n.1 == against).count();
+        support > opposed
+    }
+
+    /// Looks for the swap signature in the memory (see the module docs); returns true when
+    /// it raised the disputed state.
+    fn update_dispute(&mut self) -> bool {
+        let classes = self
+            .labels
+            .iter()
+            .chain(self.confident.iter().flatten())
+            .max()
+            .map_or(0, |m| m + 1);
+        // given[a]: labels where the pretrained model confidently said a; against[a][b]: of
+        // those, labeled b.
+        let mut given = vec![0usize; classes];
+        let mut against = vec![vec![0usize; classes]; classes];
+        for (&label, confident) in self.labels.iter().zip(&self.confident) {
+            if let Some(a) = *confident {
+                given[a] += 1;
+                if a != label {
+                    against[a][label] += 1;
+                }
+            }
+        }
+        let strong = |a: usize, b: usize| {
+            let n = against[a][b];
+            n >= self.cfg.dispute_after && n as f32 >= self.cfg.dispute_share * given[a] as f32
+        };
+        let mut now = None;
+        let mut worst = 0;
+        for a in 0..classes {
+            for b in a + 1..classes {
+                let both = against[a][b].min(against[b][a]);
+                if strong(a, b)
+                    && strong(b, a)
+                    && both > worst
+                    && !self.accepted_pairs.contains(&(a, b))
+                {
+                    now = Some((a, b));
+                    worst = both;
+                }
+            }
+        }
+        let raised = now.is_some() && self.disputed.is_none();
+        if now != self.disputed {
+            match now {
+                Some((a, b)) => tracing::warn!(
+                    "labels disputed: labels contradict the confident pretrained model both ways \
+                     between classes {a} and {b} ({} and {} of the last {} labels); serving the \
+                     pretrained model until they age out or an operator accepts them",
+                    against[a][b],
+                    against[b][a],
+                    self.labels.len()
+                ),
+                None => tracing::info!("labels no longer disputed"),
+            }
+        }
+        self.disputed = now;
+        raised
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::arr1;
+
+    fn trust() -> LabelTrust {
+        LabelTrust::new(
+            TrustConfig {
+                neighbours: 3,
+                ..TrustConfig::default()
+            },
+            2,
+        )
+    }
+
+    fn judge(t: &mut LabelTrust, e: [f32; 2], label: usize, pretrained: usize) -> Judged {
+        t.judge(&[], arr1(&e).view(), label, (pretrained, 0.99))
+    }
+
+    #[test]
+    fn a_label_contradicting_a_confident_model_among_labels_of_its_class_is_held() {
+        let mut t = trust();
+        for i in 0..5 {
+            let j = judge(&mut t, [0.0, i as f32 * 0.01], 0, 0);
+            assert_eq!(j.verdict, Verdict::Believed);
+        }
+        assert_eq!(judge(&mut t, [0.0, 0.02], 1, 0).verdict, Verdict::Held);
+        assert_eq!(t.held_len(), 1);
+        assert_eq!(t.disputed(), None);
+    }
+
+    #[test]
+    fn labels_on_moved_inputs_support_each_other_and_are_released() {
+        let mut t = trust();
+        for i in 0..5 {
+            judge(&mut t, [0.0, i as f32 * 0.01], 0, 0);
+        }
+        // The inputs moved far from the class-0 labels: the first are held (no neighbour
+        // of their own label yet), the next ones are supported and release them.
+        let far = |i: usize| [5.0, i as f32 * 0.01];
+        assert_eq!(judge(&mut t, far(0), 1, 0).verdict, Verdict::Held);
+        assert_eq!(judge(&mut t, far(1), 1, 0).verdict, Verdict::Held);
+        assert_eq!(judge(&mut t, far(2), 1, 0).verdict, Verdict::Believed);
+        assert_eq!(t.release().len(), 2);
+        assert_eq!(t.held_len(), 0);
+        // One direction only: a shift, not a swap.
+        assert_eq!(t.disputed(), None);
+    }
+
+    #[test]
+    fn contradictions_both_ways_in_one_pair_raise_the_dispute_and_an_operator_accepts_them() {
+        let mut t = trust();
+        let mut raised = 0;
+        for i in 0..30 {
+            let y = i % 2;
+            // Every fifth label of each class is swapped, far from the others (so the
+            // neighbours cannot tell): only the pair's signature can.
+            let (label, at) = if i % 5 == 4 { (1 - y, 9.0) } else { (y, 0.0) };
+            raised += judge(&mut t, [at, y as f32], label, y).raised as usize;
+        }
+        assert_eq!(t.disputed(), Some((0, 1)));
+        assert_eq!(raised, 1);
+        // While disputed, the pair's contradicting labels are held even with support.
+        assert_eq!(judge(&mut t, [9.0, 0.0], 1, 0).verdict, Verdict::Held);
+        assert!(t.accept().len() >= 1);
+        assert_eq!(t.disputed(), None);
+        // The pair is no longer checked.
+        assert_eq!(judge(&mut t, [0.0, 0.0], 1, 0).verdict, Verdict::Believed);
+        assert_eq!(t.disputed(), None);
+    }
+
+    #[test]
+    fn an_unsure_pretrained_model_is_not_defended() {
+        let mut t = trust();
+        for i in 0..5 {
+            judge(&mut t, [0.0, i as f32], 0, 0);
+        }
+        let j = t.judge(&[], arr1(&[0.0, 0.0]).view(), 1, (0, 0.6));
+        assert_eq!(j.verdict, Verdict::Believed);
+    }
+
+    #[test]
+    fn the_quarantine_is_bounded_and_counts_what_it_drops() {
+        let mut t = LabelTrust::new(
+            TrustConfig {
+                quarantine: 2,
+                neighbours: 1,
+                ..TrustConfig::default()
+            },
+            1,
+        );
+        for _ in 0..3 {
+            t.judge(&[], arr1(&[0.0]).view(), 0, (0, 0.99));
+        }
+        for _ in 0..3 {
+            t.judge(&[], arr1(&[0.0]).view(), 1, (0, 0.99));
+        }
+        assert!(t.held_len() <= 2);
+        assert_eq!(t.counts().held, t.held_len() as u64 + t.counts().dropped);
+    }
+}
