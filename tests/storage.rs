@@ -1,0 +1,399 @@
+//! Storage an SD card survives: a disk that holds `keep` checkpoints but not one more, a state
+//! directory deleted while the daemon runs, another model tried on the same directory, failed
+//! and killed exports, and the write budget (a minimum interval between saves and bytes a
+//! day) with a learner at full speed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use edgemt::checkpoint::Saved;
+use edgemt::model::{Classifier, HeadSelection};
+use edgemt::session::CheckpointPolicy;
+
+use crate::util::broker::{daemon_config, last_metrics, num, on, Broker, Daemon, MqttPeer};
+use crate::util::{self, edgemt, run_ok, tempdir};
+
+/// Saves as often as the learner steps, with no interval and a budget that never binds: the
+/// worst case for a disk.
+const EVERY_THIRD_STEP: &str = "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 3\n\
+    min_interval_s = 0\nmax_mib_per_day = 100000\nkeep = 3\n";
+
+fn saved(learner: &edgemt::learn::Learner) -> Saved {
+    Saved {
+        learner: learner.state(),
+        mounting: None,
+    }
+}
+
+fn names(dir: &Path, ext: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(ext))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `edgemt replay` of the shipped target stream with `cfg` into checkpoint directory `ck`;
+/// its JSON report and how long it took.
+fn replay(cfg: &Path, ck: &Path, report: &Path) -> (Value, Duration) {
+    let started = Instant::now();
+    run_ok(
+        edgemt()
+            .args(["replay", "--config"])
+            .arg(cfg)
+            .arg(util::path("data/target_stream.jsonl"))
+            .arg("--checkpoint")
+            .arg(ck)
+            .arg("--report")
+            .arg(report),
+    );
+    let took = started.elapsed();
+    let report = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    (report, took)
+}
+
+/// Whether this machine lets us mount a tmpfs in a private user and mount namespace.
+fn private_mounts_work() -> bool {
+    Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn a_disk_that_holds_keep_checkpoints_but_not_one_more_keeps_saving_and_a_restart_restores_the_newest(
+) {
+    if !private_mounts_work() {
+        eprintln!(
+            "SKIPPED: `unshare --user --map-root-user --mount` is not permitted here, so no \
+             small tmpfs can be mounted without root"
+        );
+        return;
+    }
+    let dir = tempdir();
+    let cfg = util::config_with(dir.path(), EVERY_THIRD_STEP);
+    // A real checkpoint's size, from the same replay on an ordinary disk. The labeled buffer
+    // only grows over the stream, so the last checkpoint is the largest.
+    let measured = dir.path().join("measured");
+    let (full, _) = replay(&cfg, &measured, &dir.path().join("measured.json"));
+    let newest = measured.join(names(&measured, ".json").pop().unwrap());
+    const PAGE: u64 = 4096;
+    let on_disk = |p: &Path| std::fs::metadata(p).unwrap().len().div_ceil(PAGE) * PAGE;
+    let one = on_disk(&newest) + on_disk(&newest.with_extension("safetensors"));
+    // Room for `keep` = 3 of them and half of a fourth.
+    let size = (3 * one + one / 2).div_ceil(PAGE) * PAGE;
+
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = dir.path();
+    // Both runs inside one private mount namespace (the tmpfs and its files go with it).
+    let script = r#"set -e
+mount -t tmpfs -o "size=$SIZE" tmpfs "$MNT"
+"$EDGEMT" replay --config "$CFG" "$REC" --checkpoint "$MNT/ck" --report "$OUT/first.json" >/dev/null 2>"$OUT/first.log"
+ls "$MNT/ck" > "$OUT/first.ls"
+df -B1 --output=avail "$MNT" | tail -n 1 > "$OUT/first.avail"
+"$EDGEMT" replay --config "$CFG" "$REC" --checkpoint "$MNT/ck" --report "$OUT/second.json" >/dev/null 2>"$OUT/second.log"
+"#;
+    let status = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
+        .env("SIZE", size.to_string())
+        .env("MNT", &mnt)
+        .env("EDGEMT", env!("CARGO_BIN_EXE_edgemt"))
+        .env("CFG", &cfg)
+        .env("REC", util::path("data/target_stream.jsonl"))
+        .env("OUT", out)
+        .env("RUST_LOG", "info")
+        .status()
+        .unwrap();
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    assert!(
+        status.success(),
+        "a replay failed on the small disk ({size} bytes, one checkpoint {one}):\nfirst:\n{}\nsecond:\n{}",
+        read("first.log"),
+        read("second.log")
+    );
+    let first: Value = serde_json::from_str(&read("first.json")).unwrap();
+    let first_log = read("first.log");
+    assert_eq!(
+        first["checkpoints_written"], full["checkpoints_written"],
+        "every due checkpoint was written, as on a big disk\n{first_log}"
+    );
+    assert!(
+        first_log.contains("needed: removed"),
+        "the disk was tight: old checkpoints were removed to make room\n{first_log}"
+    );
+    let avail: u64 = read("first.avail").trim().parse().unwrap();
+    assert!(
+        avail < one,
+        "at the end a fourth checkpoint ({one} bytes) would not fit in {avail}"
+    );
+    let listing: Vec<&str> = read("first.ls").leak().lines().collect();
+    let manifests: Vec<&&str> = listing.iter().filter(|n| n.ends_with(".json")).collect();
+    assert!(
+        (1..=3).contains(&manifests.len()),
+        "{listing:?}: never more than keep, never none"
+    );
+    let newest = manifests.iter().max().unwrap().trim_end_matches(".json");
+    let second_log = read("second.log");
+    assert!(
+        second_log.contains(&format!("restored checkpoint {newest}")),
+        "the restart resumes from the newest checkpoint, {newest}:\n{second_log}"
+    );
+    assert!(!second_log.contains("refused"), "{second_log}");
+}
+
+#[test]
+fn another_models_saves_leave_the_first_models_newest_checkpoint() {
+    let hapt = util::shipped_classifier();
+    let cnn = Classifier::load(
+        &util::path("tests/data/models/cnn_gemm_softmax.onnx"),
+        &HeadSelection::default(),
+    )
+    .unwrap();
+    let dir = tempdir();
+    let mut first = util::checkpoint_store(dir.path(), &hapt, 2);
+    let learner = util::stepping_learner(&hapt, 1);
+    for _ in 0..3 {
+        first.save(&saved(&learner)).unwrap();
+    }
+    // A trial of another model on the same directory, keeping one of its own.
+    let mut trial = util::checkpoint_store(dir.path(), &cnn, 1);
+    let other = util::stepping_learner(&cnn, 1);
+    for _ in 0..5 {
+        trial.save(&saved(&other)).unwrap();
+    }
+    assert_eq!(
+        names(dir.path(), ".json"),
+        [
+            "ckpt-0000000002.json",
+            "ckpt-0000000003.json",
+            "ckpt-0000000008.json"
+        ],
+        "the trial pruned its own checkpoints only"
+    );
+    // Switching back resumes the first model's adaptation.
+    let back = util::checkpoint_store(dir.path(), &hapt, 2);
+    let mut resumed = util::stepping_learner(&hapt, 1);
+    let restored = back.restore_latest(&mut resumed).expect("restored");
+    assert_eq!(restored.manifest.sequence, 3);
+}
+
+#[test]
+fn a_deleted_checkpoint_directory_is_created_again_by_the_next_save() {
+    let c = util::shipped_classifier();
+    let dir = tempdir();
+    let ck = dir.path().join("ck");
+    let mut store = util::checkpoint_store(&ck, &c, 3);
+    let learner = util::stepping_learner(&c, 1);
+    store.save(&saved(&learner)).unwrap();
+    std::fs::remove_dir_all(&ck).unwrap();
+    let m = store.save(&saved(&learner)).unwrap();
+    assert_eq!(m.sequence, 2);
+    assert_eq!(names(&ck, ".json"), ["ckpt-0000000002.json"]);
+    assert!(store.latest_valid().is_some());
+}
+
+/// A daemon with its state directory in `dir`, obeying `checkpoint` and `export`, and a peer
+/// watching its metrics.
+fn daemon_with_commands(
+    dir: &Path,
+    broker: &Broker,
+    prefix: &str,
+) -> (Daemon, MqttPeer, PathBuf, String) {
+    let state = dir.join("state");
+    let cfg = daemon_config(
+        dir,
+        broker,
+        prefix,
+        "[control]\nallow = [\"checkpoint\", \"export\"]\n",
+    );
+    let daemon = Daemon::start(&cfg, &[("STATE_DIRECTORY", state.to_str().unwrap())]);
+    let metrics = format!("{prefix}/metrics");
+    let peer = MqttPeer::connect(broker.port, "storage", &[&metrics]);
+    peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
+    (daemon, peer, state, metrics)
+}
+
+/// The newest metrics message once `done` holds for it (panics after 10 s).
+fn metrics_when(peer: &MqttPeer, metrics: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
+        last_metrics(m, metrics).is_some_and(|v| done(&v))
+    });
+    let m = last_metrics(&got, metrics).expect("metrics arrive");
+    assert!(done(&m), "not reached within 10 s: {m}");
+    m
+}
+
+#[test]
+fn the_daemon_keeps_saving_after_its_state_directory_is_deleted() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/storage-rm";
+    let (mut daemon, peer, state, metrics) = daemon_with_commands(dir.path(), &broker, prefix);
+    let cmd = format!("{prefix}/cmd");
+    peer.publish(&cmd, "checkpoint");
+    metrics_when(&peer, &metrics, |v| num(v, "checkpoints_total") >= 1.0);
+    std::fs::remove_dir_all(&state).unwrap();
+    peer.publish(&cmd, "checkpoint");
+    let m = metrics_when(&peer, &metrics, |v| num(v, "checkpoints_total") >= 2.0);
+    assert_eq!(num(&m, "checkpoint_failures_total"), 0.0, "{m}");
+    assert!(num(&m, "checkpoint_bytes_total") > 0.0, "{m}");
+    let c = util::shipped_classifier();
+    let (saved, _) = util::checkpoint_store(&state, &c, 3)
+        .latest_valid()
+        .expect("a valid checkpoint in the recreated directory");
+    assert_eq!(saved.sequence, 2);
+    assert!(daemon.terminate().0.success());
+    let log = daemon.log_text();
+    assert!(log.contains("is gone; creating it again"), "{log}");
+}
+
+#[test]
+fn a_failed_export_is_counted_and_leaves_no_temporary_file() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/storage-export";
+    let (mut daemon, peer, state, metrics) = daemon_with_commands(dir.path(), &broker, prefix);
+    // adapted.onnx cannot be replaced: a directory is in the way.
+    std::fs::create_dir_all(state.join("adapted.onnx")).unwrap();
+    std::fs::write(state.join("adapted.onnx").join("keep"), b"").unwrap();
+    peer.publish(&format!("{prefix}/cmd"), "export");
+    let m = metrics_when(&peer, &metrics, |v| num(v, "export_failures_total") >= 1.0);
+    assert_eq!(num(&m, "export_failures_total"), 1.0, "{m}");
+    assert_eq!(num(&m, "exports_total"), 0.0, "{m}");
+    assert_eq!(names(&state, ".tmp"), Vec::<String>::new());
+    assert!(daemon.terminate().0.success());
+    let log = daemon.log_text();
+    assert!(log.contains("export failed"), "{log}");
+}
+
+/// A checkpoint directory holding one checkpoint of the shipped model.
+fn one_checkpoint(dir: &Path) -> PathBuf {
+    let c = util::shipped_classifier();
+    let ck = dir.join("ck");
+    util::checkpoint_store(&ck, &c, 3)
+        .save(&saved(&util::stepping_learner(&c, 1)))
+        .unwrap();
+    ck
+}
+
+#[test]
+fn a_failed_export_from_the_command_line_leaves_no_temporary_file() {
+    let dir = tempdir();
+    let ck = one_checkpoint(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(out.join("adapted.onnx").join("in-the-way")).unwrap();
+    let result = edgemt()
+        .args(["export", "--checkpoint"])
+        .arg(&ck)
+        .arg("-o")
+        .arg(out.join("adapted.onnx"))
+        .output()
+        .unwrap();
+    assert!(!result.status.success());
+    assert_eq!(names(&out, ".tmp"), Vec::<String>::new());
+}
+
+#[test]
+fn an_export_removes_the_temporary_file_a_killed_export_left() {
+    let dir = tempdir();
+    let ck = one_checkpoint(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let stale = out.join(".adapted.onnx.Xy12ab.tmp");
+    std::fs::write(&stale, vec![0u8; 4096]).unwrap();
+    run_ok(
+        edgemt()
+            .args(["export", "--checkpoint"])
+            .arg(&ck)
+            .arg("-o")
+            .arg(out.join("adapted.onnx")),
+    );
+    assert!(!stale.exists());
+    assert_eq!(names(&out, ".tmp"), Vec::<String>::new());
+    assert!(out.join("adapted.onnx").exists());
+}
+
+#[test]
+fn a_busy_learner_saves_no_sooner_than_the_minimum_interval_but_a_request_does_not_wait() {
+    let t0 = Instant::now();
+    let min = Duration::from_secs(600);
+    let mut policy = CheckpointPolicy::new(20, Duration::from_secs(3600), min, t0);
+    let soon = t0 + Duration::from_secs(30);
+    assert!(!policy.due(1000, soon), "1000 steps, but 30 s after start");
+    assert!(policy.due(1000, t0 + min));
+    policy.saved(1000, t0 + min);
+    policy.request();
+    assert!(policy.due(1000, t0 + min), "a request is saved at once");
+    policy.saved(1000, t0 + min);
+    assert!(!policy.due(1019, t0 + 2 * min), "19 steps: not yet");
+    assert!(policy.due(1020, t0 + 2 * min));
+    assert!(
+        policy.due(1001, t0 + min + Duration::from_secs(3600)),
+        "an hour and anything changed"
+    );
+}
+
+#[test]
+fn replay_at_full_speed_saves_no_more_often_than_the_minimum_interval() {
+    let dir = tempdir();
+    let cfg = util::config_with(
+        dir.path(),
+        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 1\nmin_interval_s = 1\n\
+         max_mib_per_day = 100000\n",
+    );
+    let (report, took) = replay(&cfg, &dir.path().join("ck"), &dir.path().join("r.json"));
+    let written = report["checkpoints_written"].as_u64().unwrap();
+    // One a second at most, plus the final one.
+    let most = took.as_secs() + 1;
+    assert!(
+        (1..=most).contains(&written),
+        "{written} checkpoints in {took:?} (every step was due)"
+    );
+}
+
+#[test]
+fn replay_at_full_speed_writes_no_more_bytes_than_the_daily_budget_allows() {
+    let dir = tempdir();
+    // 2.4 MiB a day: a bucket of 0.1 MiB, refilled at 29 bytes a second.
+    let mib_per_day = 2.4;
+    let cfg = util::config_with(
+        dir.path(),
+        &format!(
+            "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 1\nmin_interval_s = 0\n\
+             max_mib_per_day = {mib_per_day}\n"
+        ),
+    );
+    let ck = dir.path().join("ck");
+    let (report, took) = replay(&cfg, &ck, &dir.path().join("r.json"));
+    let written = report["checkpoints_written"].as_u64().unwrap();
+    let bytes = report["checkpoint_bytes_written"].as_u64().unwrap() as f64;
+    let newest = ck.join(names(&ck, ".json").pop().unwrap());
+    let largest = (std::fs::metadata(&newest).unwrap().len()
+        + std::fs::metadata(newest.with_extension("safetensors"))
+            .unwrap()
+            .len()) as f64;
+    let per_day = mib_per_day * 1024.0 * 1024.0;
+    // The bucket, its refill while the replay ran, one save that outgrew the estimate and the
+    // final save, which the budget does not stop.
+    let allowed = per_day / 24.0 + per_day / 86_400.0 * took.as_secs_f64() + 2.0 * largest;
+    assert!(
+        bytes <= allowed,
+        "{bytes} bytes in {written} checkpoints over {took:?}, budget {allowed}"
+    );
+    assert!(written >= 2, "{written}");
+    // The final state is written whatever the budget: the newest checkpoint has every step.
+    let store = util::checkpoint_store(&ck, &util::shipped_classifier(), 3);
+    let (m, _) = store.latest_valid().unwrap();
+    assert_eq!(
+        Some(m.counters.train_steps),
+        report["train_steps"].as_u64(),
+        "{report}"
+    );
+}
