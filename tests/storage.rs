@@ -66,22 +66,68 @@ fn private_mounts_work() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Mounts a tmpfs with `options` in a private user and mount namespace and replays the target
+/// stream twice with `cfg` into a checkpoint directory on it (the tmpfs and its files go with
+/// the namespace): `first.*` and `second.*` reports and logs, the first run's listing
+/// (`first.ls`) and the space left after it (`first.avail`), in `out`. Whether both ran.
+fn two_replays_on_a_tmpfs(options: &str, cfg: &Path, out: &Path) -> bool {
+    let mnt = out.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let script = r#"set -e
+mount -t tmpfs -o "$OPTIONS" tmpfs "$MNT"
+"$EDGEMT" replay --config "$CFG" "$REC" --checkpoint "$MNT/ck" --report "$OUT/first.json" >/dev/null 2>"$OUT/first.log"
+ls "$MNT/ck" > "$OUT/first.ls"
+df -B1 --output=avail "$MNT" | tail -n 1 > "$OUT/first.avail"
+"$EDGEMT" replay --config "$CFG" "$REC" --checkpoint "$MNT/ck" --report "$OUT/second.json" >/dev/null 2>"$OUT/second.log"
+"#;
+    Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
+        .env("OPTIONS", options)
+        .env("MNT", &mnt)
+        .env("EDGEMT", env!("CARGO_BIN_EXE_edgemt"))
+        .env("CFG", cfg)
+        .env("REC", util::path("data/target_stream.jsonl"))
+        .env("OUT", out)
+        .env("RUST_LOG", "info")
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// What the first replay's restart restored: the checkpoint's name and its train_steps.
+fn restored(log: &str) -> Option<(String, u64)> {
+    let line = log.lines().find(|l| l.contains("restored checkpoint "))?;
+    let rest = line.split("restored checkpoint ").nth(1)?;
+    let name = rest.split_whitespace().next()?.to_string();
+    let steps = rest.split("train_steps ").nth(1)?;
+    let steps = steps.trim_end_matches(')').trim().parse().ok()?;
+    Some((name, steps))
+}
+
+fn skip_without_private_mounts() -> bool {
+    if private_mounts_work() {
+        return false;
+    }
+    eprintln!(
+        "SKIPPED: `unshare --user --map-root-user --mount` is not permitted here, so no small \
+         tmpfs can be mounted without root"
+    );
+    true
+}
+
 #[test]
 fn a_disk_that_holds_keep_checkpoints_but_not_one_more_keeps_saving_and_a_restart_restores_the_newest(
 ) {
-    if !private_mounts_work() {
-        eprintln!(
-            "SKIPPED: `unshare --user --map-root-user --mount` is not permitted here, so no \
-             small tmpfs can be mounted without root"
-        );
+    if skip_without_private_mounts() {
         return;
     }
     let dir = tempdir();
-    let cfg = util::config_with(dir.path(), EVERY_THIRD_STEP);
+    let out = dir.path();
+    let cfg = util::config_with(out, EVERY_THIRD_STEP);
     // A real checkpoint's size, from the same replay on an ordinary disk. The labeled buffer
     // only grows over the stream, so the last checkpoint is the largest.
-    let measured = dir.path().join("measured");
-    let (full, _) = replay(&cfg, &measured, &dir.path().join("measured.json"));
+    let measured = out.join("measured");
+    let (full, _) = replay(&cfg, &measured, &out.join("measured.json"));
     let newest = measured.join(names(&measured, ".json").pop().unwrap());
     const PAGE: u64 = 4096;
     let on_disk = |p: &Path| std::fs::metadata(p).unwrap().len().div_ceil(PAGE) * PAGE;
@@ -89,37 +135,15 @@ fn a_disk_that_holds_keep_checkpoints_but_not_one_more_keeps_saving_and_a_restar
     // Room for `keep` = 3 of them and half of a fourth.
     let size = (3 * one + one / 2).div_ceil(PAGE) * PAGE;
 
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let out = dir.path();
-    // Both runs inside one private mount namespace (the tmpfs and its files go with it).
-    let script = r#"set -e
-mount -t tmpfs -o "size=$SIZE" tmpfs "$MNT"
-"$EDGEMT" replay --config "$CFG" "$REC" --checkpoint "$MNT/ck" --report "$OUT/first.json" >/dev/null 2>"$OUT/first.log"
-ls "$MNT/ck" > "$OUT/first.ls"
-df -B1 --output=avail "$MNT" | tail -n 1 > "$OUT/first.avail"
-"$EDGEMT" replay --config "$CFG" "$REC" --checkpoint "$MNT/ck" --report "$OUT/second.json" >/dev/null 2>"$OUT/second.log"
-"#;
-    let status = Command::new("unshare")
-        .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
-        .env("SIZE", size.to_string())
-        .env("MNT", &mnt)
-        .env("EDGEMT", env!("CARGO_BIN_EXE_edgemt"))
-        .env("CFG", &cfg)
-        .env("REC", util::path("data/target_stream.jsonl"))
-        .env("OUT", out)
-        .env("RUST_LOG", "info")
-        .status()
-        .unwrap();
+    let ran = two_replays_on_a_tmpfs(&format!("size={size}"), &cfg, out);
     let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    let first_log = read("first.log");
+    let second_log = read("second.log");
     assert!(
-        status.success(),
-        "a replay failed on the small disk ({size} bytes, one checkpoint {one}):\nfirst:\n{}\nsecond:\n{}",
-        read("first.log"),
-        read("second.log")
+        ran,
+        "a replay failed on the small disk ({size} bytes, one checkpoint {one}):\nfirst:\n{first_log}\nsecond:\n{second_log}"
     );
     let first: Value = serde_json::from_str(&read("first.json")).unwrap();
-    let first_log = read("first.log");
     assert_eq!(
         first["checkpoints_written"], full["checkpoints_written"],
         "every due checkpoint was written, as on a big disk\n{first_log}"
@@ -133,19 +157,53 @@ df -B1 --output=avail "$MNT" | tail -n 1 > "$OUT/first.avail"
         avail < one,
         "at the end a fourth checkpoint ({one} bytes) would not fit in {avail}"
     );
-    let listing: Vec<&str> = read("first.ls").leak().lines().collect();
-    let manifests: Vec<&&str> = listing.iter().filter(|n| n.ends_with(".json")).collect();
+    let listing = read("first.ls");
+    let manifests: Vec<&str> = listing.lines().filter(|n| n.ends_with(".json")).collect();
     assert!(
         (1..=3).contains(&manifests.len()),
-        "{listing:?}: never more than keep, never none"
+        "{listing}: never more than keep, never none"
     );
     let newest = manifests.iter().max().unwrap().trim_end_matches(".json");
-    let second_log = read("second.log");
-    assert!(
-        second_log.contains(&format!("restored checkpoint {newest}")),
-        "the restart resumes from the newest checkpoint, {newest}:\n{second_log}"
+    assert_eq!(
+        restored(&second_log),
+        Some((newest.to_string(), first["train_steps"].as_u64().unwrap())),
+        "the restart resumes from the newest checkpoint, {newest}, holding every step:\n{second_log}"
     );
     assert!(!second_log.contains("refused"), "{second_log}");
+}
+
+#[test]
+fn a_save_that_runs_out_of_space_after_writing_cleans_up_prunes_and_succeeds_on_its_retry() {
+    if skip_without_private_mounts() {
+        return;
+    }
+    let dir = tempdir();
+    let out = dir.path();
+    let cfg = util::config_with(out, EVERY_THIRD_STEP);
+    // Space enough, but 9 inodes: the root, the checkpoint directory, three checkpoints of two
+    // files, and one temporary file. The free-space check passes; the fourth checkpoint's
+    // manifest finds no inode after its tensor file was written.
+    let ran = two_replays_on_a_tmpfs("size=50m,nr_inodes=9", &cfg, out);
+    let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+    let first_log = read("first.log");
+    assert!(ran, "{first_log}\n{}", read("second.log"));
+    assert!(
+        first_log.contains("No space left on device") && first_log.contains("to retry"),
+        "{first_log}"
+    );
+    let first: Value = serde_json::from_str(&read("first.json")).unwrap();
+    let listing = read("first.ls");
+    assert!(!listing.contains(".tmp"), "{listing}");
+    let newest = listing
+        .lines()
+        .filter(|n| n.ends_with(".json"))
+        .max()
+        .unwrap()
+        .trim_end_matches(".json");
+    assert_eq!(
+        restored(&read("second.log")),
+        Some((newest.to_string(), first["train_steps"].as_u64().unwrap()))
+    );
 }
 
 #[test]
@@ -251,7 +309,7 @@ fn the_daemon_keeps_saving_after_its_state_directory_is_deleted() {
     assert_eq!(saved.sequence, 2);
     assert!(daemon.terminate().0.success());
     let log = daemon.log_text();
-    assert!(log.contains("is gone; creating it again"), "{log}");
+    assert!(log.contains("was gone; created it again"), "{log}");
 }
 
 #[test]
@@ -271,6 +329,42 @@ fn a_failed_export_is_counted_and_leaves_no_temporary_file() {
     assert!(daemon.terminate().0.success());
     let log = daemon.log_text();
     assert!(log.contains("export failed"), "{log}");
+}
+
+#[test]
+fn a_save_that_keeps_failing_logs_one_error_a_minute_and_counts_every_failure() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/storage-fail";
+    let state = dir.path().join("state");
+    let cfg = daemon_config(
+        dir.path(),
+        &broker,
+        prefix,
+        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 1\nmin_interval_s = 0\n\
+         max_mib_per_day = 100000\n",
+    );
+    let mut daemon = Daemon::start(&cfg, &[("STATE_DIRECTORY", state.to_str().unwrap())]);
+    let metrics = format!("{prefix}/metrics");
+    let peer = MqttPeer::connect(broker.port, "storage", &[&metrics]);
+    peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
+    // A file where the directory was: no save can create it again.
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::write(&state, b"").unwrap();
+    for s in util::stream(60) {
+        peer.publish(&format!("{prefix}/samples"), s.to_string());
+    }
+    let m = metrics_when(&peer, &metrics, |v| {
+        num(v, "checkpoint_failures_total") >= 10.0
+    });
+    assert_eq!(num(&m, "checkpoints_total"), 0.0, "{m}");
+    assert!(daemon.terminate().0.success());
+    let log = daemon.log_text();
+    let errors = log
+        .lines()
+        .filter(|l| l.contains("checkpoint not written"))
+        .count();
+    assert_eq!(errors, 1, "one line for a minute of failures:\n{log}");
 }
 
 /// A checkpoint directory holding one checkpoint of the shipped model.

@@ -132,11 +132,13 @@ impl CheckpointStore {
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         if !self.dir.is_dir() {
+            // Said after it worked: a directory that cannot be made fails every save, and
+            // the caller rate-limits that error; this line would not be.
+            fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
             tracing::warn!(
-                "checkpoint directory {} is gone; creating it again",
+                "checkpoint directory {} was gone; created it again",
                 self.dir.display()
             );
-            fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         }
         self.make_room(&[bytes.len(), json.len()]);
         match self.write(&stem, &bytes, &json) {
