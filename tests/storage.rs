@@ -367,6 +367,40 @@ fn a_save_that_keeps_failing_logs_one_error_a_minute_and_counts_every_failure() 
     assert_eq!(errors, 1, "one line for a minute of failures:\n{log}");
 }
 
+#[test]
+fn a_daemon_learning_at_full_speed_under_the_default_budget_writes_only_its_final_checkpoint() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/storage-default";
+    let state = dir.path().join("state");
+    // Every sample a step: 300 steps were three checkpoints under the old step-based policy
+    // (every_steps = 100), a checkpoint every 1.3 s at 300 samples/s.
+    let cfg = daemon_config(dir.path(), &broker, prefix, "[learn]\ntrain_every = 1\n");
+    let mut daemon = Daemon::start(&cfg, &[("STATE_DIRECTORY", state.to_str().unwrap())]);
+    let metrics = format!("{prefix}/metrics");
+    let peer = MqttPeer::connect(broker.port, "storage", &[&metrics]);
+    peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
+    for s in util::stream(300) {
+        peer.publish(&format!("{prefix}/samples"), s.to_string());
+    }
+    let m = metrics_when(&peer, &metrics, |v| num(v, "train_steps") >= 300.0);
+    assert_eq!(
+        num(&m, "checkpoints_total"),
+        0.0,
+        "min_interval_s = 600 holds: {m}"
+    );
+    assert!(daemon.terminate().0.success());
+    assert_eq!(
+        names(&state, ".json").len(),
+        1,
+        "the final save at shutdown does not wait for the interval"
+    );
+    let (saved, _) = util::checkpoint_store(&state, &util::shipped_classifier(), 3)
+        .latest_valid()
+        .unwrap();
+    assert!(saved.counters.train_steps >= 300);
+}
+
 /// A checkpoint directory holding one checkpoint of the shipped model.
 fn one_checkpoint(dir: &Path) -> PathBuf {
     let c = util::shipped_classifier();
