@@ -278,13 +278,14 @@ fn daemon_with_commands(
     (daemon, peer, state, metrics)
 }
 
-/// The newest metrics message once `done` holds for it (panics after 10 s).
+/// The newest metrics message once `done` holds for it (panics after 30 s: a debug build
+/// sharing two cores with other tests is slow).
 fn metrics_when(peer: &MqttPeer, metrics: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let got = peer.collect_until(Duration::from_secs(10), |m| {
+    let got = peer.collect_until(Duration::from_secs(30), |m| {
         last_metrics(m, metrics).is_some_and(|v| done(&v))
     });
     let m = last_metrics(&got, metrics).expect("metrics arrive");
-    assert!(done(&m), "not reached within 10 s: {m}");
+    assert!(done(&m), "not reached within 30 s: {m}");
     m
 }
 
@@ -373,17 +374,23 @@ fn a_daemon_learning_at_full_speed_under_the_default_budget_writes_only_its_fina
     let broker = Broker::start();
     let prefix = "edgemt-test/storage-default";
     let state = dir.path().join("state");
-    // Every sample a step: 300 steps were three checkpoints under the old step-based policy
+    // Every sample a step: 200 steps were two checkpoints under the old step-based policy
     // (every_steps = 100), a checkpoint every 1.3 s at 300 samples/s.
     let cfg = daemon_config(dir.path(), &broker, prefix, "[learn]\ntrain_every = 1\n");
     let mut daemon = Daemon::start(&cfg, &[("STATE_DIRECTORY", state.to_str().unwrap())]);
     let metrics = format!("{prefix}/metrics");
     let peer = MqttPeer::connect(broker.port, "storage", &[&metrics]);
     peer.collect_until(Duration::from_secs(10), |m| on(m, &metrics).count() > 0);
-    for s in util::stream(300) {
+    for s in util::stream(200) {
         peer.publish(&format!("{prefix}/samples"), s.to_string());
     }
-    let m = metrics_when(&peer, &metrics, |v| num(v, "train_steps") >= 300.0);
+    // Steps deferred while inference was busy are owed, at most 256 of them: wait for the
+    // queues to empty, with well over every_steps taken.
+    let m = metrics_when(&peer, &metrics, |v| {
+        num(v, "samples_total") >= 200.0
+            && num(v, "train_queue") == 0.0
+            && num(v, "train_steps") >= 150.0
+    });
     assert_eq!(
         num(&m, "checkpoints_total"),
         0.0,
@@ -398,7 +405,7 @@ fn a_daemon_learning_at_full_speed_under_the_default_budget_writes_only_its_fina
     let (saved, _) = util::checkpoint_store(&state, &util::shipped_classifier(), 3)
         .latest_valid()
         .unwrap();
-    assert!(saved.counters.train_steps >= 300);
+    assert!(saved.counters.train_steps >= num(&m, "train_steps") as u64);
 }
 
 /// A checkpoint directory holding one checkpoint of the shipped model.

@@ -180,17 +180,22 @@ impl CheckpointStore {
             .map_err(io(&self.dir))
     }
 
-    /// This model's manifests (by fingerprint), newest first. Other models' and unreadable
-    /// ones are not ours to prune.
+    /// This model's manifests (by fingerprint, whatever their format version), newest first.
+    /// Other models' and unreadable ones are not ours to prune.
     fn own_manifests(&self) -> Vec<PathBuf> {
+        /// The one field that says whose a checkpoint is.
+        #[derive(serde::Deserialize)]
+        struct Owner {
+            model_fingerprint: String,
+        }
         let fingerprint = format!("{:016x}", self.identity.model_fingerprint);
         self.manifests()
             .into_iter()
             .filter(|p| {
                 fs::read(p)
                     .ok()
-                    .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
-                    .is_some_and(|m| m.model_fingerprint == fingerprint)
+                    .and_then(|b| serde_json::from_slice::<Owner>(&b).ok())
+                    .is_some_and(|o| o.model_fingerprint == fingerprint)
             })
             .collect()
     }
