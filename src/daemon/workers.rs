@@ -68,7 +68,10 @@ impl Workers {
             shared,
             session: Session::new(classifier, cfg, wing.daemon.seed)?,
             queue: train,
-            checkpoints,
+            // Every save goes through the write budget ([checkpoint] max_mib_per_day).
+            checkpoints: checkpoints.map(|store| {
+                CheckpointWriter::new(store, cfg.checkpoint.max_mib_per_day, Instant::now())
+            }),
             exporter: Exporter {
                 proto: classifier.proto().clone(),
                 trainable: classifier.trainable.clone(),
@@ -82,7 +85,6 @@ impl Workers {
             published_request: None,
             class_names: classifier.class_names.clone(),
             owed_steps: 0,
-            max_mib_per_day: cfg.checkpoint.max_mib_per_day,
         };
         Ok(Workers { inference, trainer })
     }
@@ -274,8 +276,8 @@ pub struct TrainerWorker {
     pub shared: Arc<Shared>,
     pub session: Session,
     pub queue: Arc<BoundedQueue<TrainItem>>,
-    /// Where checkpoints (and exports) go, if anywhere.
-    pub checkpoints: Option<CheckpointStore>,
+    /// Where checkpoints go, if anywhere, behind the write budget.
+    pub checkpoints: Option<CheckpointWriter>,
     pub exporter: Exporter,
     /// What the inference thread was last handed.
     pub published: (Serving, SignedPerm),
@@ -291,8 +293,6 @@ pub struct TrainerWorker {
     pub class_names: Vec<String>,
     /// Student steps deferred while inference had a backlog, still to take.
     pub owed_steps: usize,
-    /// `[checkpoint] max_mib_per_day`, for the writer thread's budget.
-    pub max_mib_per_day: f64,
 }
 
 /// Most deferred steps kept owing: after a long overload the trainer catches up at most
@@ -321,8 +321,8 @@ impl TrainerWorker {
 
     /// Restores the newest checkpoint, if any, and hands inference the model to serve.
     pub fn begin(&mut self) {
-        if let Some(store) = &self.checkpoints {
-            self.session.restore(store);
+        if let Some(writer) = &self.checkpoints {
+            self.session.restore(writer.store());
         }
         self.publish_teacher();
         // Replaces whatever request a previous run left retained.
@@ -376,10 +376,9 @@ impl TrainerWorker {
         super::priority::lower_current_thread("training");
         self.begin();
         let (writer_tx, writer_thread) = match self.checkpoints.take() {
-            Some(store) => {
+            Some(writer) => {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Saved>(2);
                 let shared = self.shared.clone();
-                let writer = CheckpointWriter::new(store, self.max_mib_per_day, Instant::now());
                 let handle = std::thread::Builder::new()
                     .name("checkpoints".into())
                     .spawn(move || write_checkpoints(writer, rx, shared))
