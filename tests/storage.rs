@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use edgemt::checkpoint::Saved;
+use edgemt::checkpoint::{CheckpointWriter, Offered, Saved};
 use edgemt::model::{Classifier, HeadSelection};
 use edgemt::session::CheckpointPolicy;
 
@@ -473,6 +473,57 @@ fn a_busy_learner_saves_no_sooner_than_the_minimum_interval_but_a_request_does_n
         policy.due(1001, t0 + min + Duration::from_secs(3600)),
         "an hour and anything changed"
     );
+}
+
+#[test]
+fn the_writer_defers_what_the_budget_does_not_allow_and_writes_the_newest_deferred_state_later() {
+    let c = util::shipped_classifier();
+    let dir = tempdir();
+    let learner = util::stepping_learner(&c, 1);
+    let at_step = |steps: u64| {
+        let mut state = saved(&learner);
+        state.learner.counters.train_steps = steps;
+        state
+    };
+    // One checkpoint on disk tells the next writer the size to expect.
+    util::checkpoint_store(dir.path(), &c, 3)
+        .save(&at_step(0))
+        .unwrap();
+    let store = util::checkpoint_store(dir.path(), &c, 3);
+    let one = store.last_bytes().unwrap() as f64;
+    // A bucket of one and a half checkpoints (an hour's worth of the daily budget).
+    let mib_per_day = 1.5 * one * 24.0 / (1024.0 * 1024.0);
+    let t0 = Instant::now();
+    let mut writer = CheckpointWriter::new(store, mib_per_day, t0);
+    assert!(matches!(
+        writer.offer(at_step(1), t0).unwrap(),
+        Offered::Written(_)
+    ));
+    for steps in [2, 3] {
+        match writer.offer(at_step(steps), t0).unwrap() {
+            // Half a checkpoint missing, refilled at 1.5 checkpoints an hour: 20 minutes.
+            Offered::Deferred { wait_s } => assert!((wait_s - 1200.0).abs() < 1.0, "{wait_s}"),
+            Offered::Written(m) => panic!("written beyond the budget: {}", m.sequence),
+        }
+    }
+    assert!(writer.poll(t0 + Duration::from_secs(1100)).is_none());
+    let m = writer
+        .poll(t0 + Duration::from_secs(1300))
+        .expect("the budget allows it now")
+        .unwrap();
+    assert_eq!(m.counters.train_steps, 3, "the newest deferred state");
+    assert!(!writer.has_pending());
+    // Deferred again, and written at the end whatever the budget says.
+    let later = t0 + Duration::from_secs(1301);
+    assert!(matches!(
+        writer.offer(at_step(4), later).unwrap(),
+        Offered::Deferred { .. }
+    ));
+    let last = writer.finish(None, later).unwrap().unwrap();
+    assert_eq!(last.counters.train_steps, 4);
+    let totals = writer.totals();
+    assert_eq!((totals.written, totals.deferred), (3, 3));
+    assert!(totals.bytes as f64 >= 3.0 * one * 0.99);
 }
 
 #[test]
