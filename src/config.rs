@@ -358,7 +358,15 @@ impl Section for CheckpointConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         positive("checkpoint.every_steps", self.every_steps)?;
         positive("checkpoint.keep", self.keep as u64)?;
-        seconds("checkpoint.every_s", self.every_s, 1.0)
+        seconds("checkpoint.every_s", self.every_s, 1.0)?;
+        seconds("checkpoint.min_interval_s", self.min_interval_s, 0.0)?;
+        // Below a checkpoint a day nothing would ever be saved but at shutdown; above a
+        // TiB it is not a budget.
+        check(
+            "checkpoint.max_mib_per_day",
+            self.max_mib_per_day as f32,
+            0.01..=1024.0 * 1024.0,
+        )
     }
 }
 

@@ -18,7 +18,7 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::calibration::SignedPerm;
-use crate::checkpoint::{CheckpointError, CheckpointStore, Identity};
+use crate::checkpoint::{CheckpointError, CheckpointStore, CheckpointWriter, Identity};
 use crate::config::Config;
 use crate::learn::requests::{RequestConfig, RequestCounts};
 use crate::learn::trust::TrustCounts;
@@ -88,6 +88,8 @@ pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_from: Option<String>,
     pub checkpoints_written: u64,
+    /// Bytes those checkpoints took (tensor files and manifests), against the write budget.
+    pub checkpoint_bytes_written: u64,
     pub throughput_samples_per_s: f64,
     pub peak_rss_bytes: u64,
     pub seed: u64,
@@ -377,19 +379,24 @@ pub fn replay(
     let mut answers_due: std::collections::VecDeque<(usize, String, usize)> = Default::default();
     let mut lines = Vec::with_capacity(2);
     let mut request_id = String::new();
-    let mut store = match &opts.checkpoint {
-        Some(dir) => Some(CheckpointStore::open(
-            dir,
-            cfg.checkpoint.keep,
-            Identity::new(classifier, &cfg.learn),
-        )?),
+    // Saves go through the write budget here too: a replay at full speed is the daemon's
+    // worst case, and the numbers it shows are the ones a board gets.
+    let mut writer = match &opts.checkpoint {
+        Some(dir) => Some(CheckpointWriter::new(
+            CheckpointStore::open(
+                dir,
+                cfg.checkpoint.keep,
+                Identity::new(classifier, &cfg.learn),
+            )?,
+            cfg.checkpoint.max_mib_per_day,
+            Instant::now(),
+        )),
         None => None,
     };
-    let restored_from = store
+    let restored_from = writer
         .as_ref()
-        .and_then(|s| session.restore(s))
+        .and_then(|w| session.restore(w.store()))
         .map(|r| r.name);
-    let mut checkpoints_written = 0;
 
     let started = Instant::now();
     let mut predictor = Predictor::new(classifier.backbone.clone());
@@ -537,10 +544,11 @@ pub fn replay(
                     timeline.push(window.point(samples));
                     window = Window::default();
                 }
-                if let Some(store) = store.as_mut() {
+                if let Some(writer) = writer.as_mut() {
                     if let Some(state) = session.take_checkpoint(Instant::now()) {
-                        store.save(&state)?;
-                        checkpoints_written += 1;
+                        writer.offer(state, Instant::now())?;
+                    } else if let Some(written) = writer.poll(Instant::now()) {
+                        written?;
                     }
                 }
             }
@@ -566,11 +574,23 @@ pub fn replay(
         timeline.push(window.point(samples));
     }
     let elapsed = started.elapsed().as_secs_f64();
-    if let Some(store) = store.as_mut() {
+    let (mut checkpoints_written, mut checkpoint_bytes_written) = (0, 0);
+    if let Some(writer) = writer.as_mut() {
         session.request_checkpoint();
-        if let Some(state) = session.take_checkpoint(Instant::now()) {
-            store.save(&state)?;
-            checkpoints_written += 1;
+        if let Some(written) =
+            writer.finish(session.take_checkpoint(Instant::now()), Instant::now())
+        {
+            written?;
+        }
+        let totals = writer.totals();
+        (checkpoints_written, checkpoint_bytes_written) = (totals.written, totals.bytes);
+        if totals.deferred > 0 {
+            tracing::info!(
+                "the write budget ([checkpoint] max_mib_per_day) deferred {} due checkpoints; {} written ({} bytes)",
+                totals.deferred,
+                totals.written,
+                totals.bytes
+            );
         }
     }
 
@@ -603,6 +623,7 @@ pub fn replay(
         rollbacks_at,
         restored_from,
         checkpoints_written,
+        checkpoint_bytes_written,
         skipped_nonfinite: counters.skipped_nonfinite,
         gate: {
             let g = session.learner().gate();

@@ -245,21 +245,27 @@ fn mount_batch<'a>(
 }
 
 /// When to save: every `every_steps` student steps or `every` of wall time (whichever comes
-/// first, and only when something changed), and at once after a reset or on request.
+/// first, and only when something changed) but never sooner than `min_interval` after the
+/// last save, and at once after a reset or on request. The interval bounds how often a
+/// saturated learner writes (its steps come far faster than a disk should take them); a
+/// request or a reset is an operator's or a correctness matter and does not wait for it (the
+/// write budget still paces them).
 #[derive(Debug, Clone)]
 pub struct CheckpointPolicy {
     every_steps: u64,
     every: Duration,
+    min_interval: Duration,
     last_steps: u64,
     last_at: Instant,
     forced: bool,
 }
 
 impl CheckpointPolicy {
-    pub fn new(every_steps: u64, every: Duration, now: Instant) -> Self {
+    pub fn new(every_steps: u64, every: Duration, min_interval: Duration, now: Instant) -> Self {
         CheckpointPolicy {
             every_steps: every_steps.max(1),
             every,
+            min_interval,
             last_steps: 0,
             last_at: now,
             forced: false,
@@ -267,10 +273,11 @@ impl CheckpointPolicy {
     }
 
     pub fn due(&self, steps: u64, now: Instant) -> bool {
+        let since = now.saturating_duration_since(self.last_at);
         self.forced
-            || steps >= self.last_steps.saturating_add(self.every_steps)
-            || (steps > self.last_steps
-                && now.saturating_duration_since(self.last_at) >= self.every)
+            || (since >= self.min_interval
+                && (steps >= self.last_steps.saturating_add(self.every_steps)
+                    || (steps > self.last_steps && since >= self.every)))
     }
 
     pub fn saved(&mut self, steps: u64, now: Instant) {
@@ -476,6 +483,7 @@ impl Session {
             policy: CheckpointPolicy::new(
                 cfg.checkpoint.every_steps,
                 duration_s(cfg.checkpoint.every_s),
+                duration_s(cfg.checkpoint.min_interval_s),
                 Instant::now(),
             ),
             paused: false,

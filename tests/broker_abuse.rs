@@ -51,7 +51,7 @@ fn a_sample_that_drives_the_backbone_to_infinity_is_counted_and_never_reaches_a_
         dir.path(),
         &broker,
         prefix,
-        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 10\n[input]\nmax_abs = 3.4e38\n",
+        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 10\nmin_interval_s = 0\n[input]\nmax_abs = 3.4e38\n",
     );
     let env = [("STATE_DIRECTORY", state.to_str().unwrap())];
     let mut daemon = Daemon::start(&cfg, &env);

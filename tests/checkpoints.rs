@@ -228,7 +228,10 @@ fn a_checkpoint_with_the_wrong_shapes_is_refused() {
 fn replay_reports_a_refused_checkpoint_on_stderr_and_resumes_from_the_older_one() {
     let dir = tempdir();
     let ck = dir.path().join("ck");
-    let cfg = util::config_with(dir.path(), "[checkpoint]\nevery_steps = 50\nkeep = 10\n");
+    let cfg = util::config_with(
+        dir.path(),
+        "[checkpoint]\nevery_steps = 50\nmin_interval_s = 0\nkeep = 10\n",
+    );
     let replay = |extra: &[&str]| {
         run_ok(
             edgemt()
@@ -278,7 +281,7 @@ fn kill_nine_after_events(rounds: usize) {
     let ck = dir.path().join("ck");
     let cfg = util::config_with(
         dir.path(),
-        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 3\nkeep = 3\n",
+        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 3\nmin_interval_s = 0\nkeep = 3\n",
     );
     let c = classifier("models/hapt_mlp.onnx");
     let mut rng = Rng::new(42);

@@ -228,6 +228,14 @@ fn every_validated_key_rejects_a_bad_value_by_name() {
         ),
         ("[checkpoint]\nevery_steps = 0", "checkpoint.every_steps"),
         ("[checkpoint]\nevery_s = 1e300", "checkpoint.every_s"),
+        (
+            "[checkpoint]\nmin_interval_s = -1",
+            "checkpoint.min_interval_s",
+        ),
+        (
+            "[checkpoint]\nmax_mib_per_day = 0",
+            "checkpoint.max_mib_per_day",
+        ),
         ("[guard]\nmin_agreement = 1.5", "guard.min_agreement"),
         ("[guard]\ncollapse_ratio = 1.5", "guard.collapse_ratio"),
         ("[guard]\ncapacity = 0", "guard.capacity"),

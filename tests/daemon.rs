@@ -566,7 +566,7 @@ fn daemon_checkpoints_to_its_state_directory_exports_on_command_and_resumes_afte
         dir.path(),
         &broker,
         prefix,
-        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 20\n",
+        "[learn]\ntrain_every = 1\n[checkpoint]\nevery_steps = 20\nmin_interval_s = 0\n",
     );
     let env = [("STATE_DIRECTORY", state.to_str().unwrap())];
     let mut daemon = Daemon::start(&cfg, &env);

@@ -383,6 +383,7 @@ fn synthetic_report(switches: &[(usize, Serving)], rollbacks_at: Vec<usize>) -> 
         calibration: None,
         restored_from: None,
         checkpoints_written: 0,
+        checkpoint_bytes_written: 0,
         throughput_samples_per_s: 0.0,
         peak_rss_bytes: 0,
         seed: 0,

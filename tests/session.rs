@@ -241,6 +241,7 @@ fn periodic_checkpoints_continue_after_a_reset() {
     let mut cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
     cfg.learn.train_every = 1;
     cfg.checkpoint.every_steps = 20;
+    cfg.checkpoint.min_interval_s = 0.0;
     let (mut session, samples, mut predictor) = session_with(&cfg, 130);
     let now = Instant::now();
     let before = session
@@ -279,6 +280,7 @@ fn checkpoints_are_also_due_by_time_but_only_when_something_changed() {
     cfg.learn.train_every = 1;
     cfg.checkpoint.every_steps = 1000;
     cfg.checkpoint.every_s = 1.0;
+    cfg.checkpoint.min_interval_s = 0.0;
     let (mut session, _, _) = session_with(&cfg, 10);
     assert!(session.take_checkpoint(Instant::now()).is_none());
     let later = Instant::now() + Duration::from_secs(2);

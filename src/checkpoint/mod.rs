@@ -6,10 +6,12 @@
 //! config hash and the SHA-256 of the tensor file. The manifest is written last, so a
 //! manifest that exists names a complete tensor file; on start the newest checkpoint that
 //! passes every check is restored and anything corrupted, truncated or foreign is refused
-//! with the reason.
+//! with the reason. How often saves happen is the session's checkpoint policy (steps, time,
+//! a minimum interval); how many bytes a day they may write is [`budget`]'s.
 //!
 //! [`LearnerState`]: crate::learn::LearnerState
 
+pub mod budget;
 pub mod codec;
 pub mod manifest;
 pub mod store;
@@ -20,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 // The manifest stores the adopted mounting; calibration owns its type.
 pub use crate::calibration::MountingRecord;
+pub use budget::{CheckpointWriter, Offered, WriteBudget, WriterTotals};
 pub use manifest::{config_hash, Manifest};
 pub use store::{CheckpointStore, Restored};
 
@@ -48,7 +51,8 @@ pub enum CheckpointError {
     Unwritable(String),
 }
 
-/// `[checkpoint]`: where and how often.
+/// `[checkpoint]`: where, how often, and how many bytes a day (the shipped
+/// config/edgemt.toml gives the arithmetic behind the defaults).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
@@ -57,8 +61,14 @@ pub struct CheckpointConfig {
     pub dir: Option<PathBuf>,
     /// Save after this many student steps...
     pub every_steps: u64,
-    /// ...or this many seconds, whichever comes first.
+    /// ...or this many seconds (when anything changed), whichever comes first...
     pub every_s: f64,
+    /// ...but never sooner than this many seconds after the last save. A `checkpoint`
+    /// command and a reset do not wait for it; the final save at shutdown neither.
+    pub min_interval_s: f64,
+    /// Checkpoint bytes a day at most, in MiB, on average (an hour's worth may go at once).
+    /// Every save counts, the final one at shutdown too, which alone may exceed it.
+    pub max_mib_per_day: f64,
     /// Checkpoints kept; older ones are deleted.
     pub keep: usize,
 }
@@ -68,7 +78,9 @@ impl Default for CheckpointConfig {
         CheckpointConfig {
             dir: None,
             every_steps: 100,
-            every_s: 300.0,
+            every_s: 3600.0,
+            min_interval_s: 600.0,
+            max_mib_per_day: 64.0,
             keep: 3,
         }
     }

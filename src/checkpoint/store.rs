@@ -4,6 +4,13 @@
 //! (`tempfile`'s persist), the manifest last, then the directory is fsynced: a crash at any
 //! moment leaves either the old or the new checkpoint, never a torn one. Temporary files and
 //! tensor files without a manifest (a crash between the two renames) are removed on open.
+//!
+//! The disk may be small, shared and changing under us. A save recreates a directory that
+//! was deleted, and makes room *before* writing when the free space would not take the new
+//! checkpoint (its size is known exactly before anything is written), removing this model's
+//! oldest checkpoints but never the newest valid one. Only this model's checkpoints (by the
+//! fingerprint in their manifest) are ever pruned: another model tried on the same directory
+//! leaves them, so switching back resumes its adaptation.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -21,6 +28,9 @@ pub struct CheckpointStore {
     keep: usize,
     identity: Identity,
     next_sequence: u64,
+    /// Bytes this model's newest checkpoint takes (tensor file and manifest): what the
+    /// write budget expects the next one to cost.
+    last_bytes: Option<u64>,
 }
 
 /// A checkpoint that was restored.
@@ -61,12 +71,24 @@ impl CheckpointStore {
                 max_seq = max_seq.max(seq);
             }
         }
-        Ok(CheckpointStore {
+        let mut store = CheckpointStore {
             dir: dir.to_owned(),
             keep: keep.max(1),
             identity,
             next_sequence: max_seq + 1,
-        })
+            last_bytes: None,
+        };
+        store.last_bytes = store.own_manifests().first().and_then(|p| {
+            let manifest = fs::metadata(p).ok()?.len();
+            let tensors = fs::metadata(p.with_extension("safetensors")).ok()?.len();
+            Some(manifest + tensors)
+        });
+        Ok(store)
+    }
+
+    /// Bytes the newest checkpoint of this model took on disk (tensor file and manifest).
+    pub fn last_bytes(&self) -> Option<u64> {
+        self.last_bytes
     }
 
     pub fn dir(&self) -> &Path {
@@ -87,7 +109,6 @@ impl CheckpointStore {
         self.next_sequence += 1;
         let stem = format!("ckpt-{seq:010}");
         let tensors_name = format!("{stem}.safetensors");
-        write_atomically(&self.dir, &tensors_name, &bytes)?;
         let id = &self.identity;
         let manifest = Manifest {
             format: FORMAT.into(),
@@ -110,20 +131,139 @@ impl CheckpointStore {
             mounting: saved.mounting.clone(),
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-        write_atomically(&self.dir, &format!("{stem}.json"), &json)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
+        if !self.dir.is_dir() {
+            // Said after it worked: a directory that cannot be made fails every save, and
+            // the caller rate-limits that error; this line would not be.
+            fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+            tracing::warn!(
+                "checkpoint directory {} was gone; created it again",
+                self.dir.display()
+            );
+        }
+        self.make_room(&[bytes.len(), json.len()]);
+        match self.write(&stem, &bytes, &json) {
+            Err(e) if disk_full(&e) => {
+                // The free-space estimate was wrong (metadata, another writer, a quota): the
+                // temporaries are gone, so free everything of ours but the newest valid
+                // checkpoint and try once more. Once more only: after that nothing of ours is
+                // left to free, and a second failure says the disk is full of something else.
+                let removed = self.prune_to_newest_valid();
+                if removed.is_empty() {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    "{}; removed {} to retry",
+                    crate::report(&e),
+                    removed.join(", ")
+                );
+                self.write(&stem, &bytes, &json)?;
+            }
+            other => other?,
+        }
+        self.last_bytes = Some((bytes.len() + json.len()) as u64);
         self.prune();
         Ok(manifest)
     }
 
-    fn prune(&self) {
-        for old in self.manifests().into_iter().skip(self.keep) {
-            // Manifest first: without it the tensor file is never considered.
-            let _ = fs::remove_file(&old);
-            let _ = fs::remove_file(old.with_extension("safetensors"));
+    /// The tensor file, then the manifest, then the directory. A failure removes what was
+    /// written of this checkpoint (the temporaries remove themselves), so a full disk is
+    /// not left fuller.
+    fn write(&self, stem: &str, tensors: &[u8], json: &[u8]) -> Result<(), CheckpointError> {
+        let tensors_path = self.dir.join(format!("{stem}.safetensors"));
+        write_atomically(&self.dir, &format!("{stem}.safetensors"), tensors)?;
+        if let Err(e) = write_atomically(&self.dir, &format!("{stem}.json"), json) {
+            let _ = fs::remove_file(&tensors_path);
+            return Err(e);
         }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
+    }
+
+    /// This model's manifests (by fingerprint, whatever their format version), newest first.
+    /// Other models' and unreadable ones are not ours to prune.
+    fn own_manifests(&self) -> Vec<PathBuf> {
+        /// The one field that says whose a checkpoint is.
+        #[derive(serde::Deserialize)]
+        struct Owner {
+            model_fingerprint: String,
+        }
+        let fingerprint = format!("{:016x}", self.identity.model_fingerprint);
+        self.manifests()
+            .into_iter()
+            .filter(|p| {
+                fs::read(p)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Owner>(&b).ok())
+                    .is_some_and(|o| o.model_fingerprint == fingerprint)
+            })
+            .collect()
+    }
+
+    /// Removes one checkpoint, manifest first (without it the tensor file is never
+    /// considered); its name.
+    fn remove(manifest: &Path) -> String {
+        let _ = fs::remove_file(manifest);
+        let _ = fs::remove_file(manifest.with_extension("safetensors"));
+        manifest
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    fn prune(&self) {
+        for old in self.own_manifests().into_iter().skip(self.keep) {
+            Self::remove(&old);
+        }
+    }
+
+    /// Before writing files of `sizes` bytes: when the file system's free space would not
+    /// take them, removes this model's checkpoints, oldest first, until it would, keeping
+    /// the newest valid one whatever happens.
+    fn make_room(&self, sizes: &[usize]) {
+        let Some(space) = free_space(&self.dir) else {
+            return;
+        };
+        // Whole blocks per file, and one more for the directory's own growth.
+        let block = space.block.max(1);
+        let need: u64 = block
+            + sizes
+                .iter()
+                .map(|&s| (s as u64).div_ceil(block) * block)
+                .sum::<u64>();
+        if space.available >= need {
+            return;
+        }
+        let own = self.own_manifests();
+        let newest_valid = own.iter().find(|p| self.load(p).is_ok()).cloned();
+        let mut removed = Vec::new();
+        for old in own.iter().rev() {
+            if Some(old) == newest_valid.as_ref() {
+                continue;
+            }
+            removed.push(Self::remove(old));
+            if free_space(&self.dir).is_some_and(|s| s.available >= need) {
+                break;
+            }
+        }
+        if !removed.is_empty() {
+            tracing::info!(
+                "{} had {} bytes free, {need} needed: removed {} first",
+                self.dir.display(),
+                space.available,
+                removed.join(", ")
+            );
+        }
+    }
+
+    /// Removes every checkpoint of this model but the newest valid one; their names.
+    fn prune_to_newest_valid(&self) -> Vec<String> {
+        let own = self.own_manifests();
+        let newest_valid = own.iter().find(|p| self.load(p).is_ok()).cloned();
+        own.iter()
+            .filter(|p| Some(*p) != newest_valid.as_ref())
+            .map(|p| Self::remove(p))
+            .collect()
     }
 
     /// Loads and checks one checkpoint.
@@ -268,6 +408,47 @@ fn manifests_in(dir: &Path) -> Vec<PathBuf> {
         .collect();
     found.sort_by_key(|f| std::cmp::Reverse(f.0));
     found.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Free space for an unprivileged writer, and the file system's block size.
+struct FreeSpace {
+    available: u64,
+    block: u64,
+}
+
+#[cfg(unix)]
+fn free_space(dir: &Path) -> Option<FreeSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs reads a NUL-terminated path and writes one struct we own; an all-zero
+    // statvfs is a valid value of that plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    // The field types are 32-bit on armv7 and 64-bit on x86_64 and aarch64.
+    #[allow(clippy::unnecessary_cast)]
+    (rc == 0).then(|| FreeSpace {
+        available: (st.f_bavail as u64).saturating_mul(st.f_frsize as u64),
+        block: st.f_frsize as u64,
+    })
+}
+
+#[cfg(not(unix))]
+fn free_space(_dir: &Path) -> Option<FreeSpace> {
+    None
+}
+
+/// Whether a write failed for want of space (a full disk or a quota).
+fn disk_full(e: &CheckpointError) -> bool {
+    match e {
+        CheckpointError::Io { source, .. } => {
+            matches!(source.kind(), std::io::ErrorKind::StorageFull)
+                || matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
+        }
+        _ => false,
+    }
 }
 
 fn sequence_of(name: &str) -> Option<u64> {

@@ -40,4 +40,24 @@ impl RateLimitedLog {
             self.suppressed += 1;
         }
     }
+
+    /// As [`warn`](Self::warn), at ERROR, for a failure that repeats (a checkpoint that
+    /// cannot be written, every save): the first ones are logged, then one line a period
+    /// says how many more there were.
+    pub fn error(&mut self, msg: std::fmt::Arguments) {
+        if self.window_start.elapsed() >= self.period {
+            if self.suppressed > 0 {
+                tracing::error!("{} more like it were not logged", self.suppressed);
+            }
+            self.window_start = Instant::now();
+            self.in_window = 0;
+            self.suppressed = 0;
+        }
+        if self.in_window < self.burst {
+            self.in_window += 1;
+            tracing::error!("{msg}");
+        } else {
+            self.suppressed += 1;
+        }
+    }
 }

@@ -59,7 +59,13 @@ pub struct Counters {
     pub publish_dropped_total: AtomicU64,
     pub commands_total: AtomicU64,
     pub checkpoints_total: AtomicU64,
+    /// Bytes the checkpoints took on disk (tensor files and manifests): the SD card's wear.
+    pub checkpoint_bytes_total: AtomicU64,
+    /// Due checkpoints the write budget deferred (the newest is written when it allows).
+    pub checkpoints_deferred_total: AtomicU64,
     pub exports_total: AtomicU64,
+    /// Exports that failed (their temporary file removed).
+    pub export_failures_total: AtomicU64,
     pub mqtt_reconnects_total: AtomicU64,
     pub mqtt_disconnected_ms_total: AtomicU64,
 }
@@ -836,10 +842,29 @@ pub static METRICS: &[Metric] = &[
         |s| count(&s.counters.checkpoint_failures_total),
     )
     .prometheus("checkpoint_failures"),
+    Metric::counter(
+        "checkpoint_bytes_total",
+        "Bytes written by checkpoints",
+        |s| count(&s.counters.checkpoint_bytes_total),
+    )
+    .unit(Unit::Bytes)
+    .prometheus("checkpoint")
+    .sensor("Checkpoint writes", Show::MEBIBYTES)
+    .diagnostic(),
+    Metric::counter(
+        "checkpoints_deferred_total",
+        "Due checkpoints the write budget deferred",
+        |s| count(&s.counters.checkpoints_deferred_total),
+    )
+    .prometheus("checkpoints_deferred"),
     Metric::counter("exports_total", "Adapted models exported", |s| {
         count(&s.counters.exports_total)
     })
     .prometheus("exports"),
+    Metric::counter("export_failures_total", "Exports that failed", |s| {
+        count(&s.counters.export_failures_total)
+    })
+    .prometheus("export_failures"),
     Metric::gauge("paused", "1 while training is paused", |s| s.paused.into())
         .prometheus("paused")
         .binary_sensor("Training paused"),

@@ -16,10 +16,11 @@ use super::config::DaemonConfig;
 use super::items::{Incoming, TrainItem};
 use super::publish::{PredictionSink, RequestSink, Sinks};
 use super::queue::BoundedQueue;
+use super::ratelimit::RateLimitedLog;
 use super::state::{Shared, TeacherSnapshot};
 use crate::calibration::SignedPerm;
-use crate::checkpoint::CheckpointStore;
 use crate::checkpoint::Saved;
+use crate::checkpoint::{CheckpointStore, CheckpointWriter, Offered};
 use crate::config::Config;
 use crate::learn::Serving;
 use crate::model::Classifier;
@@ -67,7 +68,10 @@ impl Workers {
             shared,
             session: Session::new(classifier, cfg, wing.daemon.seed)?,
             queue: train,
-            checkpoints,
+            // Every save goes through the write budget ([checkpoint] max_mib_per_day).
+            checkpoints: checkpoints.map(|store| {
+                CheckpointWriter::new(store, cfg.checkpoint.max_mib_per_day, Instant::now())
+            }),
             exporter: Exporter {
                 proto: classifier.proto().clone(),
                 trainable: classifier.trainable.clone(),
@@ -272,8 +276,8 @@ pub struct TrainerWorker {
     pub shared: Arc<Shared>,
     pub session: Session,
     pub queue: Arc<BoundedQueue<TrainItem>>,
-    /// Where checkpoints (and exports) go, if anywhere.
-    pub checkpoints: Option<CheckpointStore>,
+    /// Where checkpoints go, if anywhere, behind the write budget.
+    pub checkpoints: Option<CheckpointWriter>,
     pub exporter: Exporter,
     /// What the inference thread was last handed.
     pub published: (Serving, SignedPerm),
@@ -317,8 +321,8 @@ impl TrainerWorker {
 
     /// Restores the newest checkpoint, if any, and hands inference the model to serve.
     pub fn begin(&mut self) {
-        if let Some(store) = &self.checkpoints {
-            self.session.restore(store);
+        if let Some(writer) = &self.checkpoints {
+            self.session.restore(writer.store());
         }
         self.publish_teacher();
         // Replaces whatever request a previous run left retained.
@@ -372,12 +376,12 @@ impl TrainerWorker {
         super::priority::lower_current_thread("training");
         self.begin();
         let (writer_tx, writer_thread) = match self.checkpoints.take() {
-            Some(store) => {
+            Some(writer) => {
                 let (tx, rx) = std::sync::mpsc::sync_channel::<Saved>(2);
                 let shared = self.shared.clone();
                 let handle = std::thread::Builder::new()
                     .name("checkpoints".into())
-                    .spawn(move || write_checkpoints(store, rx, shared))
+                    .spawn(move || write_checkpoints(writer, rx, shared))
                     .ok();
                 (Some(tx), handle)
             }
@@ -548,7 +552,14 @@ impl TrainerWorker {
                 self.shared.counters.exports_total.fetch_add(1, Relaxed);
                 tracing::info!("exported teacher_version {version} to {}", path.display());
             }
-            Err(err) => tracing::error!("export failed: {}", crate::report(&err)),
+            Err(err) => {
+                // write_adapted has removed its temporary file; the old export, if any, stays.
+                self.shared
+                    .counters
+                    .export_failures_total
+                    .fetch_add(1, Relaxed);
+                tracing::error!("export failed: {}", crate::report(&err));
+            }
         }
     }
 
@@ -587,32 +598,69 @@ impl TrainerWorker {
     }
 }
 
-/// The checkpoint writer thread: saves what it is sent, so the trainer never waits on disk.
+/// The checkpoint writer thread: saves what it is sent, so the trainer never waits on disk,
+/// through the write budget (a deferred state is written when the budget allows, or at the
+/// end: the trainer's last state is always written once the channel closes).
 fn write_checkpoints(
-    mut store: CheckpointStore,
+    mut writer: CheckpointWriter,
     rx: std::sync::mpsc::Receiver<Saved>,
     shared: Arc<Shared>,
 ) {
+    use std::sync::mpsc::RecvTimeoutError;
     super::priority::lower_current_thread("checkpoint writer");
-    while let Ok(state) = rx.recv() {
-        match store.save(&state) {
-            Ok(m) => {
-                shared.counters.checkpoints_total.fetch_add(1, Relaxed);
-                tracing::debug!(
-                    "checkpoint {} written (teacher_version {})",
-                    m.sequence,
-                    m.counters.teacher_version
-                );
-            }
-            Err(e) => {
+    // A save that fails keeps failing (a full or read-only disk) at every due save or
+    // command: the first says why, then one line a minute.
+    let mut failures = RateLimitedLog::new(1, Duration::from_secs(60));
+    // While a state waits for the budget, look again this often.
+    let budget_poll = Duration::from_secs(1);
+    loop {
+        let received = if writer.has_pending() {
+            rx.recv_timeout(budget_poll)
+        } else {
+            rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        };
+        let now = Instant::now();
+        let (result, last) = match received {
+            Ok(state) => match writer.offer(state, now) {
+                Ok(Offered::Written(m)) => (Some(Ok(*m)), false),
+                Ok(Offered::Deferred { wait_s }) => {
+                    tracing::debug!(
+                        "checkpoint deferred by the write budget ([checkpoint] max_mib_per_day) for {wait_s:.0} s"
+                    );
+                    (None, false)
+                }
+                Err(e) => (Some(Err(e)), false),
+            },
+            Err(RecvTimeoutError::Timeout) => (writer.poll(now), false),
+            Err(RecvTimeoutError::Disconnected) => (writer.finish(None, now), true),
+        };
+        match result {
+            Some(Ok(m)) => tracing::debug!(
+                "checkpoint {} written (teacher_version {})",
+                m.sequence,
+                m.counters.teacher_version
+            ),
+            Some(Err(e)) => {
                 // An alarm, not a shrug: the last good checkpoint stays, but nothing newer
                 // will be kept until this is fixed.
                 shared
                     .counters
                     .checkpoint_failures_total
                     .fetch_add(1, Relaxed);
-                tracing::error!("checkpoint not written: {}", crate::report(&e));
+                failures.error(format_args!(
+                    "checkpoint not written: {}",
+                    crate::report(&e)
+                ));
             }
+            None => {}
+        }
+        let totals = writer.totals();
+        let c = &shared.counters;
+        c.checkpoints_total.store(totals.written, Relaxed);
+        c.checkpoint_bytes_total.store(totals.bytes, Relaxed);
+        c.checkpoints_deferred_total.store(totals.deferred, Relaxed);
+        if last {
+            break;
         }
     }
 }

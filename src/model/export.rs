@@ -10,7 +10,9 @@
 //! so the exported file takes the device's raw data. It arrives here as an
 //! [`InputTransform`], plain numbers, so this module needs nothing from calibration.
 //! [`write_adapted`] is the one export both `edgemt export` and the daemon's `export`
-//! command use: it builds the file and puts it in place atomically.
+//! command use: it builds the file and puts it in place atomically. A failed export leaves
+//! nothing behind (its temporary file removes itself), and the temporaries of an export that
+//! was killed mid-write are removed by the next export to the same file.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -398,9 +400,11 @@ pub fn write_adapted(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let prefix = format!(".{name}.");
+    remove_stale_temporaries(dir, &prefix);
     // A NamedTempFile deletes itself when dropped, so every early return below removes it.
     let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
+        .prefix(&prefix)
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(io)?;
@@ -411,4 +415,17 @@ pub fn write_adapted(
         .and_then(|d| d.sync_all())
         .map_err(io)?;
     Ok(())
+}
+
+/// Removes `{prefix}*.tmp` files in `dir`: what an export killed mid-write (a power cut, a
+/// kill -9) left, which no drop will ever remove. Exports to one file are not run
+/// concurrently (the daemon runs one at a time), so none of these is in use.
+fn remove_stale_temporaries(dir: &Path, prefix: &str) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(prefix) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
