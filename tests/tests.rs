@@ -30,4 +30,5 @@ mod requests;
 mod rollback;
 mod security;
 mod session;
+mod signals;
 mod telemetry;
