@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::util::broker::{
-    daemon_config, last_metrics, mosquitto_sub_one, num, on, warn_line, Broker, Daemon, MqttPeer,
+    daemon_config, last_metrics, mosquitto_sub_one, num, on, wait_for_log, warn_line, Broker,
+    Daemon, MqttPeer,
 };
 use crate::util::{self, stream, tempdir};
 
@@ -243,4 +244,69 @@ fn a_second_instance_on_the_same_state_directory_refuses_to_start_naming_the_fir
     let lock = std::fs::read_to_string(state.join("edgemt.lock")).unwrap();
     assert!(lock.contains(&format!("pid {}", third.pid())), "{lock}");
     assert!(third.terminate().0.success());
+}
+
+/// Two daemons with one client id (and no state directory, so no lock) take the broker
+/// session from each other over and over; each says so, naming the client id, once.
+#[test]
+fn two_daemons_with_one_client_id_name_the_session_taken_over_once_not_at_every_takeover() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let cfg = |prefix: &str| {
+        let p = daemon_config(dir.path(), &broker, prefix, "");
+        let text = std::fs::read_to_string(&p).unwrap().replace(
+            &format!("client_id = \"edgemt-{}\"", prefix.replace('/', "-")),
+            "client_id = \"edgemt-shared\"",
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (a_cfg, b_cfg) = (cfg("edgemt-test/same-a"), cfg("edgemt-test/same-b"));
+    let status_a = "edgemt-test/same-a/status";
+    let watcher = MqttPeer::connect(broker.port, "same-watcher", &[status_a]);
+    let mut a = Daemon::start(&a_cfg, &[]);
+    watcher.collect_until(Duration::from_secs(20), |m| {
+        on(m, status_a).any(|s| s == "online")
+    });
+    let mut b = Daemon::start(&b_cfg, &[]);
+    let takeover = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains("session taken over"))
+            .count()
+    };
+    let connections = |d: &Daemon| d.log_text().matches("connected to mqtt://").count();
+    for (who, d) in [("first", &a), ("second", &b)] {
+        assert!(
+            wait_for_log(d, |log| takeover(log) >= 1, Duration::from_secs(30)),
+            "the {who} daemon names the takeover:\n{}",
+            d.log_text()
+        );
+    }
+    // Several more rounds of taking the session back (reconnects at most 1 s apart here).
+    let so_far = connections(&a);
+    assert!(
+        wait_for_log(
+            &a,
+            |log| log.matches("connected to mqtt://").count() >= so_far + 4,
+            Duration::from_secs(30)
+        ),
+        "the first daemon kept reconnecting:\n{}",
+        a.log_text()
+    );
+    for (who, log) in [("first", a.log_text()), ("second", b.log_text())] {
+        assert_eq!(takeover(&log), 1, "once, in the {who} daemon's log:\n{log}");
+        let line = warn_line(&log, &["session taken over"]).unwrap();
+        assert!(
+            line.contains("client id edgemt-shared") && line.contains("another client"),
+            "{line}"
+        );
+        // Before the pattern is clear, at most two closes are told as plain closes.
+        let plain = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("closed by peer"))
+            .count();
+        assert!(plain <= 2, "{who}: {plain} plain lines:\n{log}");
+    }
+    assert!(a.terminate().0.success());
+    assert!(b.terminate().0.success());
 }
