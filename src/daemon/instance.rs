@@ -10,6 +10,10 @@
 //! The file is never removed (removing it would let a third daemon lock a new file while the
 //! second still holds the old one).
 //!
+//! A lock file that can be neither created nor opened (a read-only or broken disk) does not
+//! stop the daemon: it runs without the guard and says so, as it runs without checkpoints
+//! when they cannot be written.
+//!
 //! Without a state directory there are no checkpoints to protect and nothing to lock: two
 //! such daemons with one client id are told apart only by the broker, which hands the session
 //! to the newer one; the MQTT task logs that ([`super::mqtt`]).
@@ -30,7 +34,8 @@ pub enum InstanceError {
          not share checkpoints: stop that one, or give this one another [checkpoint] dir"
     )]
     Taken { dir: PathBuf, holder: String },
-    #[error("cannot lock the state directory ({path}): {source}")]
+    /// The lock file can be neither created nor opened.
+    #[error("cannot lock the state directory ({path})")]
     Io {
         path: PathBuf,
         #[source]
@@ -55,14 +60,18 @@ impl InstanceLock {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        // Not truncated on open: the holder's pid must stay readable for the refusal.
-        let mut file = OpenOptions::new()
+        // Not truncated on open: the holder's pid must stay readable for the refusal. On a
+        // read-only directory an existing lock file still locks (flock needs no write access).
+        let (mut file, writable) = match OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(io)?;
+        {
+            Ok(file) => (file, true),
+            Err(e) => (File::open(&path).map_err(|_| io(e))?, false),
+        };
         // SAFETY: flock on a descriptor this function owns; it touches no memory.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
@@ -78,11 +87,22 @@ impl InstanceLock {
             });
         }
         let record = format!("pid {}\nclient_id {client_id}\n", std::process::id());
-        file.set_len(0)
-            .and_then(|()| file.seek(SeekFrom::Start(0)))
-            .and_then(|_| file.write_all(record.as_bytes()))
-            .and_then(|()| file.sync_data())
-            .map_err(io)?;
+        let written = if writable {
+            file.set_len(0)
+                .and_then(|()| file.seek(SeekFrom::Start(0)))
+                .and_then(|_| file.write_all(record.as_bytes()))
+                .and_then(|()| file.sync_data())
+        } else {
+            Err(std::io::ErrorKind::PermissionDenied.into())
+        };
+        // The lock holds without the record; a second daemon is refused all the same, it
+        // just cannot name this one (a full or read-only disk must not stop the service).
+        if let Err(e) = written {
+            tracing::warn!(
+                "locked {} but could not write this daemon's pid into it: {e}",
+                path.display()
+            );
+        }
         Ok(InstanceLock { _file: file, path })
     }
 }
@@ -97,10 +117,22 @@ fn holder(said: &str) -> String {
             .filter(|v| !v.is_empty())
     };
     match (field("pid "), field("client_id ")) {
+        (Some(pid), _) if !is_edgemt(&pid) => format!(
+            "one that could not write its pid: the lock file still names pid {pid}, which is \
+             not a running edgemt"
+        ),
         (Some(pid), Some(id)) => format!("pid {pid}, client id {id}"),
         (Some(pid), None) => format!("pid {pid}"),
         _ => "a process that has not written its pid yet".into(),
     }
+}
+
+/// Whether `pid` is a running edgemt (its command name in /proc starts so; a test binary is
+/// `edgemt-<hash>`): a lock file that could not be written (a read-only disk) still names an
+/// earlier holder.
+fn is_edgemt(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.starts_with("edgemt"))
 }
 
 #[cfg(test)]
@@ -125,6 +157,34 @@ mod tests {
             said,
             format!("pid {}\nclient_id edgemt-b\n", std::process::id())
         );
+    }
+
+    #[test]
+    fn a_lock_file_that_cannot_be_written_still_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        std::fs::write(&path, "pid 1\nclient_id old\n").unwrap();
+        // A lock file the daemon may read but not write. Root ignores mode bits, so as root
+        // this only shows that a file left by another pid is taken; the read-only open was
+        // checked by hand on a read-only tmpfs.
+        let mut perms = std::fs::metadata(&path).unwrap().permissions();
+        perms.set_readonly(true);
+        std::fs::set_permissions(&path, perms).unwrap();
+        let first = InstanceLock::acquire(dir.path(), "a").unwrap();
+        let err = InstanceLock::acquire(dir.path(), "b").unwrap_err();
+        assert!(matches!(err, InstanceError::Taken { .. }), "{err}");
+        drop(first);
+    }
+
+    #[test]
+    fn a_state_directory_that_is_a_file_cannot_be_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state");
+        std::fs::write(&file, "").unwrap();
+        assert!(matches!(
+            InstanceLock::acquire(&file, "a"),
+            Err(InstanceError::Io { .. })
+        ));
     }
 
     #[test]

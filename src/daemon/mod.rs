@@ -427,7 +427,17 @@ pub fn lock_state_directory(
         return Ok(None);
     };
     let client_id = Names::new(&wing.mqtt).client_id;
-    Ok(Some(instance::InstanceLock::acquire(&dir, &client_id)?))
+    match instance::InstanceLock::acquire(&dir, &client_id) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(e @ instance::InstanceError::Taken { .. }) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(
+                "{}; running without the guard against a second edgemt on it",
+                crate::report(&e)
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// The directory systemd's `StateDirectory=` made for the service, if any.
