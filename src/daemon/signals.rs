@@ -1,8 +1,9 @@
 //! The signals that stop the daemon, watched from before anything connects.
 //!
-//! Every signal whose default action would end the process (SIGTERM, SIGINT, SIGHUP, SIGUSR1,
-//! SIGUSR2, SIGQUIT, SIGALRM) is a clean stop: no new input, the current step finished, a final
-//! checkpoint, the final metrics and the retained `offline` status. A process killed on the
+//! The signals a person or a tool might send edgemt (SIGTERM, SIGINT, SIGHUP, SIGUSR1,
+//! SIGUSR2, SIGQUIT, SIGALRM), all of which would end the process by default, are each a
+//! clean stop: no new input, the current step finished, a final checkpoint, the final metrics
+//! and the retained `offline` status. A process killed on the
 //! spot by a stray signal loses every step since the last checkpoint and leaves `online`
 //! until the broker's keep-alive runs out, which is worse than any meaning the signal might
 //! have had. SIGHUP does not reload: the model, the broker connection and the learner's state
