@@ -30,6 +30,12 @@ enum Command {
     Replay(ReplayArgs),
     /// Run the daemon: MQTT in, predictions and metrics out, learning on the side (needs
     /// the cargo feature `daemon`, on by default).
+    ///
+    /// SIGTERM and SIGINT stop it cleanly: no new input, the current step finished, a final
+    /// checkpoint, the final metrics and the retained `offline` status, exit 0. SIGHUP,
+    /// SIGUSR1, SIGUSR2, SIGQUIT and SIGALRM do the same (SIGHUP does not reload: restart
+    /// the daemon to apply a changed config; it resumes from the final checkpoint). One
+    /// daemon per state directory: a second one refuses to start, naming the first's pid.
     Run {
         /// The config file (TOML; see config/edgemt.toml).
         #[arg(long)]
@@ -248,17 +254,28 @@ impl PredictionsFile {
 
 #[cfg(feature = "daemon")]
 fn run_cmd(config: &Path) -> anyhow::Result<()> {
-    use edgemt::daemon::{Daemon, DaemonConfig};
+    use edgemt::daemon::signals::StopSignals;
+    use edgemt::daemon::{lock_state_directory, Daemon, DaemonConfig};
     let cfg = Config::load(config)?;
-    let wing = DaemonConfig::from_config(&cfg)?;
-    let classifier = load_classifier(&cfg)?;
-    let daemon = Daemon::build(&cfg, wing, &classifier)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(daemon.run(shutdown_signal()))?;
+    // First, so that no signal from here on kills the process mid-step: one that arrives
+    // while the model loads or the broker connects ends the run cleanly once it starts.
+    let signals = {
+        let _runtime = runtime.enter();
+        StopSignals::register()?
+    };
+    let wing = DaemonConfig::from_config(&cfg)?;
+    // Before the checkpoint store is opened (it tidies the directory) or anything connects.
+    let _lock = lock_state_directory(&cfg, &wing)?;
+    let classifier = load_classifier(&cfg)?;
+    let daemon = Daemon::build(&cfg, wing, &classifier)?;
+    runtime.block_on(daemon.run(async move {
+        signals.recv().await;
+    }))?;
     Ok(())
 }
 
@@ -526,22 +543,4 @@ fn join(v: &[usize]) -> String {
         .map(|d| d.to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// Completes on SIGINT (Ctrl-C) or SIGTERM (systemd's stop).
-#[cfg(feature = "daemon")]
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM ({e}); stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

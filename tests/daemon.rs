@@ -642,11 +642,17 @@ fn a_killed_daemon_is_marked_offline_by_its_last_will_and_sigint_stops_one_clean
         "retained"
     );
 
-    // Ctrl-C is a clean stop too: final metrics, `offline`, exit 0.
+    // Ctrl-C is a clean stop too: final metrics, `offline`, exit 0. It is sent the moment
+    // `online` is seen, which used to be before the handlers were installed (issue 17).
     let mut daemon = Daemon::start(&cfg, &[]);
-    peer.collect_until(Duration::from_secs(10), |m| {
+    let got = peer.collect_until(Duration::from_secs(10), |m| {
         on(m, &status).any(|s| s == "online")
     });
+    assert!(
+        on(&got, &status).any(|s| s == "online"),
+        "{}",
+        daemon.log_text()
+    );
     let (exit, took) = daemon.interrupt();
     assert!(exit.success(), "{exit}:\n{}", daemon.log_text());
     assert!(took < Duration::from_secs(5), "stopped in {took:?}");

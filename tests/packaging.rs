@@ -83,6 +83,13 @@ fn service_unit_restarts_the_daemon_when_it_fails() {
     assert_service_value("Restart", "on-failure");
 }
 
+/// edgemt has no reload (SIGHUP stops it cleanly, tests/signals.rs): an `ExecReload=` would
+/// make `systemctl reload` stop the service instead of being refused.
+#[test]
+fn service_unit_has_no_reload_since_sighup_stops_the_daemon() {
+    assert_eq!(service_value("ExecReload"), None);
+}
+
 #[test]
 fn service_unit_runs_edgemt_with_a_config_file() {
     let exec = service_value("ExecStart").expect("ExecStart= in [Service]");

@@ -30,5 +30,6 @@ mod requests;
 mod rollback;
 mod security;
 mod session;
+mod signals;
 mod storage;
 mod telemetry;

@@ -10,4 +10,7 @@ pub enum DaemonError {
     Setup(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// Another daemon holds the state directory.
+    #[error(transparent)]
+    Instance(#[from] super::instance::InstanceError),
 }

@@ -9,12 +9,15 @@
 //!
 //! [`Daemon::build`] sets all of it up short of connecting, which `edgemt check` does too;
 //! [`Daemon::run`] starts it and stops it when its shutdown future completes, so
-//! signal handling stays in `main`. The daemon's config sections are [`config`]'s.
+//! signal handling stays in `main`, which installs [`signals`]' handlers and takes the
+//! state directory's [`instance`] lock before building. The daemon's config sections are
+//! [`config`]'s.
 
 pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod ingest;
+pub mod instance;
 pub mod items;
 pub mod mqtt;
 pub mod notify;
@@ -23,6 +26,7 @@ pub mod prometheus;
 pub mod publish;
 pub mod queue;
 pub mod ratelimit;
+pub mod signals;
 pub mod state;
 pub mod telemetry;
 pub mod workers;
@@ -128,8 +132,7 @@ impl Daemon {
         let names = Names::new(&wing.mqtt);
         let opts = mqtt::options(&wing.mqtt, &names.client_id, &names.topics)?;
         let (client, eventloop) = AsyncClient::new(opts, wing.mqtt.request_queue);
-        // Checkpoints go to [checkpoint] dir, else systemd's StateDirectory.
-        let state_dir = cfg.checkpoint.dir.clone().or_else(state_directory);
+        let state_dir = state_dir(cfg);
         let checkpoints = match &state_dir {
             Some(dir) => Some(
                 CheckpointStore::open(
@@ -402,6 +405,38 @@ impl SideTasks<'_> {
             self.names.prefix.clone(),
         )));
         tasks
+    }
+}
+
+/// Where checkpoints go: `[checkpoint] dir`, else systemd's StateDirectory, else nowhere.
+pub fn state_dir(cfg: &Config) -> Option<PathBuf> {
+    cfg.checkpoint.dir.clone().or_else(state_directory)
+}
+
+/// Takes the state directory's [`instance::InstanceLock`] for `edgemt run`, before anything
+/// opens the checkpoints or connects; `None` (and a line saying so) without a state directory.
+pub fn lock_state_directory(
+    cfg: &Config,
+    wing: &DaemonConfig,
+) -> Result<Option<instance::InstanceLock>, DaemonError> {
+    let Some(dir) = state_dir(cfg) else {
+        tracing::info!(
+            "no state directory ([checkpoint] dir or $STATE_DIRECTORY): no checkpoints, and no \
+             lock against a second edgemt with the same identity"
+        );
+        return Ok(None);
+    };
+    let client_id = Names::new(&wing.mqtt).client_id;
+    match instance::InstanceLock::acquire(&dir, &client_id) {
+        Ok(lock) => Ok(Some(lock)),
+        Err(e @ instance::InstanceError::Taken { .. }) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!(
+                "{}; running without the guard against a second edgemt on it",
+                crate::report(&e)
+            );
+            Ok(None)
+        }
     }
 }
 

@@ -9,12 +9,20 @@
 //! backs off between failed reconnects itself (rumqttc does not) and tells the operator
 //! why, and subscriptions, the retained `online` status and discovery configs are renewed on
 //! every ConnAck.
+//!
+//! Two clients with one client id take the session from each other: MQTT 5 brokers close
+//! the older connection with DISCONNECT reason 0x8E (session taken over), the older one
+//! reconnects and takes it back, and so on; brokers that do not send the reason (mosquitto
+//! 2.0.11) just close the older connection, which leaves only the pattern: an accepted
+//! connection closed without a reason, again and again. The task names the cause (or the
+//! likely cause) with the client id, at most once a minute however often it happens
+//! ([`Takeovers`]).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::v5::mqttbytes::v5::{LastWill, Packet};
+use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, LastWill, Packet};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
@@ -167,7 +175,129 @@ pub fn explain(e: &ConnectionError) -> String {
             format!("the broker sent a message of {pkt_size} bytes, over our limit of {max}")
         }
         ConnectionError::MqttState(StateError::Io(e)) => format!("connection lost: {e}"),
+        e if taken_over(e) => {
+            "the broker handed this session to another client that connected with the same client id".into()
+        }
         other => other.to_string(),
+    }
+}
+
+/// Whether the broker closed the connection because another client took the session
+/// (MQTT 5 DISCONNECT reason 0x8E).
+pub fn taken_over(e: &ConnectionError) -> bool {
+    matches!(
+        e,
+        ConnectionError::MqttState(StateError::ServerDisconnect {
+            reason_code: DisconnectReasonCode::SessionTakenOver,
+            ..
+        })
+    )
+}
+
+/// How often a session taken over is told: the two clients take it from each other at every
+/// reconnect, and each time must not become a log line.
+const TAKEOVER_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// A broker that closes a connection it had accepted, without a reason, this many times
+/// within [`CLOSE_WINDOW`] is probably handing our session to another client with our
+/// client id: a broker that does not send MQTT 5's reason 0x8E (mosquitto 2.0.11, Debian
+/// 12's, just closes the older connection) leaves nothing else to go on. A broker restart
+/// closes it once.
+const CLOSES_SUSPECTED: usize = 3;
+const CLOSE_WINDOW: Duration = Duration::from_secs(300);
+
+/// Whether the connection ended without a word from the broker (no DISCONNECT).
+fn closed_without_a_reason(e: &ConnectionError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    match e {
+        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
+        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => {
+            matches!(io.kind(), ConnectionReset | UnexpectedEof | BrokenPipe)
+        }
+        _ => false,
+    }
+}
+
+/// Sessions taken over by another client with our client id, said by the broker (reason
+/// 0x8E) or inferred from repeated closes ([`CLOSES_SUSPECTED`]): told at warn level at most
+/// once per [`TAKEOVER_LOG_PERIOD`], with how many times it happened since the last line.
+/// Unlike other connection failures, not forgotten at the next ConnAck, since every
+/// takeover follows one.
+#[derive(Default)]
+struct Takeovers {
+    /// When the broker closed an accepted connection without a reason, the newest last.
+    closes: std::collections::VecDeque<Instant>,
+    last_told: Option<Instant>,
+    untold: u64,
+}
+
+impl Takeovers {
+    /// Notes a connection failure (`was_up`: the connection had been accepted). True when it
+    /// is a takeover, told or withheld here; false when the caller should report it as usual.
+    fn note(
+        &mut self,
+        e: &ConnectionError,
+        was_up: bool,
+        address: &str,
+        client_id: &str,
+        backoff: Duration,
+    ) -> bool {
+        let said = taken_over(e);
+        if !said {
+            if !(was_up && closed_without_a_reason(e)) {
+                return false;
+            }
+            let now = Instant::now();
+            self.closes.push_back(now);
+            while self.closes.len() > CLOSES_SUSPECTED
+                || self
+                    .closes
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > CLOSE_WINDOW)
+            {
+                self.closes.pop_front();
+            }
+            if self.closes.len() < CLOSES_SUSPECTED {
+                return false;
+            }
+        }
+        self.untold += 1;
+        if self
+            .last_told
+            .is_some_and(|t| t.elapsed() < TAKEOVER_LOG_PERIOD)
+        {
+            tracing::debug!("{address}: session taken over again; next try in {backoff:?}");
+            return true;
+        }
+        let times = if self.untold > 1 {
+            format!(" ({} times since the last such line)", self.untold)
+        } else {
+            String::new()
+        };
+        if said {
+            tracing::warn!(
+                "broker {address}: session taken over by another client with client id \
+                 {client_id}{times}: two clients (two edgemt instances?) share this [mqtt] \
+                 client_id and take the session from each other; give each its own; retrying \
+                 in {backoff:?}"
+            );
+        } else {
+            tracing::warn!(
+                "broker {address}: session taken over? The broker closed the connection \
+                 without a reason {CLOSES_SUSPECTED} times within {CLOSE_WINDOW:?}{times}, each \
+                 time after accepting it: possibly another client with client id {client_id} \
+                 (a second edgemt with this [mqtt] client_id?) takes the session from this one; \
+                 mosquitto then logs 'Client {client_id} already connected, closing old \
+                 connection'; retrying in {backoff:?}"
+            );
+        }
+        super::notify::status(&format!(
+            "session taken over{} by another client with client id {client_id}",
+            if said { "" } else { " (possibly)" }
+        ));
+        self.last_told = Some(Instant::now());
+        self.untold = 0;
+        true
     }
 }
 
@@ -182,6 +312,7 @@ impl PollTask {
         let mut down_since = Some(Instant::now());
         let mut up_since: Option<Instant> = None;
         let mut last_warning: Option<(String, Instant)> = None;
+        let mut takeovers = Takeovers::default();
         let qos = qos(self.cfg.qos);
         let address = format!(
             "{}://{}:{}",
@@ -255,7 +386,8 @@ impl PollTask {
                     {
                         self.shared.counters.oversized_total.fetch_add(1, Relaxed);
                     }
-                    if self.shared.connected.swap(false, Relaxed) {
+                    let was_up = self.shared.connected.swap(false, Relaxed);
+                    if was_up {
                         self.shared
                             .counters
                             .mqtt_reconnects_total
@@ -272,7 +404,9 @@ impl PollTask {
                     let repeated = last_warning.as_ref().is_some_and(|(r, at)| {
                         *r == reason && at.elapsed() < Duration::from_secs(60)
                     });
-                    if repeated {
+                    if takeovers.note(&e, was_up, &address, &self.client_id, backoff) {
+                        // Told (or withheld, as a repeat) as a session taken over.
+                    } else if repeated {
                         tracing::debug!("{address}: {reason}; next try in {backoff:?}");
                     } else {
                         tracing::warn!("broker {address}: {reason}; retrying in {backoff:?}");
@@ -284,5 +418,48 @@ impl PollTask {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed() -> ConnectionError {
+        ConnectionError::MqttState(StateError::ConnectionAborted)
+    }
+
+    fn said() -> ConnectionError {
+        ConnectionError::MqttState(StateError::ServerDisconnect {
+            reason_code: DisconnectReasonCode::SessionTakenOver,
+            reason_string: None,
+        })
+    }
+
+    #[test]
+    fn a_takeover_the_broker_names_is_told_at_once_and_then_once_a_minute() {
+        let mut t = Takeovers::default();
+        let note = |t: &mut Takeovers, e| t.note(&e, true, "mqtt://b:1883", "id", Duration::ZERO);
+        assert!(note(&mut t, said()));
+        let told = t.last_told.expect("told");
+        assert!(note(&mut t, said()));
+        assert_eq!(t.last_told, Some(told), "not told again within the minute");
+        assert_eq!(t.untold, 1, "but counted for the next line");
+    }
+
+    #[test]
+    fn the_third_close_of_an_accepted_connection_without_a_reason_is_a_suspected_takeover() {
+        let mut t = Takeovers::default();
+        let mut note = |e, was_up| t.note(&e, was_up, "mqtt://b:1883", "id", Duration::ZERO);
+        // Never accepted: a broker that is down, not a takeover.
+        for _ in 0..5 {
+            assert!(!note(closed(), false));
+        }
+        assert!(!note(closed(), true));
+        assert!(!note(closed(), true));
+        assert!(note(closed(), true));
+        // Other failures stay the caller's to report.
+        let refused = ConnectionError::Io(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(!note(refused, true));
     }
 }

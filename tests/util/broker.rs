@@ -425,6 +425,40 @@ impl Daemon {
         self.stop_with("-TERM")
     }
 
+    /// Sends `signal` (as `kill` names it: `-HUP`, `-USR1`, ...), then the exit status and
+    /// how long it took (panics after 10 s).
+    pub fn stop_with_signal(&mut self, signal: &str) -> (ExitStatus, Duration) {
+        self.stop_with(signal)
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the daemon has a handler installed for signal number `signo` (its bit in
+    /// `SigCgt` of /proc/<pid>/status): from then on that signal cannot kill it on the spot.
+    pub fn catches(&self, signo: u32) -> bool {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (signo - 1)) != 0)
+    }
+
     fn stop_with(&mut self, signal: &str) -> (ExitStatus, Duration) {
         let started = Instant::now();
         let ok = Command::new("kill")
