@@ -175,6 +175,10 @@ pub struct InputConfig {
     /// A label by class name (`{"class": "SITTING"}` on `{prefix}/labels`) applies to the
     /// samples of this many seconds before it.
     pub label_window_s: f64,
+    /// Learn from a `"label"` inside a sample on `{prefix}/samples`. Off by default: whoever
+    /// may publish samples (every sensor) could then label, and labels are a privilege (the
+    /// shipped ACL gives the labels topic to labelers only). Ignored labels are counted.
+    pub inline_labels: bool,
 }
 
 impl Default for InputConfig {
@@ -186,6 +190,7 @@ impl Default for InputConfig {
             queue_capacity: 1024,
             max_batch: 32,
             label_window_s: 10.0,
+            inline_labels: false,
         }
     }
 }

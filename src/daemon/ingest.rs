@@ -273,6 +273,7 @@ pub struct Ingest {
     recent: std::collections::VecDeque<(Instant, String)>,
     recent_capacity: usize,
     label_window: Duration,
+    inline_labels: bool,
 }
 
 /// Where labels by class name reach back to, and how far.
@@ -281,6 +282,8 @@ pub struct LabelWindow {
     /// Samples remembered (the session keeps no more for feedback either).
     pub capacity: usize,
     pub seconds: Duration,
+    /// Labels inside samples are learned from (`[input] inline_labels`).
+    pub inline: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -321,6 +324,7 @@ impl Ingest {
             recent: std::collections::VecDeque::with_capacity(labels.capacity.min(4096)),
             recent_capacity: labels.capacity.max(1),
             label_window: labels.seconds,
+            inline_labels: labels.inline,
         }
     }
 
@@ -392,7 +396,16 @@ impl Ingest {
             InputFormat::Json => {
                 let text = std::str::from_utf8(payload).map_err(|_| Rejection::NotText)?;
                 let s = self.decoder.decode_json(text)?;
-                self.enqueue(s.x, s.id, s.label);
+                let label = s.label.filter(|_| {
+                    self.inline_labels || {
+                        self.shared
+                            .counters
+                            .inline_labels_ignored_total
+                            .fetch_add(1, Relaxed);
+                        false
+                    }
+                });
+                self.enqueue(s.x, s.id, label);
             }
             InputFormat::F32le => {
                 let mut x = Vec::with_capacity(self.decoder.sample_len());

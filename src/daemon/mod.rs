@@ -481,6 +481,7 @@ fn ingest_stage(
             class_names: classifier.class_names.clone(),
             capacity: cfg.input.feedback_capacity,
             seconds: duration_s(wing.input.label_window_s),
+            inline: wing.input.inline_labels,
         },
     ))
 }

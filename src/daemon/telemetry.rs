@@ -52,6 +52,9 @@ pub struct Counters {
     pub steps_deferred_total: AtomicU64,
     /// Answers on the answer topic with no open request to go to (none open, or another id).
     pub answers_refused_total: AtomicU64,
+    /// Labels inside samples on the samples topic, not learned from (`[input] inline_labels`
+    /// is off); the samples themselves are.
+    pub inline_labels_ignored_total: AtomicU64,
     pub labels_total: AtomicU64,
     pub feedback_total: AtomicU64,
     pub feedback_correct: AtomicU64,
@@ -572,6 +575,12 @@ pub static METRICS: &[Metric] = &[
         |s| (s.train.trust.released + s.train.trust.accepted).into(),
     )
     .prometheus("labels_released"),
+    Metric::counter(
+        "inline_labels_ignored_total",
+        "Labels inside samples on the samples topic, ignored because [input] inline_labels is off (the samples are used)",
+        |s| count(&s.counters.inline_labels_ignored_total),
+    )
+    .prometheus("inline_labels_ignored"),
     Metric::gauge("labels_holding", "Labels held now", |s| {
         s.train.labels_holding.into()
     })
