@@ -25,6 +25,7 @@ mod packaging;
 mod plot;
 mod queues;
 mod recordings;
+mod refusals;
 mod replay_cli;
 mod requests;
 mod rollback;

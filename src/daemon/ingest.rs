@@ -61,6 +61,19 @@ impl Topics {
         }
     }
 
+    /// What the daemon publishes under the prefix (beyond Home Assistant's discovery
+    /// configs): a broker's ACL must let it write all of these.
+    pub fn outputs(&self) -> [&str; 5] {
+        [
+            &self.predictions,
+            &self.state,
+            &self.label_request,
+            &self.metrics,
+            &self.status,
+        ]
+    }
+
+    /// What the daemon subscribes to: a broker's ACL must let it read all of these.
     pub fn inputs(&self) -> [&str; 5] {
         [
             &self.samples,

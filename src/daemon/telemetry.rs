@@ -57,6 +57,10 @@ pub struct Counters {
     pub feedback_correct: AtomicU64,
     pub late_labels_total: AtomicU64,
     pub publish_dropped_total: AtomicU64,
+    /// QoS 1 publishes the broker refused (a PubAck with a reason such as NotAuthorized).
+    pub publish_denied_total: AtomicU64,
+    /// Subscriptions the broker refused (a SubAck with a failure code).
+    pub subscribe_denied_total: AtomicU64,
     pub commands_total: AtomicU64,
     pub checkpoints_total: AtomicU64,
     pub exports_total: AtomicU64,
@@ -785,6 +789,21 @@ pub static METRICS: &[Metric] = &[
         |s| count(&s.counters.publish_dropped_total),
     )
     .prometheus("publish_dropped"),
+    // At QoS 0 a refusal is silent: MQTT gives the client no way to see it.
+    Metric::counter(
+        "publish_denied_total",
+        "QoS 1 publishes the broker refused (its ACL, a quota); the log names the topic",
+        |s| count(&s.counters.publish_denied_total),
+    )
+    .prometheus("publish_denied")
+    .sensor("Publishes refused by the broker", Show::PLAIN)
+    .diagnostic(),
+    Metric::counter(
+        "subscribe_denied_total",
+        "Subscriptions the broker refused (its ACL); the log names the topic",
+        |s| count(&s.counters.subscribe_denied_total),
+    )
+    .prometheus("subscribe_denied"),
     Metric::counter("commands_total", "Commands obeyed", |s| {
         count(&s.counters.commands_total)
     })

@@ -1,0 +1,228 @@
+//! What the broker refuses, counted and said. A broker's ACL that denies edgemt a topic is
+//! silent at QoS 0: mosquitto drops the publish and MQTT gives the client no way to know. At
+//! QoS 1 (MQTT 5) the PubAck carries a reason code, and a refused subscription comes back in
+//! the SubAck, but rumqttc reports both by packet id alone, logs a WARN per packet and
+//! otherwise carries on as if all was well. Here the packet ids are matched back to topics
+//! ([`Ledger`]), and each refusal is counted (`publish_denied_total`,
+//! `subscribe_denied_total`) and told ([`Refusals`]): in the log once per topic per minute
+//! with the reason, and as the systemd STATUS line.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::Request;
+use rumqttc::Outgoing;
+
+use super::publish::Outbox;
+use super::state::Shared;
+
+/// Which topic each packet id in flight belongs to. rumqttc numbers QoS 1 publishes and
+/// subscribes as it takes them from its request queue, in queue order, and says so with an
+/// `Outgoing` event; the topics were noted in the same order as they were queued (the
+/// [`Outbox`] for publishes, [`Ledger::subscribing`] for subscriptions).
+pub struct Ledger {
+    outbox: Arc<Outbox>,
+    /// QoS 1 publishes sent and not yet answered.
+    in_flight: HashMap<u16, Arc<str>>,
+    /// A publish rumqttc holds back because its packet id was still in flight.
+    collided: Option<(u16, Arc<str>)>,
+    /// Subscriptions asked for and not yet numbered, oldest first.
+    unnumbered_subscriptions: VecDeque<String>,
+    /// Subscriptions sent and not yet answered.
+    subscriptions: HashMap<u16, String>,
+    /// Unnumbered QoS 1 publishes and subscriptions that rumqttc moved from its queue to its
+    /// pending list when the connection was lost; it drops them if the next session is new.
+    held: (usize, usize),
+}
+
+impl Ledger {
+    pub fn new(outbox: Arc<Outbox>) -> Self {
+        Ledger {
+            outbox,
+            in_flight: HashMap::new(),
+            collided: None,
+            unnumbered_subscriptions: VecDeque::new(),
+            subscriptions: HashMap::new(),
+            held: (0, 0),
+        }
+    }
+
+    /// A subscription was queued (after it, in queue order, comes the next one).
+    pub fn subscribing(&mut self, topic: &str) {
+        self.unnumbered_subscriptions.push_back(topic.to_owned());
+    }
+
+    /// rumqttc has numbered (and sent) a packet, or held one back.
+    pub fn outgoing(&mut self, event: &Outgoing) {
+        match *event {
+            // A retransmission keeps its number and its entry.
+            Outgoing::Publish(pkid) if pkid != 0 && !self.in_flight.contains_key(&pkid) => {
+                let topic = match self.collided.take() {
+                    Some((held, topic)) if held == pkid => Some(topic),
+                    other => {
+                        self.collided = other;
+                        self.outbox.numbered()
+                    }
+                };
+                if let Some(topic) = topic {
+                    self.in_flight.insert(pkid, topic);
+                }
+            }
+            Outgoing::AwaitAck(pkid) => {
+                self.collided = self.outbox.numbered().map(|topic| (pkid, topic));
+            }
+            Outgoing::Subscribe(pkid) => {
+                if let Some(topic) = self.unnumbered_subscriptions.pop_front() {
+                    self.subscriptions.insert(pkid, topic);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The topic a PubAck answers.
+    pub fn puback(&mut self, pkid: u16) -> Option<Arc<str>> {
+        self.in_flight.remove(&pkid)
+    }
+
+    /// The topic a SubAck answers.
+    pub fn suback(&mut self, pkid: u16) -> Option<String> {
+        self.subscriptions.remove(&pkid)
+    }
+
+    /// The connection is lost: rumqttc has moved what it had not sent yet to `pending`.
+    pub fn connection_lost(&mut self, pending: &VecDeque<Request>) {
+        self.held = pending.iter().fold((0, 0), |(p, s), r| match r {
+            Request::Publish(x) if x.pkid == 0 && x.qos != QoS::AtMostOnce => (p + 1, s),
+            Request::Subscribe(_) => (p, s + 1),
+            _ => (p, s),
+        });
+    }
+
+    /// Connected again: a new session starts without what the old one had in flight or
+    /// pending; a resumed one sends it all again. Answers to subscriptions of the old
+    /// connection never come either way.
+    pub fn connected(&mut self, session_present: bool) {
+        let (publishes, subscriptions) = std::mem::take(&mut self.held);
+        if !session_present {
+            self.outbox.forget_oldest(publishes);
+            let n = subscriptions.min(self.unnumbered_subscriptions.len());
+            self.unnumbered_subscriptions.drain(..n);
+            self.in_flight.clear();
+        }
+        self.subscriptions.clear();
+    }
+}
+
+/// Whether a PubAck is a refusal. "No matching subscribers" is a success that says nobody
+/// listens.
+pub fn publish_refused(reason: PubAckReason) -> bool {
+    !matches!(
+        reason,
+        PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+    )
+}
+
+/// Whether a SubAck's code for one filter is a refusal.
+pub fn subscription_refused(code: &SubscribeReasonCode) -> bool {
+    !matches!(code, SubscribeReasonCode::Success(_))
+}
+
+/// How often each topic's refusals are told.
+const SAY_EVERY: Duration = Duration::from_secs(60);
+
+/// Topics remembered for the once-a-minute limit. edgemt publishes to a few dozen (most of
+/// them Home Assistant discovery configs); the bound only keeps a broken ledger from
+/// growing the map.
+const TOPICS_REMEMBERED: usize = 256;
+
+/// Refusals of one topic since it was last told.
+#[derive(Default)]
+struct Told {
+    at: Option<Instant>,
+    untold: u64,
+}
+
+/// Counts refusals and tells them: once per topic per minute, in the log at WARN and as the
+/// systemd STATUS line, with the reason and what to check.
+pub struct Refusals {
+    shared: Arc<Shared>,
+    /// Who the broker refuses, for the hint ("check the ACL of user edgemt").
+    user: String,
+    told: HashMap<(bool, Arc<str>), Told>,
+}
+
+impl Refusals {
+    pub fn new(shared: Arc<Shared>, username: Option<&str>) -> Self {
+        Refusals {
+            shared,
+            user: username.map_or_else(|| "anonymous clients".into(), |u| format!("user {u}")),
+            told: HashMap::new(),
+        }
+    }
+
+    /// The broker refused a publish on `topic` (unknown when the ledger lost step).
+    pub fn publish(&mut self, topic: Option<Arc<str>>, reason: PubAckReason) {
+        let denied = &self.shared.counters.publish_denied_total;
+        let total = denied.fetch_add(1, Relaxed) + 1;
+        let topic = topic.unwrap_or_else(|| "an unknown topic".into());
+        if let Some(untold) = self.due(true, &topic) {
+            tracing::warn!(
+                "the broker refused a publish on {topic}: {reason:?}{}; nobody receives what \
+                 edgemt publishes there (publish_denied_total = {total}): check that the \
+                 broker's ACL lets {} write {topic}",
+                more(untold),
+                self.user
+            );
+            super::notify::status(&format!(
+                "serving, but the broker refuses publishes on {topic} ({reason:?}): check its ACL for {}",
+                self.user
+            ));
+        }
+    }
+
+    /// The broker refused the subscription to `topic`.
+    pub fn subscription(&mut self, topic: Option<String>, code: &SubscribeReasonCode) {
+        let denied = &self.shared.counters.subscribe_denied_total;
+        denied.fetch_add(1, Relaxed);
+        let topic: Arc<str> = topic.map_or_else(|| "an unknown topic".into(), Into::into);
+        if let Some(untold) = self.due(false, &topic) {
+            tracing::warn!(
+                "the broker refused the subscription to {topic}: {code:?}{}; edgemt receives \
+                 nothing sent there: check that the broker's ACL lets {} read {topic}",
+                more(untold),
+                self.user
+            );
+            super::notify::status(&format!(
+                "serving, but the broker refuses the subscription to {topic} ({code:?}): check its ACL for {}",
+                self.user
+            ));
+        }
+    }
+
+    /// Counts one refusal; returns how many went untold before it if it is time to tell.
+    fn due(&mut self, publish: bool, topic: &Arc<str>) -> Option<u64> {
+        if self.told.len() >= TOPICS_REMEMBERED {
+            self.told.clear();
+        }
+        let told = self.told.entry((publish, topic.clone())).or_default();
+        if told.at.is_some_and(|at| at.elapsed() < SAY_EVERY) {
+            told.untold += 1;
+            return None;
+        }
+        told.at = Some(Instant::now());
+        Some(std::mem::take(&mut told.untold))
+    }
+}
+
+fn more(untold: u64) -> String {
+    if untold == 0 {
+        String::new()
+    } else {
+        format!(" ({untold} more since the last line about it)")
+    }
+}
