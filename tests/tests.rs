@@ -7,6 +7,7 @@ mod util;
 mod adaptation;
 mod broker_abuse;
 mod calibration;
+mod caps;
 mod check_cli;
 mod checkpoints;
 mod config_file;

@@ -175,6 +175,9 @@ pub struct InputConfig {
     /// A label by class name (`{"class": "SITTING"}` on `{prefix}/labels`) applies to the
     /// samples of this many seconds before it.
     pub label_window_s: f64,
+    /// The most samples one label by class name labels (the most recent of its window): one
+    /// message must not label thousands of samples, whatever its `"seconds"` say.
+    pub class_label_max_samples: usize,
 }
 
 impl Default for InputConfig {
@@ -186,6 +189,7 @@ impl Default for InputConfig {
             queue_capacity: 1024,
             max_batch: 32,
             label_window_s: 10.0,
+            class_label_max_samples: 64,
         }
     }
 }
@@ -376,6 +380,10 @@ impl Section for InputConfig {
         positive("input.queue_capacity", self.queue_capacity as u64)?;
         positive("input.max_batch", self.max_batch as u64)?;
         seconds("input.label_window_s", self.label_window_s, 0.1)?;
+        positive(
+            "input.class_label_max_samples",
+            self.class_label_max_samples as u64,
+        )?;
         if let Some(w) = self.window {
             positive("input.window", w as u64)?;
         }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use super::config::{Command, InputFormat};
 use super::items::Incoming;
 use super::queue::{BoundedQueue, Droppable};
+use super::ratelimit::RateLimitedLog;
 use super::state::Shared;
 use crate::stream::sample::id_of;
 use crate::stream::window::{decode_f32le, rows_from_f32le, rows_from_json};
@@ -139,6 +140,17 @@ pub fn raw_budget(max_payload: usize) -> usize {
     (4 << 20).max(max_payload.saturating_add(RAW_OVERHEAD).saturating_mul(4))
 }
 
+/// The largest command payload: `{"cmd": "checkpoint"}` is 21 bytes, so this leaves room
+/// for whitespace and nothing else; a larger one is refused unread, whatever
+/// `mqtt.max_payload_bytes` allows the data topics.
+pub const MAX_COMMAND_BYTES: usize = 256;
+
+/// Samples without an id get one of the daemon's: this prefix and a number (`#17`). A client
+/// may not give its own samples ids with this prefix, so a label for a client's sample "17"
+/// can never land on the daemon's `#17` (or the other way round), while a label or answer
+/// may still name `#17`, as the prediction of that sample did.
+pub const ASSIGNED_ID_PREFIX: char = '#';
+
 /// The MQTT task's side: cheap checks and routing, never parsing.
 pub struct Router {
     pub topics: Topics,
@@ -146,6 +158,8 @@ pub struct Router {
     raw: Arc<BoundedQueue<Raw>>,
     max_payload: usize,
     allow: Vec<Command>,
+    /// One line per command obeyed, but a burst of commands must not become a burst of lines.
+    commands_log: RateLimitedLog,
 }
 
 impl Router {
@@ -162,6 +176,7 @@ impl Router {
             raw,
             max_payload,
             allow,
+            commands_log: RateLimitedLog::new(5, Duration::from_secs(10)).about("commands"),
         }
     }
 
@@ -189,7 +204,13 @@ impl Router {
             return;
         }
         let Some(input) = input else {
-            if let Err(e) = self.command(payload) {
+            let limit = MAX_COMMAND_BYTES.min(self.max_payload);
+            let result = if payload.len() > limit {
+                Err(Rejection::OversizedCommand(payload.len(), limit))
+            } else {
+                self.command(payload)
+            };
+            if let Err(e) = result {
                 self.reject(topic, e);
             }
             return;
@@ -218,7 +239,7 @@ impl Router {
     fn reject(&mut self, topic: &str, e: Rejection) {
         let c = &self.shared.counters;
         match e {
-            Rejection::Oversized(..) => {
+            Rejection::Oversized(..) | Rejection::OversizedCommand(..) => {
                 c.oversized_total.fetch_add(1, Relaxed);
             }
             Rejection::NotAllowed(_) => {
@@ -246,6 +267,7 @@ impl Router {
             .into_iter()
             .find(|c| c.name().eq_ignore_ascii_case(&word))
         else {
+            let word: String = word.chars().take(40).collect();
             return Err(Rejection::Other(format!(
                 "unknown command {word:?}; expected pause, resume, checkpoint, export or reset"
             )));
@@ -262,7 +284,8 @@ impl Router {
             Command::Export => s.export_requested.store(true, Relaxed),
         }
         s.counters.commands_total.fetch_add(1, Relaxed);
-        tracing::info!("command: {}", cmd.name());
+        self.commands_log
+            .info(format_args!("command: {}", cmd.name()));
         Ok(())
     }
 }
@@ -285,6 +308,10 @@ pub struct Ingest {
     recent: std::collections::VecDeque<(Instant, String)>,
     recent_capacity: usize,
     label_window: Duration,
+    /// The most samples one label by class name labels.
+    class_label_max: usize,
+    /// One line per label by class name, limited like the rest.
+    labels_log: RateLimitedLog,
 }
 
 /// Where labels by class name reach back to, and how far.
@@ -293,12 +320,16 @@ pub struct LabelWindow {
     /// Samples remembered (the session keeps no more for feedback either).
     pub capacity: usize,
     pub seconds: Duration,
+    /// The most samples one label labels (the most recent ones); the rest are counted.
+    pub max_samples: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum Rejection {
     #[error("payload of {0} bytes is over the limit of {1} (mqtt.max_payload_bytes)")]
     Oversized(usize, usize),
+    #[error("a command of {0} bytes; commands are at most {1} bytes")]
+    OversizedCommand(usize, usize),
     #[error("command {0:?} is not in [control] allow")]
     NotAllowed(&'static str),
     #[error(transparent)]
@@ -333,6 +364,9 @@ impl Ingest {
             recent: std::collections::VecDeque::with_capacity(labels.capacity.min(4096)),
             recent_capacity: labels.capacity.max(1),
             label_window: labels.seconds,
+            class_label_max: labels.max_samples.max(1),
+            labels_log: RateLimitedLog::new(5, Duration::from_secs(10))
+                .about("labels by class name"),
         }
     }
 
@@ -373,7 +407,7 @@ impl Ingest {
 
     fn assign_id(&mut self) -> String {
         self.next_id += 1;
-        self.next_id.to_string()
+        format!("{ASSIGNED_ID_PREFIX}{}", self.next_id)
     }
 
     fn enqueue(&mut self, x: Vec<f32>, id: Option<String>, label: Option<usize>) {
@@ -404,6 +438,15 @@ impl Ingest {
             InputFormat::Json => {
                 let text = std::str::from_utf8(payload).map_err(|_| Rejection::NotText)?;
                 let s = self.decoder.decode_json(text)?;
+                if s.id
+                    .as_ref()
+                    .is_some_and(|id| id.starts_with(ASSIGNED_ID_PREFIX))
+                {
+                    return Err(Rejection::Other(format!(
+                        "ids starting with '{ASSIGNED_ID_PREFIX}' are the daemon's own (it gives \
+                         them to samples without an id); choose another id"
+                    )));
+                }
                 self.enqueue(s.x, s.id, s.label);
             }
             InputFormat::F32le => {
@@ -538,6 +581,7 @@ impl Ingest {
             .as_str()
             .and_then(|n| self.class_index(n))
             .ok_or_else(|| {
+                let name: String = name.to_string().chars().take(40).collect();
                 Rejection::Other(format!(
                     "\"class\" is {name}, expected one of {:?}",
                     self.class_names
@@ -554,17 +598,29 @@ impl Ingest {
                 })?,
         };
         let since = Instant::now().checked_sub(window);
-        let ids: Vec<String> = self
+        // The most recent first: over the cap, the samples nearest the label are the ones
+        // it most likely describes.
+        let mut ids: Vec<String> = self
             .recent
             .iter()
-            .filter(|(at, _)| since.is_none_or(|t| *at >= t))
+            .rev()
+            .take_while(|(at, _)| since.is_none_or(|t| *at >= t))
             .map(|(_, id)| id.clone())
             .collect();
-        tracing::info!(
-            "labelled the last {} sample(s) ({window:?}) as {}",
+        if ids.len() > self.class_label_max {
+            let excess = ids.len() - self.class_label_max;
+            ids.truncate(self.class_label_max);
+            self.shared
+                .counters
+                .class_label_excess_total
+                .fetch_add(excess as u64, Relaxed);
+        }
+        ids.reverse();
+        let class = &self.class_names[label];
+        self.labels_log.info(format_args!(
+            "labelled the last {} sample(s) ({window:?}) as {class}",
             ids.len(),
-            self.class_names[label]
-        );
+        ));
         for id in ids {
             let dropped = self.queue.push(Incoming::Feedback { id, label });
             self.count_drop(dropped);

@@ -448,6 +448,7 @@ fn ingest_stage(
             class_names: classifier.class_names.clone(),
             capacity: cfg.input.feedback_capacity,
             seconds: duration_s(wing.input.label_window_s),
+            max_samples: wing.input.class_label_max_samples,
         },
     ))
 }

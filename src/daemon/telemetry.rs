@@ -61,6 +61,10 @@ pub struct Counters {
     pub publish_denied_total: AtomicU64,
     /// Subscriptions the broker refused (a SubAck with a failure code).
     pub subscribe_denied_total: AtomicU64,
+    /// Connections to the Prometheus endpoint closed at once: all its slots were taken.
+    pub prometheus_refused_total: AtomicU64,
+    /// Samples a label by class name reached but did not label (over its cap).
+    pub class_label_excess_total: AtomicU64,
     pub commands_total: AtomicU64,
     pub checkpoints_total: AtomicU64,
     pub exports_total: AtomicU64,
@@ -804,6 +808,18 @@ pub static METRICS: &[Metric] = &[
         |s| count(&s.counters.subscribe_denied_total),
     )
     .prometheus("subscribe_denied"),
+    Metric::counter(
+        "prometheus_refused_total",
+        "Connections to the Prometheus endpoint closed at once because 16 were open",
+        |s| count(&s.counters.prometheus_refused_total),
+    )
+    .prometheus("http_connections_refused"),
+    Metric::counter(
+        "class_label_excess_total",
+        "Samples a label by class name reached but left unlabeled ([input] class_label_max_samples)",
+        |s| count(&s.counters.class_label_excess_total),
+    )
+    .prometheus("class_label_excess"),
     Metric::counter("commands_total", "Commands obeyed", |s| {
         count(&s.counters.commands_total)
     })
