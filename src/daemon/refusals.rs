@@ -226,3 +226,101 @@ fn more(untold: u64) -> String {
         format!(" ({untold} more since the last line about it)")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::v5::mqttbytes::v5::Publish;
+    use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
+
+    use super::*;
+
+    /// A ledger over an outbox whose client is never connected: its queue only fills (the
+    /// event loop, never polled, is returned because the queue closes with it).
+    fn ledger() -> (Ledger, Arc<Outbox>, EventLoop) {
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "localhost", 1), 64);
+        let outbox = Arc::new(Outbox::new(client, 64));
+        (Ledger::new(outbox.clone()), outbox, eventloop)
+    }
+
+    fn send(outbox: &Outbox, topic: &str, qos: QoS) {
+        assert!(outbox.publish(&topic.into(), qos, false, b"x".to_vec()));
+    }
+
+    #[test]
+    fn packet_ids_are_paired_with_topics_in_queue_order_and_qos_0_takes_none() {
+        let (mut ledger, outbox, _eventloop) = ledger();
+        send(&outbox, "a", QoS::AtLeastOnce);
+        send(&outbox, "zero", QoS::AtMostOnce);
+        send(&outbox, "b", QoS::AtLeastOnce);
+        ledger.outgoing(&Outgoing::Publish(1));
+        ledger.outgoing(&Outgoing::Publish(0));
+        ledger.outgoing(&Outgoing::Publish(2));
+        assert_eq!(ledger.puback(2).as_deref(), Some("b"));
+        assert_eq!(ledger.puback(1).as_deref(), Some("a"));
+        assert_eq!(ledger.puback(1), None, "answered once");
+    }
+
+    #[test]
+    fn a_retransmission_keeps_its_topic_and_a_held_back_publish_gets_its_own() {
+        let (mut ledger, outbox, _eventloop) = ledger();
+        send(&outbox, "a", QoS::AtLeastOnce);
+        send(&outbox, "b", QoS::AtLeastOnce);
+        send(&outbox, "c", QoS::AtLeastOnce);
+        ledger.outgoing(&Outgoing::Publish(1));
+        // "b" was numbered 1 too while "a" was in flight: rumqttc holds it back.
+        ledger.outgoing(&Outgoing::AwaitAck(1));
+        // "a" is sent again (a resumed session) and keeps its entry.
+        ledger.outgoing(&Outgoing::Publish(1));
+        assert_eq!(ledger.puback(1).as_deref(), Some("a"));
+        // Its PubAck lets "b" go, with number 1; then "c" gets 2.
+        ledger.outgoing(&Outgoing::Publish(1));
+        ledger.outgoing(&Outgoing::Publish(2));
+        assert_eq!(ledger.puback(1).as_deref(), Some("b"));
+        assert_eq!(ledger.puback(2).as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn a_new_session_forgets_what_rumqttc_dropped_and_keeps_what_was_queued_after() {
+        let (mut ledger, outbox, _eventloop) = ledger();
+        send(&outbox, "sent", QoS::AtLeastOnce);
+        ledger.outgoing(&Outgoing::Publish(1));
+        send(&outbox, "dropped", QoS::AtLeastOnce);
+        // The connection is lost: rumqttc moved "sent" (numbered) and "dropped" (not yet) to
+        // its pending list, which a new session clears.
+        let mut sent = Publish::new("sent", QoS::AtLeastOnce, "x", None);
+        sent.pkid = 1;
+        let pending = VecDeque::from([
+            Request::Publish(sent),
+            Request::Publish(Publish::new("dropped", QoS::AtLeastOnce, "x", None)),
+        ]);
+        ledger.connection_lost(&pending);
+        send(&outbox, "after", QoS::AtLeastOnce);
+        ledger.connected(false);
+        ledger.outgoing(&Outgoing::Publish(2));
+        assert_eq!(ledger.puback(1), None, "the old session's publish is gone");
+        assert_eq!(ledger.puback(2).as_deref(), Some("after"));
+    }
+
+    #[test]
+    fn subscriptions_are_paired_with_their_topics() {
+        let (mut ledger, _, _eventloop) = ledger();
+        ledger.subscribing("in/a");
+        ledger.subscribing("in/b");
+        ledger.outgoing(&Outgoing::Subscribe(7));
+        ledger.outgoing(&Outgoing::Subscribe(8));
+        assert_eq!(ledger.suback(8).as_deref(), Some("in/b"));
+        assert_eq!(ledger.suback(7).as_deref(), Some("in/a"));
+    }
+
+    #[test]
+    fn only_refusals_count_as_refusals() {
+        assert!(!publish_refused(PubAckReason::Success));
+        assert!(!publish_refused(PubAckReason::NoMatchingSubscribers));
+        assert!(publish_refused(PubAckReason::NotAuthorized));
+        assert!(publish_refused(PubAckReason::QuotaExceeded));
+        assert!(!subscription_refused(&SubscribeReasonCode::Success(
+            QoS::AtLeastOnce
+        )));
+        assert!(subscription_refused(&SubscribeReasonCode::NotAuthorized));
+    }
+}
