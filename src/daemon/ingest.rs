@@ -63,26 +63,40 @@ impl Topics {
     }
 
     /// What the daemon publishes under the prefix (beyond Home Assistant's discovery
-    /// configs): a broker's ACL must let it write all of these.
+    /// configs): a broker's ACL must let it write all of these (a test checks the shipped
+    /// one). Spelled out field by field, so a new topic does not compile until it is
+    /// placed here or in [`Topics::inputs`].
     pub fn outputs(&self) -> [&str; 5] {
-        [
-            &self.predictions,
-            &self.state,
-            &self.label_request,
-            &self.metrics,
-            &self.status,
-        ]
+        let Topics {
+            samples: _,
+            rows: _,
+            labels: _,
+            cmd: _,
+            answer: _,
+            predictions,
+            metrics,
+            status,
+            state,
+            label_request,
+        } = self;
+        [predictions, state, label_request, metrics, status]
     }
 
     /// What the daemon subscribes to: a broker's ACL must let it read all of these.
     pub fn inputs(&self) -> [&str; 5] {
-        [
-            &self.samples,
-            &self.rows,
-            &self.labels,
-            &self.answer,
-            &self.cmd,
-        ]
+        let Topics {
+            samples,
+            rows,
+            labels,
+            cmd,
+            answer,
+            predictions: _,
+            metrics: _,
+            status: _,
+            state: _,
+            label_request: _,
+        } = self;
+        [samples, rows, labels, answer, cmd]
     }
 }
 
