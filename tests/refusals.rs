@@ -259,5 +259,45 @@ fn an_acl_that_denies_predictions_at_qos_1_is_counted_told_once_a_minute_and_in_
         "a STATUS= line names the refused topic: {:?}",
         notes.seen
     );
+
+    // The administrator installs the shipped ACL: once a prediction gets through, the log
+    // says so and the STATUS line no longer speaks of refusals.
+    let shipped = std::fs::read_to_string(util::path("packaging/mosquitto/edgemt.acl")).unwrap();
+    std::fs::write(dir.path().join("edgemt.acl"), shipped).unwrap();
+    let mut broker = broker;
+    broker.reconfigure(|_| {});
+    let before_fix = notes.seen.len();
+    let operator = MqttPeer::connect_with(
+        broker.port,
+        "operator",
+        &[&t("predictions")],
+        login("operator", "operator-pw"),
+    );
+    let sensor = MqttPeer::connect_with(broker.port, "sensor", &[], login("sensor", "sensor-pw"));
+    let mut got = Vec::new();
+    for (i, s) in stream(100).iter().enumerate() {
+        sensor.publish(&t("samples"), sample_with_id(s, &format!("fixed{i}")));
+        got.extend(operator.collect_until(Duration::from_millis(20), |_| false));
+        if on(&got, &t("predictions")).count() > 0 {
+            break;
+        }
+    }
+    got.extend(operator.collect_until(Duration::from_secs(10), |m| {
+        on(m, &t("predictions")).count() > 0
+    }));
+    assert!(
+        on(&got, &t("predictions")).count() > 0,
+        "predictions arrive under the fixed ACL:\n{}",
+        daemon.log_text()
+    );
+    let cleared = |n: &str| n.contains("STATUS=serving: connected") && !n.contains("refuses");
+    assert!(
+        notes.wait_for_after(before_fix, cleared, Duration::from_secs(5)),
+        "a STATUS= line without the refusal once predictions get through: {:?}",
+        &notes.seen[before_fix..]
+    );
+    assert!(daemon
+        .log_text()
+        .contains(&format!("accepts publishes on {} again", t("predictions"))));
     assert!(daemon.terminate().0.success());
 }

@@ -398,6 +398,7 @@ impl SideTasks<'_> {
                 .map(|period| tokio::spawn(watchdog(self.shared.clone(), period))),
         );
         tasks.push(tokio::spawn(announce_ready(
+            self.shared.clone(),
             connected,
             duration_s(self.cfg.daemon.ready_timeout_s),
             broker_address,
@@ -512,13 +513,16 @@ fn sign_off(outbox: &publish::Outbox, topics: &Topics, shared: &Shared) {
 /// READY=1 once the broker connection exists, or after `timeout` without one: systemd
 /// would otherwise kill a daemon that only waits for its broker. The STATUS= line says which.
 async fn announce_ready(
+    shared: Arc<Shared>,
     connected: oneshot::Receiver<()>,
     timeout: Duration,
     broker: String,
     prefix: String,
 ) {
     let status = match tokio::time::timeout(timeout, connected).await {
-        Ok(Ok(())) => format!("serving: connected to {broker}, topics under {prefix}/"),
+        Ok(Ok(())) => shared.serving_status(&format!(
+            "serving: connected to {broker}, topics under {prefix}/"
+        )),
         _ => {
             tracing::warn!(
                 "no connection to the broker at {broker} after {timeout:?}; running anyway and \

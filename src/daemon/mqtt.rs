@@ -231,7 +231,8 @@ impl PollTask {
                     if let Some(tx) = self.connected.take() {
                         let _ = tx.send(());
                     } else {
-                        super::notify::status(&format!("serving: connected to {address}"));
+                        let serving = format!("serving: connected to {address}");
+                        super::notify::status(&self.shared.serving_status(&serving));
                     }
                     // Subscribing again even to a resumed session is harmless: the broker
                     // only re-sends retained messages, which ingest ignores.
@@ -253,6 +254,9 @@ impl PollTask {
                     if refusals::publish_refused(ack.reason) {
                         self.release_collision(Some(ack.pkid));
                         refusals.publish(topic, ack.reason);
+                    } else if refusals.accepted(topic.as_deref()) {
+                        let serving = format!("serving: connected to {address}");
+                        super::notify::status(&self.shared.serving_status(&serving));
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {

@@ -5,7 +5,7 @@
 //! otherwise carries on as if all was well. Here the packet ids are matched back to topics
 //! ([`Ledger`]), and each refusal is counted (`publish_denied_total`,
 //! `subscribe_denied_total`) and told ([`Refusals`]): in the log once per topic per minute
-//! with the reason, and as the systemd STATUS line.
+//! with the reason, and in the systemd STATUS line until that topic is accepted again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
@@ -154,6 +154,8 @@ pub struct Refusals {
     /// Who the broker refuses, for the hint ("check the ACL of user edgemt").
     user: String,
     told: HashMap<(bool, Arc<str>), Told>,
+    /// The topic whose refused publishes the STATUS line names.
+    in_status: Option<Arc<str>>,
 }
 
 impl Refusals {
@@ -162,7 +164,23 @@ impl Refusals {
             shared,
             user: username.map_or_else(|| "anonymous clients".into(), |u| format!("user {u}")),
             told: HashMap::new(),
+            in_status: None,
         }
+    }
+
+    /// The broker accepted a publish on `topic`: true when that ends the refusals the STATUS
+    /// line names (an administrator fixed the ACL), which is then said.
+    pub fn accepted(&mut self, topic: Option<&str>) -> bool {
+        if topic.is_none() || self.in_status.as_deref() != topic {
+            return false;
+        }
+        self.in_status = None;
+        self.shared.set_refusal(None);
+        tracing::info!(
+            "the broker accepts publishes on {} again",
+            topic.unwrap_or_default()
+        );
+        true
     }
 
     /// The broker refused a publish on `topic` (unknown when the ledger lost step).
@@ -178,10 +196,12 @@ impl Refusals {
                 more(untold),
                 self.user
             );
-            super::notify::status(&format!(
-                "serving, but the broker refuses publishes on {topic} ({reason:?}): check its ACL for {}",
+            self.shared.set_refusal(Some(format!(
+                "publishes on {topic} ({reason:?}): check its ACL for {}",
                 self.user
-            ));
+            )));
+            self.in_status = Some(topic.clone());
+            super::notify::status(&self.shared.serving_status("serving"));
         }
     }
 
@@ -197,10 +217,11 @@ impl Refusals {
                 more(untold),
                 self.user
             );
-            super::notify::status(&format!(
-                "serving, but the broker refuses the subscription to {topic} ({code:?}): check its ACL for {}",
+            self.shared.set_refusal(Some(format!(
+                "the subscription to {topic} ({code:?}): check its ACL for {}",
                 self.user
-            ));
+            )));
+            super::notify::status(&self.shared.serving_status("serving"));
         }
     }
 
