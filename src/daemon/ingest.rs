@@ -612,24 +612,25 @@ impl Ingest {
                 })?,
         };
         let since = Instant::now().checked_sub(window);
-        // The most recent first: over the cap, the samples nearest the label are the ones
-        // it most likely describes.
-        let mut ids: Vec<String> = self
+        // `recent` is in arrival order. Over the cap, the most recent samples are labeled:
+        // the ones nearest the label are those it most likely describes.
+        let within = self
             .recent
             .iter()
             .rev()
             .take_while(|(at, _)| since.is_none_or(|t| *at >= t))
+            .count();
+        let labeled = within.min(self.class_label_max);
+        self.shared
+            .counters
+            .class_label_excess_total
+            .fetch_add((within - labeled) as u64, Relaxed);
+        let ids: Vec<String> = self
+            .recent
+            .iter()
+            .skip(self.recent.len() - labeled)
             .map(|(_, id)| id.clone())
             .collect();
-        if ids.len() > self.class_label_max {
-            let excess = ids.len() - self.class_label_max;
-            ids.truncate(self.class_label_max);
-            self.shared
-                .counters
-                .class_label_excess_total
-                .fetch_add(excess as u64, Relaxed);
-        }
-        ids.reverse();
         let class = &self.class_names[label];
         self.labels_log.info(format_args!(
             "labelled the last {} sample(s) ({window:?}) as {class}",
