@@ -194,7 +194,11 @@ impl PollTask {
         let qos = qos(self.cfg.qos);
         let status_topic: Arc<str> = self.router.topics.status.as_str().into();
         let mut ledger = Ledger::new(self.outbox.clone());
-        let mut refusals = Refusals::new(self.shared.clone(), self.cfg.username.as_deref());
+        let mut refusals = Refusals::new(
+            self.shared.clone(),
+            self.cfg.username.as_deref(),
+            &self.cfg.discovery_prefix,
+        );
         let address = format!(
             "{}://{}:{}",
             if self.cfg.tls { "mqtts" } else { "mqtt" },
@@ -254,7 +258,7 @@ impl PollTask {
                     if refusals::publish_refused(ack.reason) {
                         self.release_collision(Some(ack.pkid));
                         refusals.publish(topic, ack.reason);
-                    } else if refusals.accepted(topic.as_deref()) {
+                    } else if refusals.accepted(topic) {
                         let serving = format!("serving: connected to {address}");
                         super::notify::status(&self.shared.serving_status(&serving));
                     }

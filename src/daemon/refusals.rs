@@ -148,38 +148,51 @@ struct Told {
 }
 
 /// Counts refusals and tells them: once per topic per minute, in the log at WARN and as the
-/// systemd STATUS line, with the reason and what to check.
+/// systemd STATUS line, with the reason and what to check. Home Assistant's discovery
+/// configs (a few dozen topics, one ACL rule) are told as one topic, `{discovery_prefix}/#`.
 pub struct Refusals {
     shared: Arc<Shared>,
     /// Who the broker refuses, for the hint ("check the ACL of user edgemt").
     user: String,
+    /// `{discovery_prefix}/`, or none when discovery is off.
+    discovery: Option<String>,
     told: HashMap<(bool, Arc<str>), Told>,
     /// The topic whose refused publishes the STATUS line names.
     in_status: Option<Arc<str>>,
 }
 
 impl Refusals {
-    pub fn new(shared: Arc<Shared>, username: Option<&str>) -> Self {
+    pub fn new(shared: Arc<Shared>, username: Option<&str>, discovery_prefix: &str) -> Self {
         Refusals {
             shared,
             user: username.map_or_else(|| "anonymous clients".into(), |u| format!("user {u}")),
+            discovery: (!discovery_prefix.is_empty()).then(|| format!("{discovery_prefix}/")),
             told: HashMap::new(),
             in_status: None,
         }
     }
 
+    /// The topic as the refusals are told: itself, or for a discovery config the ACL rule
+    /// that covers them all.
+    fn told_as(&self, topic: &Arc<str>) -> Arc<str> {
+        match &self.discovery {
+            Some(prefix) if topic.starts_with(prefix.as_str()) => format!("{prefix}#").into(),
+            _ => topic.clone(),
+        }
+    }
+
     /// The broker accepted a publish on `topic`: true when that ends the refusals the STATUS
     /// line names (an administrator fixed the ACL), which is then said.
-    pub fn accepted(&mut self, topic: Option<&str>) -> bool {
-        if topic.is_none() || self.in_status.as_deref() != topic {
+    pub fn accepted(&mut self, topic: Option<Arc<str>>) -> bool {
+        let Some(topic) = topic.map(|t| self.told_as(&t)) else {
+            return false;
+        };
+        if self.in_status.as_ref() != Some(&topic) {
             return false;
         }
         self.in_status = None;
         self.shared.set_refusal(None);
-        tracing::info!(
-            "the broker accepts publishes on {} again",
-            topic.unwrap_or_default()
-        );
+        tracing::info!("the broker accepts publishes on {topic} again");
         true
     }
 
@@ -187,7 +200,7 @@ impl Refusals {
     pub fn publish(&mut self, topic: Option<Arc<str>>, reason: PubAckReason) {
         let denied = &self.shared.counters.publish_denied_total;
         let total = denied.fetch_add(1, Relaxed) + 1;
-        let topic = topic.unwrap_or_else(|| "an unknown topic".into());
+        let topic = topic.map_or_else(|| "an unknown topic".into(), |t| self.told_as(&t));
         if let Some(untold) = self.due(true, &topic) {
             tracing::warn!(
                 "the broker refused a publish on {topic}: {reason:?}{}; nobody receives what \
