@@ -90,15 +90,17 @@ pub struct InputConfig {
 
 /// The keys of `[input]` only the daemon reads: the payload format and row windows of
 /// `{prefix}/samples` and `{prefix}/rows`, its queues and batches, and the time a label by
-/// class name reaches back. `daemon::config::InputConfig` has exactly these fields (a test
-/// checks).
-pub const DAEMON_INPUT_KEYS: [&str; 6] = [
+/// class name reaches back and how many samples it may label.
+/// `daemon::config::InputConfig` has exactly these fields (a test checks).
+pub const DAEMON_INPUT_KEYS: [&str; 8] = [
     "format",
     "window",
     "hop",
     "queue_capacity",
     "max_batch",
     "label_window_s",
+    "class_label_max_samples",
+    "inline_labels",
 ];
 
 impl Default for InputConfig {

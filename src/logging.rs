@@ -11,10 +11,15 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Installs the global subscriber; `RUST_LOG` overrides the default level `info`.
+/// The default filter: `info`, but rumqttc's per-packet lines about refused publishes and
+/// held-back packet ids only at error, since the daemon counts those and tells each topic's
+/// once a minute (a WARN per refused prediction would bury the journal).
+const DEFAULT_FILTER: &str = "info,rumqttc::v5::state=error";
+
+/// Installs the global subscriber; `RUST_LOG` overrides [`DEFAULT_FILTER`].
 pub fn init() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| DEFAULT_FILTER.into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

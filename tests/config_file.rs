@@ -218,6 +218,10 @@ fn every_validated_key_rejects_a_bad_value_by_name() {
         ("[input]\nmax_abs = -1.0", "input.max_abs"),
         ("[input]\nlabel_window_s = 0.0", "input.label_window_s"),
         (
+            "[input]\nclass_label_max_samples = 0",
+            "input.class_label_max_samples",
+        ),
+        (
             "[metrics]\nstate_interval_s = 0.0",
             "metrics.state_interval_s",
         ),

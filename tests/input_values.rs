@@ -111,9 +111,9 @@ fn windows_assembled_from_rows_in_every_form_predict_exactly_as_their_samples() 
     }
     let got = predictions(&peer, prefix, 3);
     assert_eq!(got.len(), 3, "exactly one window per 64 rows: {got:?}");
-    assert_same(&got, "1", want[0], "rows in blocks");
-    assert_same(&got, "2", want[1], "single rows");
-    assert_same(&got, "3", want[2], "the {\"rows\": ...} form");
+    assert_same(&got, "#1", want[0], "rows in blocks");
+    assert_same(&got, "#2", want[1], "single rows");
+    assert_same(&got, "#3", want[2], "the {\"rows\": ...} form");
     assert!(daemon.terminate().0.success());
 }
 
@@ -140,9 +140,9 @@ fn raw_f32le_samples_and_rows_predict_exactly_as_the_json_sample() {
         peer.publish(&format!("{prefix}/rows"), le(chunk));
     }
     let got = predictions(&peer, prefix, 3);
-    assert_same(&got, "1", want[0], "f32le sample 0");
-    assert_same(&got, "2", want[1], "f32le sample 1");
-    assert_same(&got, "3", want[2], "f32le rows of sample 2");
+    assert_same(&got, "#1", want[0], "f32le sample 0");
+    assert_same(&got, "#2", want[1], "f32le sample 1");
+    assert_same(&got, "#3", want[2], "f32le rows of sample 2");
     assert!(daemon.terminate().0.success());
 }
 
@@ -169,8 +169,8 @@ fn a_channel_first_model_fed_time_major_rows_predicts_its_transposed_window() {
         );
     }
     let got = predictions(&peer, prefix, 2);
-    assert_same(&got, "1", want[0], "channel-first window 0");
-    assert_same(&got, "2", want[1], "channel-first window 1");
+    assert_same(&got, "#1", want[0], "channel-first window 0");
+    assert_same(&got, "#2", want[1], "channel-first window 1");
     assert!(daemon.terminate().0.success());
 }
 

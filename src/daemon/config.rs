@@ -179,6 +179,9 @@ pub struct InputConfig {
     /// may publish samples (every sensor) could then label, and labels are a privilege (the
     /// shipped ACL gives the labels topic to labelers only). Ignored labels are counted.
     pub inline_labels: bool,
+    /// The most samples one label by class name labels (the most recent of its window): one
+    /// message must not label thousands of samples, whatever its `"seconds"` say.
+    pub class_label_max_samples: usize,
 }
 
 impl Default for InputConfig {
@@ -191,6 +194,7 @@ impl Default for InputConfig {
             max_batch: 32,
             label_window_s: 10.0,
             inline_labels: false,
+            class_label_max_samples: 64,
         }
     }
 }
@@ -385,6 +389,10 @@ impl Section for InputConfig {
         positive("input.queue_capacity", self.queue_capacity as u64)?;
         positive("input.max_batch", self.max_batch as u64)?;
         seconds("input.label_window_s", self.label_window_s, 0.1)?;
+        positive(
+            "input.class_label_max_samples",
+            self.class_label_max_samples as u64,
+        )?;
         if let Some(w) = self.window {
             positive("input.window", w as u64)?;
         }

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use super::config::{Command, InputFormat};
 use super::items::Incoming;
 use super::queue::{BoundedQueue, Droppable};
+use super::ratelimit::RateLimitedLog;
 use super::state::Shared;
 use crate::stream::sample::id_of;
 use crate::stream::window::{decode_f32le, rows_from_f32le, rows_from_json};
@@ -61,14 +62,41 @@ impl Topics {
         }
     }
 
+    /// What the daemon publishes under the prefix (beyond Home Assistant's discovery
+    /// configs): a broker's ACL must let it write all of these (a test checks the shipped
+    /// one). Spelled out field by field, so a new topic does not compile until it is
+    /// placed here or in [`Topics::inputs`].
+    pub fn outputs(&self) -> [&str; 5] {
+        let Topics {
+            samples: _,
+            rows: _,
+            labels: _,
+            cmd: _,
+            answer: _,
+            predictions,
+            metrics,
+            status,
+            state,
+            label_request,
+        } = self;
+        [predictions, state, label_request, metrics, status]
+    }
+
+    /// What the daemon subscribes to: a broker's ACL must let it read all of these.
     pub fn inputs(&self) -> [&str; 5] {
-        [
-            &self.samples,
-            &self.rows,
-            &self.labels,
-            &self.answer,
-            &self.cmd,
-        ]
+        let Topics {
+            samples,
+            rows,
+            labels,
+            cmd,
+            answer,
+            predictions: _,
+            metrics: _,
+            status: _,
+            state: _,
+            label_request: _,
+        } = self;
+        [samples, rows, labels, answer, cmd]
     }
 }
 
@@ -126,6 +154,17 @@ pub fn raw_budget(max_payload: usize) -> usize {
     (4 << 20).max(max_payload.saturating_add(RAW_OVERHEAD).saturating_mul(4))
 }
 
+/// The largest command payload: `{"cmd": "checkpoint"}` is 21 bytes, so this leaves room
+/// for whitespace and nothing else; a larger one is refused unread, whatever
+/// `mqtt.max_payload_bytes` allows the data topics.
+pub const MAX_COMMAND_BYTES: usize = 256;
+
+/// Samples without an id get one of the daemon's: this prefix and a number (`#17`). A client
+/// may not give its own samples ids with this prefix, so a label for a client's sample "17"
+/// can never land on the daemon's `#17` (or the other way round), while a label or answer
+/// may still name `#17`, as the prediction of that sample did.
+pub const ASSIGNED_ID_PREFIX: char = '#';
+
 /// The MQTT task's side: cheap checks and routing, never parsing.
 pub struct Router {
     pub topics: Topics,
@@ -133,6 +172,8 @@ pub struct Router {
     raw: Arc<BoundedQueue<Raw>>,
     max_payload: usize,
     allow: Vec<Command>,
+    /// One line per command obeyed, but a burst of commands must not become a burst of lines.
+    commands_log: RateLimitedLog,
 }
 
 impl Router {
@@ -149,6 +190,7 @@ impl Router {
             raw,
             max_payload,
             allow,
+            commands_log: RateLimitedLog::new(5, Duration::from_secs(10)).about("commands"),
         }
     }
 
@@ -176,7 +218,13 @@ impl Router {
             return;
         }
         let Some(input) = input else {
-            if let Err(e) = self.command(payload) {
+            let limit = MAX_COMMAND_BYTES.min(self.max_payload);
+            let result = if payload.len() > limit {
+                Err(Rejection::OversizedCommand(payload.len(), limit))
+            } else {
+                self.command(payload)
+            };
+            if let Err(e) = result {
                 self.reject(topic, e);
             }
             return;
@@ -205,7 +253,7 @@ impl Router {
     fn reject(&mut self, topic: &str, e: Rejection) {
         let c = &self.shared.counters;
         match e {
-            Rejection::Oversized(..) => {
+            Rejection::Oversized(..) | Rejection::OversizedCommand(..) => {
                 c.oversized_total.fetch_add(1, Relaxed);
             }
             Rejection::NotAllowed(_) => {
@@ -233,6 +281,7 @@ impl Router {
             .into_iter()
             .find(|c| c.name().eq_ignore_ascii_case(&word))
         else {
+            let word: String = word.chars().take(40).collect();
             return Err(Rejection::Other(format!(
                 "unknown command {word:?}; expected pause, resume, checkpoint, export, reset or accept_labels"
             )));
@@ -250,7 +299,8 @@ impl Router {
             Command::AcceptLabels => s.accept_requested.store(true, Relaxed),
         }
         s.counters.commands_total.fetch_add(1, Relaxed);
-        tracing::info!("command: {}", cmd.name());
+        self.commands_log
+            .info(format_args!("command: {}", cmd.name()));
         Ok(())
     }
 }
@@ -274,6 +324,10 @@ pub struct Ingest {
     recent_capacity: usize,
     label_window: Duration,
     inline_labels: bool,
+    /// The most samples one label by class name labels.
+    class_label_max: usize,
+    /// One line per label by class name, limited like the rest.
+    labels_log: RateLimitedLog,
 }
 
 /// Where labels by class name reach back to, and how far.
@@ -284,12 +338,16 @@ pub struct LabelWindow {
     pub seconds: Duration,
     /// Labels inside samples are learned from (`[input] inline_labels`).
     pub inline: bool,
+    /// The most samples one label labels (the most recent ones); the rest are counted.
+    pub max_samples: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum Rejection {
     #[error("payload of {0} bytes is over the limit of {1} (mqtt.max_payload_bytes)")]
     Oversized(usize, usize),
+    #[error("a command of {0} bytes; commands are at most {1} bytes")]
+    OversizedCommand(usize, usize),
     #[error("command {0:?} is not in [control] allow")]
     NotAllowed(&'static str),
     #[error(transparent)]
@@ -325,6 +383,9 @@ impl Ingest {
             recent_capacity: labels.capacity.max(1),
             label_window: labels.seconds,
             inline_labels: labels.inline,
+            class_label_max: labels.max_samples.max(1),
+            labels_log: RateLimitedLog::new(5, Duration::from_secs(10))
+                .about("labels by class name"),
         }
     }
 
@@ -365,7 +426,7 @@ impl Ingest {
 
     fn assign_id(&mut self) -> String {
         self.next_id += 1;
-        self.next_id.to_string()
+        format!("{ASSIGNED_ID_PREFIX}{}", self.next_id)
     }
 
     fn enqueue(&mut self, x: Vec<f32>, id: Option<String>, label: Option<usize>) {
@@ -396,6 +457,15 @@ impl Ingest {
             InputFormat::Json => {
                 let text = std::str::from_utf8(payload).map_err(|_| Rejection::NotText)?;
                 let s = self.decoder.decode_json(text)?;
+                if s.id
+                    .as_ref()
+                    .is_some_and(|id| id.starts_with(ASSIGNED_ID_PREFIX))
+                {
+                    return Err(Rejection::Other(format!(
+                        "ids starting with '{ASSIGNED_ID_PREFIX}' are the daemon's own (it gives \
+                         them to samples without an id); choose another id"
+                    )));
+                }
                 let label = s.label.filter(|_| {
                     self.inline_labels || {
                         self.shared
@@ -539,6 +609,7 @@ impl Ingest {
             .as_str()
             .and_then(|n| self.class_index(n))
             .ok_or_else(|| {
+                let name: String = name.to_string().chars().take(40).collect();
                 Rejection::Other(format!(
                     "\"class\" is {name}, expected one of {:?}",
                     self.class_names
@@ -555,17 +626,30 @@ impl Ingest {
                 })?,
         };
         let since = Instant::now().checked_sub(window);
+        // `recent` is in arrival order. Over the cap, the most recent samples are labeled:
+        // the ones nearest the label are those it most likely describes.
+        let within = self
+            .recent
+            .iter()
+            .rev()
+            .take_while(|(at, _)| since.is_none_or(|t| *at >= t))
+            .count();
+        let labeled = within.min(self.class_label_max);
+        self.shared
+            .counters
+            .class_label_excess_total
+            .fetch_add((within - labeled) as u64, Relaxed);
         let ids: Vec<String> = self
             .recent
             .iter()
-            .filter(|(at, _)| since.is_none_or(|t| *at >= t))
+            .skip(self.recent.len() - labeled)
             .map(|(_, id)| id.clone())
             .collect();
-        tracing::info!(
-            "labelled the last {} sample(s) ({window:?}) as {}",
+        let class = &self.class_names[label];
+        self.labels_log.info(format_args!(
+            "labelled the last {} sample(s) ({window:?}) as {class}",
             ids.len(),
-            self.class_names[label]
-        );
+        ));
         for id in ids {
             let dropped = self.queue.push(Incoming::Feedback { id, label });
             self.count_drop(dropped);

@@ -26,6 +26,7 @@ pub mod prometheus;
 pub mod publish;
 pub mod queue;
 pub mod ratelimit;
+pub mod refusals;
 pub mod signals;
 pub mod state;
 pub mod telemetry;
@@ -113,7 +114,7 @@ struct Threads {
 /// event loop hands messages to, and the Home Assistant discovery configs sent at every
 /// connection (empty when discovery is off).
 struct Broker {
-    client: AsyncClient,
+    outbox: Arc<publish::Outbox>,
     eventloop: EventLoop,
     router: Router,
     discovery: Vec<(String, serde_json::Value)>,
@@ -162,11 +163,12 @@ impl Daemon {
             .prometheus
             .is_some()
             .then(|| Arc::new(prometheus::Exposition::new(shared.clone())));
+        let outbox = Arc::new(publish::Outbox::new(client, wing.mqtt.request_queue));
         let sink = publish::MqttSink {
-            client: client.clone(),
-            predictions_topic: names.topics.predictions.clone(),
-            state_topic: names.topics.state.clone(),
-            label_request_topic: names.topics.label_request.clone(),
+            outbox: outbox.clone(),
+            predictions_topic: names.topics.predictions.as_str().into(),
+            state_topic: names.topics.state.as_str().into(),
+            label_request_topic: names.topics.label_request.as_str().into(),
             qos: mqtt::qos(wing.mqtt.qos),
         };
         let Workers {
@@ -200,7 +202,7 @@ impl Daemon {
                 wing.control.allow.clone(),
             ),
             discovery: discovery_messages(&wing, &names, classifier, &cfg.model.path),
-            client,
+            outbox,
             eventloop,
         };
         Ok(Daemon {
@@ -250,7 +252,7 @@ impl Daemon {
             _ => None,
         };
         let threads = stages.spawn(queues.raw.clone())?;
-        let client = broker.client.clone();
+        let outbox = broker.outbox.clone();
         let (poll, connected) = broker.start(&cfg.mqtt, &names.client_id, &shared);
         let broker_address = format!("{}:{}", cfg.mqtt.host, cfg.mqtt.port);
         tracing::info!(
@@ -262,7 +264,7 @@ impl Daemon {
             cfg: &cfg,
             names: &names,
             shared: &shared,
-            client: &client,
+            outbox: &outbox,
         }
         .spawn(prometheus, connected, broker_address);
 
@@ -276,7 +278,7 @@ impl Daemon {
         ]);
         shared.stopping.store(true, Relaxed);
         threads.stop(queues).await;
-        sign_off(&client, &names.topics, &shared);
+        sign_off(&outbox, &names.topics, &shared);
         if tokio::time::timeout(FINAL_MESSAGES, poll).await.is_err() {
             tracing::warn!("the broker did not take the final messages in time");
         }
@@ -357,7 +359,7 @@ impl Broker {
         let poll = tokio::spawn(
             mqtt::PollTask {
                 eventloop: self.eventloop,
-                client: self.client,
+                outbox: self.outbox,
                 cfg: cfg.clone(),
                 client_id: client_id.to_owned(),
                 shared: shared.clone(),
@@ -377,7 +379,7 @@ struct SideTasks<'a> {
     cfg: &'a DaemonConfig,
     names: &'a Names,
     shared: &'a Arc<Shared>,
-    client: &'a AsyncClient,
+    outbox: &'a Arc<publish::Outbox>,
 }
 
 impl SideTasks<'_> {
@@ -388,8 +390,8 @@ impl SideTasks<'_> {
         broker_address: String,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = vec![tokio::spawn(publish_metrics(
-            self.client.clone(),
-            self.names.topics.metrics.clone(),
+            self.outbox.clone(),
+            self.names.topics.metrics.as_str().into(),
             self.shared.clone(),
             duration_s(self.cfg.metrics.interval_s),
         ))];
@@ -399,6 +401,7 @@ impl SideTasks<'_> {
                 .map(|period| tokio::spawn(watchdog(self.shared.clone(), period))),
         );
         tasks.push(tokio::spawn(announce_ready(
+            self.shared.clone(),
             connected,
             duration_s(self.cfg.daemon.ready_timeout_s),
             broker_address,
@@ -482,6 +485,7 @@ fn ingest_stage(
             capacity: cfg.input.feedback_capacity,
             seconds: duration_s(wing.input.label_window_s),
             inline: wing.input.inline_labels,
+            max_samples: wing.input.class_label_max_samples,
         },
     ))
 }
@@ -525,23 +529,36 @@ async fn bind_prometheus(
 
 /// The last words on the broker: the final metrics, the retained `offline` status (the last
 /// will says it only when the connection breaks) and a clean disconnect.
-fn sign_off(client: &AsyncClient, topics: &Topics, shared: &Shared) {
+fn sign_off(outbox: &publish::Outbox, topics: &Topics, shared: &Shared) {
     let final_metrics = serde_json::to_vec(&shared.metrics()).unwrap_or_default();
-    let _ = client.try_publish(&topics.metrics, QoS::AtLeastOnce, false, final_metrics);
-    let _ = client.try_publish(&topics.status, QoS::AtLeastOnce, true, "offline");
-    let _ = client.try_disconnect();
+    outbox.publish(
+        &topics.metrics.as_str().into(),
+        QoS::AtLeastOnce,
+        false,
+        final_metrics,
+    );
+    outbox.publish(
+        &topics.status.as_str().into(),
+        QoS::AtLeastOnce,
+        true,
+        b"offline".to_vec(),
+    );
+    let _ = outbox.client().try_disconnect();
 }
 
 /// READY=1 once the broker connection exists, or after `timeout` without one: systemd
 /// would otherwise kill a daemon that only waits for its broker. The STATUS= line says which.
 async fn announce_ready(
+    shared: Arc<Shared>,
     connected: oneshot::Receiver<()>,
     timeout: Duration,
     broker: String,
     prefix: String,
 ) {
     let status = match tokio::time::timeout(timeout, connected).await {
-        Ok(Ok(())) => format!("serving: connected to {broker}, topics under {prefix}/"),
+        Ok(Ok(())) => shared.serving_status(&format!(
+            "serving: connected to {broker}, topics under {prefix}/"
+        )),
         _ => {
             tracing::warn!(
                 "no connection to the broker at {broker} after {timeout:?}; running anyway and \
@@ -556,17 +573,19 @@ async fn announce_ready(
     ]);
 }
 
-async fn publish_metrics(client: AsyncClient, topic: String, shared: Arc<Shared>, every: Duration) {
+async fn publish_metrics(
+    outbox: Arc<publish::Outbox>,
+    topic: Arc<str>,
+    shared: Arc<Shared>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
         let payload = serde_json::to_vec(&shared.metrics()).unwrap_or_default();
-        if client
-            .try_publish(&topic, QoS::AtMostOnce, false, payload)
-            .is_err()
-        {
+        if !outbox.publish(&topic, QoS::AtMostOnce, false, payload) {
             shared.counters.publish_dropped_total.fetch_add(1, Relaxed);
         }
     }

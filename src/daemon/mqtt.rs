@@ -8,7 +8,14 @@
 //! routes: every publish from here is `try_publish` (never waits on a full queue), the loop
 //! backs off between failed reconnects itself (rumqttc does not) and tells the operator
 //! why, and subscriptions, the retained `online` status and discovery configs are renewed on
-//! every ConnAck.
+//! every ConnAck. It also reads the broker's answers: refused publishes and subscriptions are
+//! matched to their topics, counted and told ([`super::refusals`]).
+//!
+//! rumqttc 0.25 stalls on a refused PubAck. When its next packet id catches up with a
+//! publish still waiting for its PubAck (a "collision"), it holds every later request until
+//! that PubAck comes; but a PubAck with a refusal skips the code that lets the held publish
+//! go, so every output stops until the keepalive drops the connection, and since the held
+//! publish outlives reconnects, for good. [`PollTask::release_collision`] lets it go.
 //!
 //! Two clients with one client id take the session from each other: MQTT 5 brokers close
 //! the older connection with DISCONNECT reason 0x8E (session taken over), the older one
@@ -24,12 +31,14 @@ use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, LastWill, Packet};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
+use rumqttc::v5::{ConnectionError, Event, EventLoop, MqttOptions, Request, StateError};
 use rumqttc::{Outgoing, TlsConfiguration, Transport};
 
 use super::config::MqttConfig;
 use super::error::DaemonError;
 use super::ingest::{Router, Topics};
+use super::publish::Outbox;
+use super::refusals::{self, Ledger, Refusals};
 use super::state::Shared;
 
 pub fn qos(level: u8) -> QoS {
@@ -139,7 +148,7 @@ pub fn options(
 
 pub struct PollTask {
     pub eventloop: EventLoop,
-    pub client: AsyncClient,
+    pub outbox: Arc<Outbox>,
     pub cfg: MqttConfig,
     pub client_id: String,
     pub shared: Arc<Shared>,
@@ -314,6 +323,13 @@ impl PollTask {
         let mut last_warning: Option<(String, Instant)> = None;
         let mut takeovers = Takeovers::default();
         let qos = qos(self.cfg.qos);
+        let status_topic: Arc<str> = self.router.topics.status.as_str().into();
+        let mut ledger = Ledger::new(self.outbox.clone());
+        let mut refusals = Refusals::new(
+            self.shared.clone(),
+            self.cfg.username.as_deref(),
+            &self.cfg.discovery_prefix,
+        );
         let address = format!(
             "{}://{}:{}",
             if self.cfg.tls { "mqtts" } else { "mqtt" },
@@ -323,6 +339,12 @@ impl PollTask {
         loop {
             match self.eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    ledger.connected(ack.session_present);
+                    if !ack.session_present {
+                        // Nothing of the old session will be answered, so a publish held
+                        // back for one of its packet ids would wait for ever.
+                        self.release_collision(None);
+                    }
                     up_since = Some(Instant::now());
                     last_warning = None;
                     self.shared.connected.store(true, Relaxed);
@@ -344,28 +366,40 @@ impl PollTask {
                     if let Some(tx) = self.connected.take() {
                         let _ = tx.send(());
                     } else {
-                        super::notify::status(&format!("serving: connected to {address}"));
+                        let serving = format!("serving: connected to {address}");
+                        super::notify::status(&self.shared.serving_status(&serving));
                     }
                     // Subscribing again even to a resumed session is harmless: the broker
                     // only re-sends retained messages, which ingest ignores.
                     for topic in self.router.topics.inputs() {
-                        if let Err(e) = self.client.try_subscribe(topic, qos) {
-                            tracing::error!("subscribing to {topic}: {e}");
+                        match self.outbox.client().try_subscribe(topic, qos) {
+                            Ok(()) => ledger.subscribing(topic),
+                            Err(e) => tracing::error!("subscribing to {topic}: {e}"),
                         }
                     }
-                    let _ = self.client.try_publish(
-                        &self.router.topics.status,
-                        QoS::AtLeastOnce,
-                        true,
-                        "online",
-                    );
+                    let out = &self.outbox;
+                    out.publish(&status_topic, QoS::AtLeastOnce, true, b"online".to_vec());
                     for (topic, config) in &self.discovery {
-                        let _ = self.client.try_publish(
-                            topic,
-                            QoS::AtLeastOnce,
-                            true,
-                            config.to_string(),
-                        );
+                        let payload = config.to_string().into_bytes();
+                        out.publish(&topic.as_str().into(), QoS::AtLeastOnce, true, payload);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    let topic = ledger.puback(ack.pkid);
+                    if refusals::publish_refused(ack.reason) {
+                        self.release_collision(Some(ack.pkid));
+                        refusals.publish(topic, ack.reason);
+                    } else if refusals.accepted(topic) {
+                        let serving = format!("serving: connected to {address}");
+                        super::notify::status(&self.shared.serving_status(&serving));
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let topic = ledger.suback(ack.pkid);
+                    for code in &ack.return_codes {
+                        if refusals::subscription_refused(code) {
+                            refusals.subscription(topic.clone(), code);
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => match std::str::from_utf8(&p.topic) {
@@ -375,8 +409,10 @@ impl PollTask {
                     }
                 },
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(Event::Outgoing(event)) => ledger.outgoing(&event),
                 Ok(_) => {}
                 Err(e) => {
+                    ledger.connection_lost(&self.eventloop.pending);
                     if self.shared.stopping.load(Relaxed) && down_since.is_some() {
                         break;
                     }
@@ -417,6 +453,22 @@ impl PollTask {
                     backoff = (backoff * 2).min(max);
                 }
             }
+        }
+    }
+
+    /// Sends the publish rumqttc holds back for a packet id (`pkid`: the one just refused;
+    /// none: whichever, the session being new) without waiting for an answer that will not
+    /// come: it goes first, with the number it was given, as rumqttc sends it after a
+    /// successful PubAck.
+    fn release_collision(&mut self, pkid: Option<u16>) {
+        let state = &mut self.eventloop.state;
+        let held = state
+            .collision
+            .as_ref()
+            .is_some_and(|p| pkid.is_none_or(|id| p.pkid == id));
+        if let (true, Some(publish)) = (held, state.collision.take()) {
+            state.collision_ping_count = 0;
+            self.eventloop.pending.push_front(Request::Publish(publish));
         }
     }
 }

@@ -6,10 +6,12 @@
 //! [`Shared`] at scrape time by a collector, so they and the MQTT metrics message have one
 //! source of truth; only the latency histogram is kept here, because percentiles over an
 //! interval cannot be aggregated across scrapes. The HTTP side is a few lines on a tokio
-//! listener: one small request, one response, a timeout, and a cap on what is read, so a
-//! stray client cannot hold memory or the task.
+//! listener: one small request, one response, a timeout, a cap on what is read and a cap on
+//! connections open at once, so stray or idle clients cannot hold memory, the task or the
+//! daemon's file descriptors.
 
 use std::fmt;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +31,8 @@ use super::telemetry::{self, Kind, Metric, Reading, Snapshot, METRICS};
 pub struct Exposition {
     registry: Registry,
     pub latency: Histogram,
+    /// Where the endpoint counts the connections it refused.
+    shared: Arc<Shared>,
 }
 
 impl Exposition {
@@ -42,8 +46,12 @@ impl Exposition {
             Unit::Seconds,
             latency.clone(),
         );
-        registry.register_collector(Box::new(SharedCollector(shared)));
-        Exposition { registry, latency }
+        registry.register_collector(Box::new(SharedCollector(shared.clone())));
+        Exposition {
+            registry,
+            latency,
+            shared,
+        }
     }
 
     /// The text exposition.
@@ -122,17 +130,35 @@ impl Collector for SharedCollector {
     }
 }
 
+/// Connections served at once. A scraper needs one; beyond these a connection is closed as
+/// soon as it is accepted (and counted), so idle clients cannot take the daemon's file
+/// descriptors: ~1,100 idle ones used to exhaust its 1,024, and checkpoints then failed with
+/// "Too many open files".
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// How long one connection may take, request and response; an idle one holds its slot no
+/// longer.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, exposition: Arc<Exposition>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
             // Out of file descriptors and the like: back off instead of spinning.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let counters = &exposition.shared.counters;
+            counters.prometheus_refused_total.fetch_add(1, Relaxed);
+            drop(stream);
+            continue;
+        };
         let exposition = exposition.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _slot = slot;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, async {
                 let mut request = Vec::with_capacity(1024);
                 let mut buf = [0u8; 1024];
                 // The request line and headers only: nothing a scraper sends is larger.

@@ -82,6 +82,9 @@ pub struct Shared {
     /// The id of the open label request, set by the trainer: where an answer without an id
     /// goes.
     open_request: Mutex<Option<String>>,
+    /// What the broker refuses, while it does ("publishes on edgemt/x/predictions
+    /// (NotAuthorized)"): every STATUS line that says the daemon is serving says this too.
+    refusal: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -114,6 +117,7 @@ impl Shared {
             queues,
             last_report: Mutex::new((now, 0)),
             open_request: Mutex::new(None),
+            refusal: Mutex::new(None),
             rejections: Mutex::new(RateLimitedLog::new(5, std::time::Duration::from_secs(10))),
         }
     }
@@ -128,6 +132,19 @@ impl Shared {
 
     pub fn set_open_request(&self, id: Option<String>) {
         *self.open_request.lock().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+
+    /// The systemd STATUS line for a daemon that serves: `serving` and what the broker
+    /// refuses, if it refuses anything.
+    pub fn serving_status(&self, serving: &str) -> String {
+        match &*self.refusal.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(refused) => format!("{serving}; but the broker refuses {refused}"),
+            None => serving.to_owned(),
+        }
+    }
+
+    pub fn set_refusal(&self, refused: Option<String>) {
+        *self.refusal.lock().unwrap_or_else(|e| e.into_inner()) = refused;
     }
 
     /// Whether messages are waiting to be parsed or samples to be answered (training yields

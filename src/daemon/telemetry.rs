@@ -60,6 +60,14 @@ pub struct Counters {
     pub feedback_correct: AtomicU64,
     pub late_labels_total: AtomicU64,
     pub publish_dropped_total: AtomicU64,
+    /// QoS 1 publishes the broker refused (a PubAck with a reason such as NotAuthorized).
+    pub publish_denied_total: AtomicU64,
+    /// Subscriptions the broker refused (a SubAck with a failure code).
+    pub subscribe_denied_total: AtomicU64,
+    /// Connections to the Prometheus endpoint closed at once: all its slots were taken.
+    pub prometheus_refused_total: AtomicU64,
+    /// Samples a label by class name reached but did not label (over its cap).
+    pub class_label_excess_total: AtomicU64,
     pub commands_total: AtomicU64,
     pub checkpoints_total: AtomicU64,
     /// Bytes the checkpoints took on disk (tensor files and manifests): the SD card's wear.
@@ -827,6 +835,33 @@ pub static METRICS: &[Metric] = &[
         |s| count(&s.counters.publish_dropped_total),
     )
     .prometheus("publish_dropped"),
+    // At QoS 0 a refusal is silent: MQTT gives the client no way to see it.
+    Metric::counter(
+        "publish_denied_total",
+        "QoS 1 publishes the broker refused (its ACL, a quota); the log names the topic",
+        |s| count(&s.counters.publish_denied_total),
+    )
+    .prometheus("publish_denied")
+    .sensor("Publishes refused by the broker", Show::PLAIN)
+    .diagnostic(),
+    Metric::counter(
+        "subscribe_denied_total",
+        "Subscriptions the broker refused (its ACL); the log names the topic",
+        |s| count(&s.counters.subscribe_denied_total),
+    )
+    .prometheus("subscribe_denied"),
+    Metric::counter(
+        "prometheus_refused_total",
+        "Connections to the Prometheus endpoint closed at once because 16 were open",
+        |s| count(&s.counters.prometheus_refused_total),
+    )
+    .prometheus("http_connections_refused"),
+    Metric::counter(
+        "class_label_excess_total",
+        "Samples a label by class name reached but left unlabeled ([input] class_label_max_samples)",
+        |s| count(&s.counters.class_label_excess_total),
+    )
+    .prometheus("class_label_excess"),
     Metric::counter("commands_total", "Commands obeyed", |s| {
         count(&s.counters.commands_total)
     })
