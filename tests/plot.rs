@@ -389,6 +389,11 @@ fn synthetic_report(switches: &[(usize, Serving)], rollbacks_at: Vec<usize>) -> 
         seed: 0,
         timeline,
         requests: None,
+        trust: edgemt::replay::TrustReport {
+            counts: Default::default(),
+            holding: 0,
+            disputed: None,
+        },
     }
 }
 

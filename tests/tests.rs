@@ -35,3 +35,4 @@ mod session;
 mod signals;
 mod storage;
 mod telemetry;
+mod trust;

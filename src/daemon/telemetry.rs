@@ -572,6 +572,12 @@ pub static METRICS: &[Metric] = &[
     .prometheus("labels_disputed")
     .binary_sensor("Disputed labels"),
     Metric::counter(
+        "labels_disputes_total",
+        "Times labels became disputed",
+        |s| s.train.trust.disputes.into(),
+    )
+    .prometheus("labels_disputes"),
+    Metric::counter(
         "labels_held_total",
         "Labels not believed on arrival (they contradict a confident pretrained model and their neighbours' labels)",
         |s| s.train.trust.held.into(),

@@ -12,6 +12,10 @@ two label modes, and print one markdown table plus the acceptance verdicts.
 Label modes, at the same label count:
   random    the recording's own `label` fields: every k-th line (k = 100 for 1 %, 20 for 5 %,
             33 for 3 %; "partial" labels only three classes), as make_scenarios.py wrote them.
+  swap      (control scenarios only) the label poisoning of issue 17: the recording's labels,
+            and on every 5th line a label that swaps two similar classes (SITTING/STANDING
+            for the activity models, 3/5 for digits) and is honest for the other classes.
+            Its rule: served >= pretrained - 1 point and labels disputed in every seed.
   requests  the same recording with `--label-budget 1/k --label-delay D`: replay ignores the
             `label` fields, and edgemt asks for labels itself; each request is answered from
             that sample's `truth` D samples later, never more than 1/k of the samples seen so
@@ -59,7 +63,9 @@ TOL = 1.0            # (a): served >= pretrained - TOL points
 CAPTURE = 0.70       # (b): served captures at least this share of the teacher's mean gain
 MIN_TEACHER_GAIN = 0.5   # points; below it there is no gain to capture and the share is not shown
 EPS = 1e-9
-MODES = ("random", "requests")
+MODES = ("random", "requests", "swap")
+SWAP_EVERY = 5
+SWAP_KINDS = ("control",)
 DRIFT_KINDS = ("drift",)
 CONTROL_KINDS = ("control", "natural")
 # Columns from the report's `requests` object (src/replay.rs `RequestReport`).
@@ -149,6 +155,25 @@ def budget_of(s):
     """The label budget matching the scenario's random-label count: 1/k."""
     k = s.get("label_every")
     return None if not k else float("%.6g" % (1.0 / k))
+
+
+def swap_pair(model):
+    """Two similar classes of the scenario's model: the pair a targeted poisoner would swap."""
+    return (3, 5) if "digits" in model else (3, 4)
+
+
+def swapped_stream(src, dst, pair):
+    """The recording with every SWAP_EVERY-th line labeled: the pair's classes swapped, the
+    others honest (from `truth`); the other lines keep their labels."""
+    a, b = pair
+    with open(src) as f, open(dst, "w") as out:
+        for i, line in enumerate(f):
+            if i % SWAP_EVERY == 0 and line.strip():
+                d = json.loads(line)
+                t = d["truth"]
+                d["label"] = b if t == a else a if t == b else t
+                line = json.dumps(d) + "\n"
+            out.write(line)
 
 
 def summarize(runs):
@@ -250,6 +275,8 @@ def main():
         for mode in args.modes:
             if mode == "requests" and requests_note:
                 skipped.append(dict(scenario=s["name"], mode=mode, why="binary without --label-budget"))
+            elif mode == "swap" and s["kind"] not in SWAP_KINDS:
+                continue
             elif mode == "requests" and not (s.get("requests_ok", True) and budget_of(s)):
                 skipped.append(dict(scenario=s["name"], mode=mode,
                                     why="labels limited to some classes: no request equivalent"))
@@ -279,6 +306,10 @@ def main():
             if calibrated:
                 f.write("\n" + CAL_SNIPPET)
         stream = os.path.join(args.data, s["stream"])
+        if mode == "swap":
+            swapped = os.path.join(sdir, "stream-swapped.jsonl")
+            swapped_stream(stream, swapped, swap_pair(s["model"]))
+            stream = swapped
         holdout = os.path.join(args.data, s["holdout"])
         budget = budget_of(s) if mode == "requests" else None
         runs = []
@@ -335,7 +366,8 @@ def main():
                        prequential=report.get("prequential_accuracy"), labeled=report.get("labeled"),
                        rollbacks=report.get("rollbacks"), train_steps=report.get("train_steps"),
                        pseudo_labels=report.get("pseudo_labels"), gate=report.get("gate"),
-                       requests=request_stats(report), seconds=round(dt, 2))
+                       requests=request_stats(report), trust=report.get("trust"),
+                       seconds=round(dt, 2))
             runs.append(run)
             print(f"[{k}/{n_runs}] {s['name']} {mode} seed {seed}: served {served:.4f} teacher "
                   f"{ev['teacher_accuracy']:.4f} pretrained {ev['source_accuracy']:.4f} "
@@ -445,7 +477,34 @@ def main():
                                      worst=dict(scenario=r["name"], seed=run["seed"], gain_points=gain(run))))
             print(f"{'(info, not an acceptance rule) ' if info else ''}{text}: "
                   f"{'PASS' if ok else 'FAIL'} ({worst})")
-    for mode in args.modes:
+    if "swap" in args.modes:
+        rows = [r for r in results if r["mode"] == "swap"]
+        cn = [(r, run) for r in rows for run in r["runs"]]
+        rule = (f"(c) swap: every control scenario, every seed: served >= pretrained − {TOL:g} point "
+                f"and the labels disputed")
+        if cn:
+            below = [(r["name"], run["seed"]) for r, run in cn
+                     if 100.0 * (run["served"] - run["source"]) < -TOL - EPS]
+            quiet = [(r["name"], run["seed"]) for r, run in cn
+                     if not (run.get("trust") or {}).get("disputes")]
+            ok = not below and not quiet
+            r, run = min(cn, key=lambda p: p[1]["served"] - p[1]["source"])
+            print(f"{rule}: {'PASS' if ok else 'FAIL'} (worst: {r['name']} seed {run['seed']}, served "
+                  f"{run['served']:.3f} vs pretrained {run['source']:.3f}, teacher {run['teacher']:.3f}; "
+                  f"{len(below)}/{len(cn)} runs below, {len(quiet)}/{len(cn)} never disputed"
+                  + (f": {quiet}" if quiet else "") + ")")
+            verdicts.append(dict(rule=rule, passed=ok, runs=len(cn), below=below, never_disputed=quiet))
+        else:
+            print(f"{rule}: NOT EVALUATED (no control scenario selected)")
+    honest = [(r, run) for r in results if r["mode"] != "swap" for run in r["runs"]]
+    if honest and any(run.get("trust") is not None for _, run in honest):
+        disputed = [(r["name"], r["mode"], run["seed"]) for r, run in honest
+                    if (run.get("trust") or {}).get("disputes")]
+        rule = "(d) honest labels (random, requests): never disputed"
+        print(f"{rule}: {'PASS' if not disputed else 'FAIL'} ({len(disputed)}/{len(honest)} runs disputed"
+              + (f": {disputed}" if disputed else "") + ")")
+        verdicts.append(dict(rule=rule, passed=not disputed, runs=len(honest), disputed=disputed))
+    for mode in [m for m in args.modes if m != "swap"]:
         info = mode != "requests"
         rows = [r for r in results if r["mode"] == mode and r["kind"] in DRIFT_KINDS]
         rule = (f"(b) {mode}: every gradual-drift scenario: served captures >= {100 * CAPTURE:.0f} % of the "

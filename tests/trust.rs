@@ -1,0 +1,160 @@
+//! Label trust in the daemon, against a real mosquitto: the targeted swap (SITTING and
+//! STANDING swapped on every 5th sample of the shipped control, honest elsewhere) sent on the
+//! labels topic and inline on the samples topic is disputed, the pretrained model stays
+//! served, and an operator's `accept_labels` releases what was held; inline labels are not
+//! learned from at all unless `[input] inline_labels` says so.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::broker::{daemon_config, last_metrics, num, Broker, Daemon, MqttPeer};
+use crate::util::{recording_lines, sample_with_id, tempdir};
+
+const SITTING: u64 = 3;
+const STANDING: u64 = 4;
+
+/// The poisoner's label for line `i` of the control recording: every 5th line labeled,
+/// SITTING and STANDING swapped, the other classes honest.
+fn swapped_label(i: usize, truth: u64) -> Option<u64> {
+    (i % 5 == 0).then_some(match truth {
+        SITTING => STANDING,
+        STANDING => SITTING,
+        t => t,
+    })
+}
+
+struct Device {
+    _broker: Broker,
+    daemon: Daemon,
+    peer: MqttPeer,
+    prefix: &'static str,
+    _dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn start(prefix: &'static str, extra: &str) -> Device {
+        let dir = tempdir();
+        let broker = Broker::start();
+        let cfg = daemon_config(
+            dir.path(),
+            &broker,
+            prefix,
+            &format!(
+                "[control]\nallow = [\"pause\", \"resume\", \"accept_labels\"]\n[requests]\nenabled = false\n{extra}"
+            ),
+        );
+        let peer = MqttPeer::connect(broker.port, "operator", &[&format!("{prefix}/metrics")]);
+        let daemon = Daemon::start(&cfg, &[]);
+        Device {
+            _broker: broker,
+            daemon,
+            peer,
+            prefix,
+            _dir: dir,
+        }
+    }
+
+    fn topic(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    /// The shipped control recording, twice, with the swap: on the labels topic by id, or
+    /// inline in the samples.
+    fn send_swapped_control(&self, inline: bool) {
+        let lines = recording_lines("data/control_stream.jsonl");
+        for pass in 0..2 {
+            for (i, line) in lines.iter().enumerate() {
+                let mut s = line.clone();
+                s.as_object_mut().unwrap().remove("label");
+                let truth = s["truth"].as_u64().unwrap();
+                let label = swapped_label(i, truth);
+                let id = format!("p{pass}-{i}");
+                if inline {
+                    if let Some(l) = label {
+                        s["label"] = Value::from(l);
+                    }
+                }
+                self.peer
+                    .publish(&self.topic("samples"), sample_with_id(&s, &id));
+                if let (false, Some(l)) = (inline, label) {
+                    self.peer.publish(
+                        &self.topic("labels"),
+                        serde_json::json!({ "id": id, "label": l }).to_string(),
+                    );
+                }
+                if i % 50 == 0 {
+                    // Paced a little, so the labels meet their samples in the daemon's memory.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    fn metrics_where(&self, done: impl Fn(&Value) -> bool) -> Value {
+        let topic = self.topic("metrics");
+        let got = self.peer.collect_until(Duration::from_secs(60), |m| {
+            last_metrics(m, &topic).is_some_and(|v| done(&v))
+        });
+        let last = last_metrics(&got, &topic);
+        last.clone().filter(|v| done(v)).unwrap_or_else(|| {
+            panic!(
+                "metrics never got there (last: {last:?}); the daemon said:\n{}",
+                self.daemon.log_text()
+            )
+        })
+    }
+}
+
+fn swap_is_disputed_and_the_pretrained_model_stays_served(prefix: &'static str, inline: bool) {
+    let extra = if inline {
+        "[input]\ninline_labels = true\n"
+    } else {
+        ""
+    };
+    let mut d = Device::start(prefix, extra);
+    d.send_swapped_control(inline);
+    // Everything taken in and learned from (so nothing arrives after the operator's word).
+    let m = d.metrics_where(|v| {
+        num(v, "samples_total") >= 2.0 * 545.0
+            && num(v, "input_queue") == 0.0
+            && num(v, "train_queue") == 0.0
+            && num(v, "labels_disputed") == 1.0
+    });
+    assert!(num(&m, "labels_disputes_total") >= 1.0, "{m}");
+    assert!(num(&m, "labels_held_total") >= 5.0, "{m}");
+    assert_eq!(num(&m, "serving_adapted"), 0.0, "{m}");
+    assert!(
+        d.daemon.log_text().contains("labels disputed"),
+        "the log names the dispute"
+    );
+    // The operator says the classes really changed their meaning: the held labels are
+    // released and the dispute lowered.
+    d.peer.publish(&d.topic("cmd"), "accept_labels");
+    let m = d.metrics_where(|v| num(v, "labels_disputed") == 0.0);
+    assert!(num(&m, "labels_released_total") >= 5.0, "{m}");
+    assert_eq!(num(&m, "labels_holding"), 0.0, "{m}");
+    assert!(d.daemon.terminate().0.success());
+}
+
+#[test]
+fn a_swap_of_two_classes_on_the_labels_topic_is_disputed_and_the_pretrained_model_stays_served() {
+    swap_is_disputed_and_the_pretrained_model_stays_served("edgemt-test/trust-topic", false);
+}
+
+#[test]
+fn a_swap_inline_on_the_samples_topic_is_disputed_when_inline_labels_are_enabled() {
+    swap_is_disputed_and_the_pretrained_model_stays_served("edgemt-test/trust-inline", true);
+}
+
+#[test]
+fn inline_labels_are_ignored_and_counted_by_default() {
+    let mut d = Device::start("edgemt-test/trust-inline-off", "");
+    d.send_swapped_control(true);
+    let m = d.metrics_where(|v| num(v, "samples_total") >= 2.0 * 545.0);
+    // 2 passes × 109 labeled lines.
+    assert_eq!(num(&m, "inline_labels_ignored_total"), 218.0, "{m}");
+    assert_eq!(num(&m, "labels_total"), 0.0, "{m}");
+    assert_eq!(num(&m, "labels_disputed"), 0.0, "{m}");
+    assert!(d.daemon.terminate().0.success());
+}
