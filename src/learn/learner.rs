@@ -232,6 +232,9 @@ pub struct Learner {
 
 impl Learner {
     /// A learner whose student and teacher start as `pretrained`, on samples of `layout`.
+    // One argument per config section it owns (they are read from one `Config` by the
+    // session), plus the two that are not config.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         pretrained: Mlp,
         layout: Layout,

@@ -384,17 +384,16 @@ impl LabelTrust {
         };
         let mut now = None;
         let mut worst = 0;
-        for a in 0..classes {
-            for b in a + 1..classes {
-                let both = against[a][b].min(against[b][a]);
-                if strong(a, b)
-                    && strong(b, a)
-                    && both > worst
-                    && !self.accepted_pairs.contains(&(a, b))
-                {
-                    now = Some((a, b));
-                    worst = both;
-                }
+        let pairs = (0..classes).flat_map(|a| (a + 1..classes).map(move |b| (a, b)));
+        for (a, b) in pairs {
+            let both = against[a][b].min(against[b][a]);
+            if strong(a, b)
+                && strong(b, a)
+                && both > worst
+                && !self.accepted_pairs.contains(&(a, b))
+            {
+                now = Some((a, b));
+                worst = both;
             }
         }
         let raised = now.is_some() && self.disputed.is_none();
@@ -481,7 +480,7 @@ mod tests {
         assert_eq!(raised, 1);
         // While disputed, the pair's contradicting labels are held even with support.
         assert_eq!(judge(&mut t, [9.0, 0.0], 1, 0).verdict, Verdict::Held);
-        assert!(t.accept().len() >= 1);
+        assert!(!t.accept().is_empty());
         assert_eq!(t.disputed(), None);
         // The pair is no longer checked.
         assert_eq!(judge(&mut t, [0.0, 0.0], 1, 0).verdict, Verdict::Believed);
