@@ -262,7 +262,7 @@ fn a_flood_of_labeled_samples_drops_the_oldest_labeled_counts_it_and_accounts_fo
             dir.path(),
             &broker,
             prefix,
-            "[learn]\ntrain_every = 1\n[input]\nqueue_capacity = 16\n",
+            "[learn]\ntrain_every = 1\n[input]\nqueue_capacity = 16\ninline_labels = true\n",
         ),
         &[],
     );

@@ -35,7 +35,7 @@ pub struct Sinks {
 /// the order the requests enter that queue. rumqttc numbers a QoS 1 packet when it takes it
 /// from the queue and reports the broker's answer (a PubAck, which may be a refusal) by that
 /// number alone; the MQTT task matches the numbers to these topics in the same order
-/// ([`super::refusals::Ledger`]).
+/// (the ledger in `refusals.rs`).
 pub struct Outbox {
     client: AsyncClient,
     /// Topics of the QoS 1 publishes queued and not yet numbered, oldest first.

@@ -236,7 +236,8 @@ pub fn stepping_learner(c: &edgemt::model::Classifier, ema_every: u64) -> edgemt
 }
 
 /// A learner on `c`'s pretrained head with `cfg`, default augmentation, gate and seed, and
-/// the rollback guard off (these tests look at single steps).
+/// the rollback guard and label trust off (these tests look at single steps, some with
+/// labels on noise).
 pub fn learner_with(
     c: &edgemt::model::Classifier,
     cfg: &edgemt::learn::LearnConfig,
@@ -251,7 +252,10 @@ pub fn learner_with(
             ..Default::default()
         },
         &Default::default(),
-        &Default::default(),
+        &edgemt::learn::TrustConfig {
+            enabled: false,
+            ..Default::default()
+        },
         0,
     )
 }
