@@ -495,8 +495,9 @@ fn print_summary(r: &edgemt::replay::Report) {
     let t = &r.trust;
     if t.counts.held > 0 {
         println!(
-            "label trust: {} labels held (contradicting a confident pretrained model against their neighbours), {} released, {} dropped, {} still held{}",
+            "label trust: {} labels held (contradicting a confident pretrained model against their neighbours; from {}), {} released, {} dropped, {} still held{}",
             t.counts.held,
+            t.counts.held_from.describe(),
             t.counts.released,
             t.counts.dropped,
             t.holding,

@@ -28,7 +28,7 @@ use crate::model::{Classifier, ModelError};
 use crate::nn::{Mlp, Workspace};
 use crate::scores::{Accuracy, StepTotals};
 use crate::session::{
-    predict_rows, Answer, Item, Observation, Predictor, Session, SessionError, Taken,
+    predict_rows, Answer, Item, LabelSource, Observation, Predictor, Session, SessionError, Taken,
 };
 use crate::stream::{Line, RecordingError, RecordingReader, Rejected, SampleDecoder};
 
@@ -493,6 +493,7 @@ pub fn replay(
                                     embedding: predictor.embeddings().row(r),
                                     mounting,
                                     label,
+                                    source: LabelSource::Recording,
                                     truth: s.truth,
                                     predicted: answer.served.class,
                                 }))?;
@@ -509,9 +510,17 @@ pub fn replay(
                             }
                         }
                     }
-                    Line::Feedback { id, label } => {
-                        session.take(Item::Feedback { id, label: *label })?
-                    }
+                    Line::Feedback { id, label } => session.take(Item::Feedback {
+                        id,
+                        label: *label,
+                        // With a budget the recording's feedback lines are dropped: these
+                        // are the simulated user's answers.
+                        source: if opts.label_budget.is_some() {
+                            LabelSource::Answer
+                        } else {
+                            LabelSource::Recording
+                        },
+                    })?,
                 };
                 if let Some(step) = &taken.step {
                     window.steps.add(step);

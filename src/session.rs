@@ -20,6 +20,7 @@ use crate::calibration::{CalibrationEvent, Calibrator, Mounting, SignedPerm};
 use crate::checkpoint::{CheckpointStore, MountingRecord, Restored, Saved};
 use crate::config::{duration_s, Config};
 use crate::learn::requests::{Candidate, Reason, Request, Requests};
+pub use crate::learn::trust::LabelSource;
 use crate::learn::{Embed, EmbedError, LearnError, Learner, Serving, StepReport};
 use crate::model::{Backbone, Classifier, ModelError};
 use crate::nn::{argmax, Mlp, Workspace};
@@ -392,8 +393,9 @@ pub struct Observation<'a> {
     pub embedding: ArrayView1<'a, f32>,
     /// The calibration the embedding was computed under ([`Session::mounting_r`] then).
     pub mounting: SignedPerm,
-    /// Supervision known on arrival.
+    /// Supervision known on arrival, and where it came from.
     pub label: Option<usize>,
+    pub source: LabelSource,
     /// Ground truth for scoring only (recordings), never learned from.
     pub truth: Option<usize>,
     /// The class the device answered for it (the served model's), scored when feedback
@@ -406,8 +408,12 @@ pub struct Observation<'a> {
 pub enum Item<'a> {
     /// A predicted sample.
     Sample(Observation<'a>),
-    /// A label for an earlier sample, by id.
-    Feedback { id: &'a str, label: usize },
+    /// A label for an earlier sample, by id, and where it came from.
+    Feedback {
+        id: &'a str,
+        label: usize,
+        source: LabelSource,
+    },
 }
 
 /// What [`Session::take`] did with an item.
@@ -563,7 +569,7 @@ impl Session {
     pub fn take(&mut self, item: Item) -> Result<Taken, SessionError> {
         let (feedback, request) = match item {
             Item::Sample(o) => (None, self.observe(o)?),
-            Item::Feedback { id, label } => (Some(self.feedback(id, label)?), None),
+            Item::Feedback { id, label, source } => (Some(self.feedback(id, label, source)?), None),
         };
         Ok(Taken {
             feedback,
@@ -593,7 +599,8 @@ impl Session {
             self.stats.labels += 1;
         }
         let x = mount_batch(self.mounting.as_ref(), o.x, &mut self.mounted);
-        self.learner.observe(x, o.embedding, o.label, o.truth);
+        self.learner
+            .observe_from(x, o.embedding, o.label, o.source, o.truth);
         Ok(self.consider_request(&o))
     }
 
@@ -644,7 +651,12 @@ impl Session {
 
     /// A label for an earlier sample, by id: scored against the prediction made for it, then
     /// (a clean test for calibration as well) learned from.
-    fn feedback(&mut self, id: &str, label: usize) -> Result<Feedback, SessionError> {
+    fn feedback(
+        &mut self,
+        id: &str,
+        label: usize,
+        source: LabelSource,
+    ) -> Result<Feedback, SessionError> {
         // A label asked for because of what the models said is biased evidence about the
         // pretrained model (see `learn::requests`): calibration does not take it.
         let clean = match self.requests.as_mut().and_then(|r| r.answer(id, label)) {
@@ -665,8 +677,13 @@ impl Session {
         }
         self.stats.labels += 1;
         let x = mount_batch(self.mounting.as_ref(), &raw, &mut self.mounted);
-        self.learner
-            .observe(x, self.recent.embeddings.row(slot), Some(label), None);
+        self.learner.observe_from(
+            x,
+            self.recent.embeddings.row(slot),
+            Some(label),
+            source,
+            None,
+        );
         Ok(Feedback::Matched { correct })
     }
 

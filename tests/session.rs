@@ -14,7 +14,7 @@ use edgemt::daemon::state::{Queues, Shared};
 use edgemt::daemon::workers::Workers;
 use edgemt::daemon::DaemonConfig;
 use edgemt::replay::{replay, ReplayOptions};
-use edgemt::session::{Feedback, Item, Observation, Predictor, Session};
+use edgemt::session::{Feedback, Item, LabelSource, Observation, Predictor, Session};
 use edgemt::stream::{Line, RecordingReader, SampleDecoder};
 
 use crate::util::{self, edgemt, run_ok, tempdir};
@@ -126,7 +126,11 @@ fn through_the_daemons_stages(
                         label: s.label,
                         received: Instant::now(),
                     },
-                    Line::Feedback { id, label } => Incoming::Feedback { id, label },
+                    Line::Feedback { id, label } => Incoming::Feedback {
+                        id,
+                        label,
+                        source: LabelSource::ById,
+                    },
                 }),
             }
         }
@@ -214,6 +218,7 @@ fn take_sample(session: &mut Session, predictor: &mut Predictor, x: &[f32], labe
             embedding: e.view(),
             mounting: Default::default(),
             label,
+            source: LabelSource::Recording,
             truth: None,
             predicted: 0,
         }))
@@ -308,6 +313,7 @@ fn feedback_scores_the_prediction_made_for_the_sample_and_then_learns_the_label(
                 embedding: e.view(),
                 mounting: Default::default(),
                 label: None,
+                source: LabelSource::Recording,
                 truth: Some(5),
                 predicted,
             }))
@@ -315,7 +321,11 @@ fn feedback_scores_the_prediction_made_for_the_sample_and_then_learns_the_label(
     }
     let mut label = |id, label| {
         session
-            .take(Item::Feedback { id, label })
+            .take(Item::Feedback {
+                id,
+                label,
+                source: LabelSource::ById,
+            })
             .unwrap()
             .feedback
             .expect("a label gets a verdict")
@@ -357,13 +367,20 @@ fn an_embedding_that_is_not_finite_is_refused_and_counted() {
             embedding: bad.view(),
             mounting: Default::default(),
             label: Some(1),
+            source: LabelSource::Recording,
             truth: None,
             predicted: 0,
         }))
         .unwrap();
     assert_eq!(session.stats().rejected_embeddings, 1);
     assert_eq!(session.learner().labeled_counts().iter().sum::<usize>(), 0);
-    let later = session.take(Item::Feedback { id: "p", label: 1 }).unwrap();
+    let later = session
+        .take(Item::Feedback {
+            id: "p",
+            label: 1,
+            source: LabelSource::ById,
+        })
+        .unwrap();
     assert_eq!(
         later.feedback,
         Some(Feedback::Late),

@@ -124,9 +124,16 @@ fn swap_is_disputed_and_the_pretrained_model_stays_served(prefix: &'static str, 
     assert!(num(&m, "labels_disputes_total") >= 1.0, "{m}");
     assert!(num(&m, "labels_held_total") >= 5.0, "{m}");
     assert_eq!(num(&m, "serving_adapted"), 0.0, "{m}");
+    let log = d.daemon.log_text();
+    let dispute = log
+        .lines()
+        .find(|l| l.contains("labels disputed"))
+        .expect("the log names the dispute");
+    // ... and the door the held labels came through.
+    let door = if inline { "inline" } else { "by_id" };
     assert!(
-        d.daemon.log_text().contains("labels disputed"),
-        "the log names the dispute"
+        dispute.contains(&format!("came from: {door} ")),
+        "{dispute}"
     );
     // The operator says the classes really changed their meaning: the held labels are
     // released and the dispute lowered.

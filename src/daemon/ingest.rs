@@ -23,6 +23,7 @@ use super::items::Incoming;
 use super::queue::{BoundedQueue, Droppable};
 use super::ratelimit::RateLimitedLog;
 use super::state::Shared;
+use crate::session::LabelSource;
 use crate::stream::sample::id_of;
 use crate::stream::window::{decode_f32le, rows_from_f32le, rows_from_json};
 use crate::stream::{DecodeError, SampleDecoder, WindowAssembler};
@@ -537,7 +538,11 @@ impl Ingest {
             return Err(DecodeError::NotAnObject.into());
         };
         let (id, label) = self.decoder.decode_feedback(obj)?;
-        let dropped = self.queue.push(Incoming::Feedback { id, label });
+        let dropped = self.queue.push(Incoming::Feedback {
+            id,
+            label,
+            source: LabelSource::ById,
+        });
         self.count_drop(dropped);
         Ok(())
     }
@@ -578,7 +583,11 @@ impl Ingest {
                 )))
             }
         };
-        let dropped = self.queue.push(Incoming::Feedback { id, label });
+        let dropped = self.queue.push(Incoming::Feedback {
+            id,
+            label,
+            source: LabelSource::Answer,
+        });
         self.count_drop(dropped);
         Ok(())
     }
@@ -651,7 +660,11 @@ impl Ingest {
             ids.len(),
         ));
         for id in ids {
-            let dropped = self.queue.push(Incoming::Feedback { id, label });
+            let dropped = self.queue.push(Incoming::Feedback {
+                id,
+                label,
+                source: LabelSource::ByClass,
+            });
             self.count_drop(dropped);
         }
         Ok(())

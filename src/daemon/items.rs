@@ -9,7 +9,7 @@ use ndarray::ArrayView1;
 
 use super::queue::Droppable;
 use crate::calibration::SignedPerm;
-use crate::session::{Item, Observation};
+use crate::session::{Item, LabelSource, Observation};
 
 /// What the ingest thread hands to inference.
 pub enum Incoming {
@@ -22,6 +22,7 @@ pub enum Incoming {
     Feedback {
         id: String,
         label: usize,
+        source: LabelSource,
     },
 }
 
@@ -49,7 +50,11 @@ pub enum TrainItem {
         mounting: SignedPerm,
     },
     /// A label for an earlier sample.
-    Feedback { id: String, label: usize },
+    Feedback {
+        id: String,
+        label: usize,
+        source: LabelSource,
+    },
 }
 
 impl TrainItem {
@@ -69,10 +74,16 @@ impl TrainItem {
                 embedding: ArrayView1::from(embedding.as_slice()),
                 mounting: *mounting,
                 label: *label,
+                // A label inside a sample is the only kind a sample carries in the daemon.
+                source: LabelSource::Inline,
                 truth: None,
                 predicted: *predicted,
             }),
-            TrainItem::Feedback { id, label } => Item::Feedback { id, label: *label },
+            TrainItem::Feedback { id, label, source } => Item::Feedback {
+                id,
+                label: *label,
+                source: *source,
+            },
         }
     }
 }

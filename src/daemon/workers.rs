@@ -173,8 +173,8 @@ impl InferenceWorker {
         let mut latest: Option<Vec<u8>> = None;
         for item in items.drain(..) {
             let (x, id, label, received) = match item {
-                Incoming::Feedback { id, label } => {
-                    let dropped = self.train.push(TrainItem::Feedback { id, label });
+                Incoming::Feedback { id, label, source } => {
+                    let dropped = self.train.push(TrainItem::Feedback { id, label, source });
                     count_drop(&self.shared, dropped);
                     continue;
                 }

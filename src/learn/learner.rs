@@ -20,7 +20,7 @@ use super::optim::{
 use super::pseudo::{Balance, PseudoLabeler};
 use super::requests::Opinion;
 use super::rng::Rng;
-use super::trust::{Held, LabelTrust, TrustConfig, Verdict as TrustVerdict};
+use super::trust::{Held, LabelSource, LabelTrust, TrustConfig, Verdict as TrustVerdict};
 use crate::nn::{argmax, Mlp, Params, Workspace};
 use crate::stream::Layout;
 
@@ -360,6 +360,18 @@ impl Learner {
         label: Option<usize>,
         truth: Option<usize>,
     ) {
+        self.observe_from(input, embedding, label, LabelSource::Recording, truth)
+    }
+
+    /// [`Learner::observe`] with where the label came from (kept by label trust).
+    pub fn observe_from(
+        &mut self,
+        input: &[f32],
+        embedding: ArrayView1<f32>,
+        label: Option<usize>,
+        source: LabelSource,
+        truth: Option<usize>,
+    ) {
         // Buffers are learner state: a non-finite value filed here would turn every later
         // batch that draws it into a skipped step. Callers check first (and count); this is
         // the last line.
@@ -374,7 +386,7 @@ impl Learner {
                 self.pretrained
                     .probs_into(row, &mut self.ws, &mut self.test_logits);
                 let pretrained = argmax(self.test_logits.row(0));
-                let judged = self.trust.judge(input, embedding, y, pretrained);
+                let judged = self.trust.judge(input, embedding, y, source, pretrained);
                 if judged.raised {
                     // The evidence so far may be the swap's own wins: it starts over.
                     self.gate.clear();

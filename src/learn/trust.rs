@@ -105,6 +105,84 @@ impl TrustConfig {
     }
 }
 
+/// Where a label came from: kept with every held label, and counted, so that an operator
+/// who sees a dispute knows which door the labels came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelSource {
+    /// A recording's `label` field or feedback line (replay).
+    Recording,
+    /// A `label` inside a sample on the samples topic (`[input] inline_labels`).
+    Inline,
+    /// `{"id", "label"}` on the labels topic.
+    ById,
+    /// A class name on the labels topic ("what I am doing now").
+    ByClass,
+    /// An answer to a label request (or, in replay, the simulated user's).
+    Answer,
+}
+
+impl LabelSource {
+    pub const ALL: [LabelSource; 5] = [
+        LabelSource::Recording,
+        LabelSource::Inline,
+        LabelSource::ById,
+        LabelSource::ByClass,
+        LabelSource::Answer,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LabelSource::Recording => "recording",
+            LabelSource::Inline => "inline",
+            LabelSource::ById => "by_id",
+            LabelSource::ByClass => "by_class",
+            LabelSource::Answer => "answer",
+        }
+    }
+}
+
+/// Counts per [`LabelSource`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BySource([u64; LabelSource::ALL.len()]);
+
+impl BySource {
+    pub fn add(&mut self, source: LabelSource) {
+        self.0[source as usize] += 1;
+    }
+
+    pub fn get(&self, source: LabelSource) -> u64 {
+        self.0[source as usize]
+    }
+
+    /// "by_id 12, inline 3": the sources with a count.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = LabelSource::ALL
+            .iter()
+            .filter(|s| self.get(**s) > 0)
+            .map(|s| format!("{} {}", s.name(), self.get(*s)))
+            .collect();
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
+impl serde::Serialize for BySource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        for source in LabelSource::ALL {
+            if self.get(source) > 0 {
+                m.serialize_entry(source.name(), &self.get(source))?;
+            }
+        }
+        m.end()
+    }
+}
+
 /// A label that is not believed (yet), with what filing it later needs.
 #[derive(Debug, Clone)]
 pub struct Held {
@@ -113,6 +191,7 @@ pub struct Held {
     pub label: usize,
     /// The pretrained model's class for the input (what the label contradicts).
     pub pretrained: usize,
+    pub source: LabelSource,
     /// Its entry in the memory (so it is not its own neighbour).
     seq: u64,
 }
@@ -153,6 +232,9 @@ pub struct TrustCounts {
     pub accepted: u64,
     /// Times the disputed state was raised.
     pub disputes: u64,
+    /// Labels judged, and labels held, by where they came from.
+    pub judged_from: BySource,
+    pub held_from: BySource,
 }
 
 /// See the module docs.
@@ -218,11 +300,13 @@ impl LabelTrust {
         input: &[f32],
         embedding: ArrayView1<f32>,
         label: usize,
+        source: LabelSource,
         pretrained: (usize, f32),
     ) -> Judged {
         if !self.cfg.enabled {
             return Judged::believed();
         }
+        self.counts.judged_from.add(source);
         let (class, confidence) = pretrained;
         let confident = confidence >= self.cfg.confidence;
         let seq = self.remember(embedding, label, confident.then_some(class));
@@ -241,6 +325,7 @@ impl LabelTrust {
             };
         }
         self.counts.held += 1;
+        self.counts.held_from.add(source);
         if self.held.len() >= self.cfg.quarantine {
             self.held.pop_front();
             self.counts.dropped += 1;
@@ -250,6 +335,7 @@ impl LabelTrust {
             embedding: embedding.to_vec(),
             label,
             pretrained: class,
+            source,
             seq,
         });
         Judged {
@@ -402,11 +488,13 @@ impl LabelTrust {
             match now {
                 Some((a, b)) => tracing::warn!(
                     "labels disputed: labels contradict the confident pretrained model both ways \
-                     between classes {a} and {b} ({} and {} of the last {} labels); serving the \
-                     pretrained model until they age out or an operator accepts them",
+                     between classes {a} and {b} ({} and {} of the last {} labels; labels held \
+                     so far came from: {}); serving the pretrained model until they age out or \
+                     an operator accepts them",
                     against[a][b],
                     against[b][a],
-                    self.labels.len()
+                    self.labels.len(),
+                    self.counts.held_from.describe()
                 ),
                 None => tracing::info!("labels no longer disputed"),
             }
@@ -432,7 +520,13 @@ mod tests {
     }
 
     fn judge(t: &mut LabelTrust, e: [f32; 2], label: usize, pretrained: usize) -> Judged {
-        t.judge(&[], arr1(&e).view(), label, (pretrained, 0.99))
+        t.judge(
+            &[],
+            arr1(&e).view(),
+            label,
+            LabelSource::ById,
+            (pretrained, 0.99),
+        )
     }
 
     #[test]
@@ -493,7 +587,13 @@ mod tests {
         for i in 0..5 {
             judge(&mut t, [0.0, i as f32], 0, 0);
         }
-        let j = t.judge(&[], arr1(&[0.0, 0.0]).view(), 1, (0, 0.6));
+        let j = t.judge(
+            &[],
+            arr1(&[0.0, 0.0]).view(),
+            1,
+            LabelSource::ById,
+            (0, 0.6),
+        );
         assert_eq!(j.verdict, Verdict::Believed);
     }
 
@@ -508,12 +608,17 @@ mod tests {
             1,
         );
         for _ in 0..3 {
-            t.judge(&[], arr1(&[0.0]).view(), 0, (0, 0.99));
+            t.judge(&[], arr1(&[0.0]).view(), 0, LabelSource::Inline, (0, 0.99));
         }
         for _ in 0..3 {
-            t.judge(&[], arr1(&[0.0]).view(), 1, (0, 0.99));
+            t.judge(&[], arr1(&[0.0]).view(), 1, LabelSource::Inline, (0, 0.99));
         }
         assert!(t.held_len() <= 2);
         assert_eq!(t.counts().held, t.held_len() as u64 + t.counts().dropped);
+        assert_eq!(
+            t.counts().held_from.get(LabelSource::Inline),
+            t.counts().held
+        );
+        assert_eq!(t.counts().judged_from.get(LabelSource::Inline), 6);
     }
 }
