@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::broker::{daemon_config, last_metrics, num, on, Broker, Daemon, MqttPeer};
+use crate::util::broker::{daemon_config, metrics_where, num, on, Broker, Daemon, MqttPeer};
 use crate::util::{sample_with_id, stream, tempdir};
 
 /// The label request messages among `msgs`, parsed.
@@ -88,16 +88,13 @@ impl Device {
     /// Waits for a metrics message that `done` accepts.
     fn metrics_where(&self, done: impl Fn(&Value) -> bool) -> Value {
         let topic = self.topic("metrics");
-        let got = self.peer.collect_until(Duration::from_secs(30), |m| {
-            last_metrics(m, &topic).is_some_and(|v| done(&v))
-        });
-        let last = last_metrics(&got, &topic);
-        last.clone().filter(|v| done(v)).unwrap_or_else(|| {
-            panic!(
-                "metrics never got there (last: {last:?}); the daemon said:\n{}",
-                self.log()
-            )
-        })
+        metrics_where(
+            &self.peer,
+            &topic,
+            &self.daemon,
+            Duration::from_secs(30),
+            done,
+        )
     }
 
     fn log(&self) -> String {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::broker::{daemon_config, last_metrics, num, Broker, Daemon, MqttPeer};
+use crate::util::broker::{daemon_config, metrics_where, num, Broker, Daemon, MqttPeer};
 use crate::util::{recording_lines, sample_with_id, tempdir};
 
 const SITTING: u64 = 3;
@@ -93,16 +93,13 @@ impl Device {
 
     fn metrics_where(&self, done: impl Fn(&Value) -> bool) -> Value {
         let topic = self.topic("metrics");
-        let got = self.peer.collect_until(Duration::from_secs(60), |m| {
-            last_metrics(m, &topic).is_some_and(|v| done(&v))
-        });
-        let last = last_metrics(&got, &topic);
-        last.clone().filter(|v| done(v)).unwrap_or_else(|| {
-            panic!(
-                "metrics never got there (last: {last:?}); the daemon said:\n{}",
-                self.daemon.log_text()
-            )
-        })
+        metrics_where(
+            &self.peer,
+            &topic,
+            &self.daemon,
+            Duration::from_secs(60),
+            done,
+        )
     }
 }
 

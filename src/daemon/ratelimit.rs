@@ -83,19 +83,12 @@ impl RateLimitedLog {
     /// cannot be written, every save): the first ones are logged, then one line a period
     /// says how many more there were.
     pub fn error(&mut self, msg: std::fmt::Arguments) {
-        if self.window_start.elapsed() >= self.period {
-            if self.suppressed > 0 {
-                tracing::error!("{} more like it were not logged", self.suppressed);
-            }
-            self.window_start = Instant::now();
-            self.in_window = 0;
-            self.suppressed = 0;
+        let (untold, admitted) = self.admit();
+        if let Some(n) = untold {
+            tracing::error!("{n} more {} were not logged", self.what);
         }
-        if self.in_window < self.burst {
-            self.in_window += 1;
-            tracing::error!("{msg}");
-        } else {
-            self.suppressed += 1;
+        if admitted {
+            tracing::error!("{}", excerpt(msg));
         }
     }
 }

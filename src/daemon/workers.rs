@@ -610,7 +610,7 @@ fn write_checkpoints(
     super::priority::lower_current_thread("checkpoint writer");
     // A save that fails keeps failing (a full or read-only disk) at every due save or
     // command: the first says why, then one line a minute.
-    let mut failures = RateLimitedLog::new(1, Duration::from_secs(60));
+    let mut failures = RateLimitedLog::new(1, Duration::from_secs(60)).about("failed checkpoints");
     // While a state waits for the budget, look again this often.
     let budget_poll = Duration::from_secs(1);
     loop {

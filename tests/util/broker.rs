@@ -763,6 +763,27 @@ pub fn on<'a>(msgs: &'a [(String, Vec<u8>)], topic: &'a str) -> impl Iterator<It
         .map(|(_, p)| String::from_utf8_lossy(p).into_owned())
 }
 
+/// Waits up to `timeout` for a metrics message on `topic` that `done` accepts and returns
+/// it; panics with the last one and `daemon`'s log if none came.
+pub fn metrics_where(
+    peer: &MqttPeer,
+    topic: &str,
+    daemon: &Daemon,
+    timeout: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let got = peer.collect_until(timeout, |m| {
+        last_metrics(m, topic).is_some_and(|v| done(&v))
+    });
+    let last = last_metrics(&got, topic);
+    last.clone().filter(|v| done(v)).unwrap_or_else(|| {
+        panic!(
+            "metrics never got there (last: {last:?}); the daemon said:\n{}",
+            daemon.log_text()
+        )
+    })
+}
+
 /// One number of a metrics message; panics naming the key if it is missing.
 pub fn num(v: &serde_json::Value, key: &str) -> f64 {
     v.get(key)
