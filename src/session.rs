@@ -738,27 +738,54 @@ impl Session {
                     tracing::info!(
                         "calibration: labels confirm mounting {r} (log-likelihood ratio {log_ratio:.2}); adopting it"
                     );
-                    self.adopt(r);
+                    self.adopt(r)?;
                 }
                 CalibrationEvent::Reverted { r, log_ratio } => {
                     tracing::warn!(
                         "calibration: labels contradict mounting {r} (log-likelihood ratio {log_ratio:.2}); back to the device's own axes"
                     );
-                    self.adopt(SignedPerm::IDENTITY);
+                    self.adopt(SignedPerm::IDENTITY)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Serves `r` from now on. What was learned in the old frame does not carry over, so the
+    /// Serves `r` from now on. The weights learned in the old frame do not carry over, so the
     /// learner starts again from the pretrained model (which the gate serves behind the new
-    /// mounting) and the change is checkpointed at once.
-    fn adopt(&mut self, r: SignedPerm) {
+    /// mounting) and the change is checkpointed at once. The labels do: each kept labeled
+    /// sample is taken back to the device's axes, mounted the new way and embedded again, so
+    /// what the user told the device is not lost with the frame it was told in.
+    fn adopt(&mut self, r: SignedPerm) -> Result<(), SessionError> {
+        let (mut kept, labels) = self.learner.labeled_inputs();
+        if let (Some(old), false) = (&self.mounting, kept.is_empty()) {
+            let back = Mounting::new(
+                self.calibrator
+                    .as_ref()
+                    .expect("a mounting implies a calibrator")
+                    .config(),
+                self.layout,
+                old.r().inverse(),
+            );
+            let raw = mount_batch(Some(&back), &kept, &mut self.mounted).to_vec();
+            kept = raw;
+        }
         self.set_mounting(r);
         self.learner.reset();
+        if !labels.is_empty() {
+            let x = mount_batch(self.mounting.as_ref(), &kept, &mut self.mounted).to_vec();
+            let mut emb = Array2::zeros((0, 0));
+            self.backbone.embed_into(&x, labels.len(), &mut emb)?;
+            self.learner.refile_labels(&x, emb.view(), &labels);
+            tracing::info!(
+                "calibration: {} kept labels re-embedded under mounting {}",
+                labels.len(),
+                r.name()
+            );
+        }
         self.policy.restart(0);
         self.stats.calibration_changes += 1;
+        Ok(())
     }
 
     fn set_mounting(&mut self, r: SignedPerm) {

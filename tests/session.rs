@@ -581,3 +581,54 @@ fn two_trainable_layers_adapt_on_a_matmul_add_model_as_well() {
         "{eval:?}"
     );
 }
+
+#[test]
+fn a_mounting_adopted_by_calibration_keeps_the_labels_learned_in_the_old_frame() {
+    let mut cfg = Config::for_model(&util::path("models/hapt_mlp.onnx"));
+    cfg.calibration.polar = vec![[0, 1, 2]];
+    cfg.calibration.axial = vec![[3, 4, 5]];
+    let c = util::shipped_classifier();
+    let mut session = Session::new(&c, &cfg, 0).unwrap();
+    let mut predictor = Predictor::new(c.backbone.clone());
+    let rec = edgemt::stream::Recording::read(
+        &util::path("data/target_stream.jsonl"),
+        &SampleDecoder::new(&c.input_shape, c.classes()),
+    )
+    .unwrap();
+    let held = |s: &Session| -> usize { s.learner().labeled_counts().iter().sum() };
+    let mut adoption = None;
+    for (i, s) in rec.samples.iter().enumerate() {
+        // Embedded the way the session mounts now, as a driver does.
+        predictor.embed(&s.x, 1, session.mounting()).unwrap();
+        let (before, mounting) = (held(&session), session.mounting_r());
+        session
+            .take(Item::Sample(Observation {
+                id: None,
+                x: &s.x,
+                embedding: predictor.embeddings().row(0),
+                mounting,
+                label: s.truth.filter(|_| i % 5 == 0),
+                source: LabelSource::Recording,
+                truth: None,
+                predicted: 0,
+            }))
+            .unwrap();
+        if session.mounting_r() != mounting {
+            adoption = Some((i, before, held(&session)));
+            break;
+        }
+    }
+    let (at, before, after) = adoption.expect("the shipped target stream's mounting is adopted");
+    assert!(
+        before >= 10,
+        "labels were learned before sample {at}: {before}"
+    );
+    // The sample that confirmed the mounting was embedded the old way and is not learned;
+    // every label learned before it is kept, re-embedded.
+    assert_eq!(after, before);
+    assert_eq!(
+        session.learner().counters().train_steps,
+        0,
+        "the weights start again"
+    );
+}

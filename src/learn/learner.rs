@@ -7,7 +7,7 @@
 //! the student and refreshes the teacher by EMA every k steps. A step whose loss or gradient
 //! is not finite is skipped and counted, so nothing non-finite ever reaches the weights.
 
-use ndarray::{Array1, Array2, ArrayView1};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 
 use super::augment::{AugmentConfig, Augmenter};
 use super::buffer::{LabeledBuffer, SampleRing};
@@ -333,6 +333,33 @@ impl Learner {
         match self.serving() {
             Serving::Adapted => &self.teacher,
             Serving::Pretrained => &self.pretrained,
+        }
+    }
+
+    /// The labeled buffer's inputs (concatenated) and labels, oldest first per class: what a
+    /// new mounting keeps (see `Session::adopt`).
+    pub fn labeled_inputs(&self) -> (Vec<f32>, Vec<usize>) {
+        let (mut inputs, mut labels) = (Vec::new(), Vec::new());
+        for class in 0..self.labeled.classes() {
+            let ring = self.labeled.ring(class);
+            for i in ring.oldest_first() {
+                inputs.extend_from_slice(ring.input(i));
+                labels.push(class);
+            }
+        }
+        (inputs, labels)
+    }
+
+    /// Files labels that were already believed (and tested) once, re-embedded for a new
+    /// mounting: into the labeled buffer, and pending with the guard, without another test
+    /// for the gate (the models they would test have not seen them in this frame, but they
+    /// were chosen as evidence before) or another judgement by label trust.
+    pub fn refile_labels(&mut self, inputs: &[f32], embeddings: ArrayView2<f32>, labels: &[usize]) {
+        let len = self.layout.sample_len();
+        for ((x, e), &y) in inputs.chunks_exact(len).zip(embeddings.rows()).zip(labels) {
+            if !self.guard.hold_out(e, y) {
+                self.labeled.push(x, e, y);
+            }
         }
     }
 
