@@ -61,6 +61,7 @@ fn saved(learner: &Learner) -> edgemt::checkpoint::Saved {
     edgemt::checkpoint::Saved {
         learner: learner.state(),
         mounting: None,
+        label_accuracy: Default::default(),
     }
 }
 
