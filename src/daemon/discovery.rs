@@ -160,7 +160,7 @@ impl Announce<'_> {
         human_names(self.class_names)
     }
 
-    /// A Jinja dict literal from raw to shown class names (`shown = false`) or back.
+    /// A Jinja dict literal from raw to shown class names (`to_shown`), or back.
     fn name_map(&self, to_shown: bool) -> String {
         let pairs = self.class_names.iter().zip(self.shown_names());
         let map: serde_json::Map<String, Value> = pairs
