@@ -421,6 +421,9 @@ pub enum Item<'a> {
 pub struct Taken {
     /// For a label: whether it found its sample, and whether the device's answer was right.
     pub feedback: Option<Feedback>,
+    /// For a label, in the sample or after it: whether the device's answer for its sample was
+    /// right (none for a label that found no sample).
+    pub scored: Option<bool>,
     /// The student step the item made due, if one ran.
     pub step: Option<StepReport>,
     /// For a sample: the label request it raised, if the device asks about it.
@@ -443,6 +446,9 @@ pub struct Session {
     policy: CheckpointPolicy,
     paused: bool,
     stats: SessionStats,
+    /// Every label (in a sample or after it) against the device's answer for its sample; kept
+    /// in checkpoints, so it survives a restart.
+    label_accuracy: Accuracy,
     /// Label requests, when the device asks (`[requests] enabled`).
     requests: Option<Requests>,
     /// The requests' clock.
@@ -494,6 +500,7 @@ impl Session {
             ),
             paused: false,
             stats: SessionStats::default(),
+            label_accuracy: Accuracy::default(),
             requests: cfg
                 .requests
                 .enabled
@@ -508,6 +515,12 @@ impl Session {
 
     pub fn stats(&self) -> &SessionStats {
         &self.stats
+    }
+
+    /// The served model's answers scored against every label so far, restored from the
+    /// checkpoint when there was one.
+    pub fn label_accuracy(&self) -> Accuracy {
+        self.label_accuracy
     }
 
     pub fn teacher(&self) -> &Mlp {
@@ -567,12 +580,29 @@ impl Session {
     /// The loop body of every driver: files `item` (a sample, or a label for an earlier one),
     /// then takes a student step if one is due.
     pub fn take(&mut self, item: Item) -> Result<Taken, SessionError> {
-        let (feedback, request) = match item {
-            Item::Sample(o) => (None, self.observe(o)?),
-            Item::Feedback { id, label, source } => (Some(self.feedback(id, label, source)?), None),
+        let (feedback, request, scored) = match item {
+            Item::Sample(o) => {
+                let scored = o.label.map(|label| label == o.predicted);
+                let request = self.observe(o)?;
+                // A refused embedding was never answered, so there is nothing to score.
+                let scored = scored.filter(|_| embedding_ok(o.embedding));
+                (None, request, scored)
+            }
+            Item::Feedback { id, label, source } => {
+                let feedback = self.feedback(id, label, source)?;
+                let scored = match feedback {
+                    Feedback::Matched { correct } => Some(correct),
+                    Feedback::Late => None,
+                };
+                (Some(feedback), None, scored)
+            }
         };
+        if let Some(correct) = scored {
+            self.label_accuracy.update(correct);
+        }
         Ok(Taken {
             feedback,
+            scored,
             step: self.maybe_step()?,
             request,
         })
@@ -838,6 +868,7 @@ impl Session {
         Some(Saved {
             learner: self.learner.state(),
             mounting: self.mounting_record(),
+            label_accuracy: self.label_accuracy,
         })
     }
 
@@ -862,6 +893,7 @@ impl Session {
     /// Restores the newest valid checkpoint in `store`, if any, with its mounting.
     pub fn restore(&mut self, store: &CheckpointStore) -> Option<Restored> {
         let restored = store.restore_latest(&mut self.learner)?;
+        self.label_accuracy = restored.manifest.label_accuracy;
         let r = restored
             .manifest
             .mounting

@@ -61,6 +61,7 @@ fn saved(learner: &Learner) -> edgemt::checkpoint::Saved {
     edgemt::checkpoint::Saved {
         learner: learner.state(),
         mounting: None,
+        label_accuracy: Default::default(),
     }
 }
 
@@ -92,6 +93,43 @@ fn a_checkpoint_restores_heads_optimizer_counters_and_labeled_buffer_exactly() {
     assert_eq!(back.counters(), learner.counters());
     assert_eq!(back.labeled_counts(), learner.labeled_counts());
     assert_eq!(back.running_distribution(), learner.running_distribution());
+}
+
+#[test]
+fn the_accuracy_on_labels_rides_in_the_manifest_and_an_older_manifest_without_it_still_restores() {
+    let mut c = classifier("models/hapt_mlp.onnx");
+    let learner = trained(&mut c, 30);
+    let dir = tempdir();
+    let mut s = store(dir.path(), &c);
+    let accuracy = edgemt::scores::Accuracy {
+        correct: 7,
+        total: 9,
+    };
+    s.save(&edgemt::checkpoint::Saved {
+        label_accuracy: accuracy,
+        ..saved(&learner)
+    })
+    .unwrap();
+    let restored = s.restore_latest(&mut fresh(&c)).expect("restored");
+    assert_eq!(restored.manifest.label_accuracy, accuracy);
+
+    // A manifest written before the field existed: the checkpoint restores, with 0 of 0.
+    let path = s.manifests()[0].clone();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert!(json
+        .as_object_mut()
+        .unwrap()
+        .remove("label_accuracy")
+        .is_some());
+    std::fs::write(&path, serde_json::to_vec_pretty(&json).unwrap()).unwrap();
+    let restored = s
+        .restore_latest(&mut fresh(&c))
+        .expect("an older manifest restores");
+    assert_eq!(
+        restored.manifest.label_accuracy,
+        edgemt::scores::Accuracy::default()
+    );
 }
 
 #[test]

@@ -193,7 +193,7 @@ fn daemon_predicts_every_sample_and_row_window_publishes_metrics_and_goes_offlin
 
     let discovery: Vec<&(String, Vec<u8>)> = all
         .iter()
-        .filter(|(t, _)| t.starts_with("homeassistant/sensor/"))
+        .filter(|(t, p)| t.starts_with("homeassistant/sensor/") && !p.is_empty())
         .collect();
     // (tests/home_assistant.rs checks every config against HA's schema.)
     assert!(

@@ -1,12 +1,18 @@
 //! edgemt as Home Assistant and Prometheus see it, against a real mosquitto: every discovery
-//! message checked against HA's documented MQTT schema, the buttons and the labelling select
-//! steering the daemon, the retained current-activity topic, and the Prometheus endpoint read
-//! by the official Python client's text-format parser.
+//! message checked against HA's documented MQTT schema (and what makes a device page read
+//! well: a display precision on every number, units, icons, human class names), the
+//! "Training" switch, the buttons and the labelling select steering the daemon, the command
+//! counters, entities taken back when a restart announces fewer, accuracy on labels counting
+//! labels inside samples and surviving a restart, the retained current-activity topic, and
+//! the Prometheus endpoint read by the official Python client's text-format parser.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::time::Duration;
 
+use edgemt::daemon::config::ControlConfig;
+use edgemt::daemon::discovery::{human_names, Announce, NEUTRAL_OPTION};
+use edgemt::daemon::ingest::Topics;
 use serde_json::Value;
 
 use crate::util::broker::{
@@ -77,6 +83,19 @@ fn allowed_keys(component: &str) -> HashSet<&'static str> {
             "optimistic",
             "retain",
         ],
+        "switch" => &[
+            "command_topic",
+            "state_topic",
+            "value_template",
+            "command_template",
+            "payload_on",
+            "payload_off",
+            "state_on",
+            "state_off",
+            "optimistic",
+            "retain",
+            "device_class",
+        ],
         other => panic!("edgemt announced an unexpected component {other}"),
     };
     common.into_iter().chain(specific.iter().copied()).collect()
@@ -118,6 +137,17 @@ fn check_sensor(topic: &str, c: &Value) {
             ),
             "{topic}: every numeric sensor has a state_class (else HA keeps no statistics)"
         );
+    }
+    if c.get("device_class").and_then(Value::as_str) != Some("enum") {
+        assert!(
+            c["suggested_display_precision"].is_u64(),
+            "{topic}: a number without a display precision shows raw floats"
+        );
+        // A null (no data this interval) renders '', which HA ignores: the last value stays.
+        let t = c["value_template"].as_str().unwrap();
+        if t.contains("is not none") {
+            assert!(t.ends_with("else '' }}"), "{topic}: {t}");
+        }
     }
     if unit == Some("%") {
         let t = c["value_template"].as_str().unwrap();
@@ -178,6 +208,10 @@ fn check_discovery(topic: &str, c: &Value, device_name: &str) {
     if let Some(cat) = c.get("entity_category") {
         assert!(cat == "diagnostic" || cat == "config", "{topic}: {cat}");
     }
+    assert!(
+        c["icon"].as_str().is_some_and(|i| i.starts_with("mdi:")),
+        "{topic}: every entity has an icon"
+    );
     match component {
         "sensor" => check_sensor(topic, c),
         "button" => {
@@ -186,13 +220,49 @@ fn check_discovery(topic: &str, c: &Value, device_name: &str) {
         "select" => {
             assert!(c["command_topic"].is_string() && c["options"].is_array());
         }
+        "switch" => {
+            assert!(c["command_topic"].is_string() && c["state_topic"].is_string());
+            assert!(c["payload_on"].is_string() && c["payload_off"].is_string());
+        }
         "binary_sensor" => assert!(c["state_topic"].is_string()),
         _ => {}
     }
 }
 
+/// The discovery topics (configs and removals) a daemon of the test config publishes.
+fn expected_discovery(prefix: &str, commands: &[edgemt::daemon::config::Command]) -> usize {
+    let topics = Topics::new(prefix);
+    let client_id = format!("edgemt-{}", prefix.replace('/', "-"));
+    Announce {
+        discovery_prefix: "homeassistant",
+        client_id: &client_id,
+        topics: &topics,
+        class_names: &["A".to_string()],
+        commands,
+        model: "hapt_mlp.onnx",
+    }
+    .retained()
+    .len()
+}
+
+/// Discovery messages by topic: configs, and the topics of empty (removing) payloads.
+fn discovery_of(got: &[(String, Vec<u8>)]) -> (HashMap<String, Value>, HashSet<String>) {
+    let ha = got.iter().filter(|(t, _)| t.starts_with("homeassistant/"));
+    let configs = ha
+        .clone()
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(t, p)| {
+            let c = serde_json::from_slice(p).expect("discovery is JSON");
+            (t.clone(), c)
+        })
+        .collect();
+    let removed = ha.filter(|(_, p)| p.is_empty()).map(|(t, _)| t.clone());
+    (configs, removed.collect())
+}
+
 #[test]
-fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_the_daemon() {
+fn home_assistant_discovery_follows_its_schema_and_its_switch_buttons_and_select_steer_the_daemon()
+{
     let dir = tempdir();
     let broker = Broker::start();
     let prefix = "edgemt-test/ha";
@@ -205,24 +275,32 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
         &["homeassistant/#", &metrics],
     );
     let mut daemon = Daemon::start(&cfg, &[]);
+    let expected = expected_discovery(prefix, &ControlConfig::default().allow);
     let got = ha.collect_until(Duration::from_secs(15), |m| {
         m.iter()
             .filter(|(t, _)| t.starts_with("homeassistant/"))
             .count()
-            >= 31
+            >= expected
             && last_metrics(m, &metrics).is_some()
     });
-    let configs: HashMap<String, Value> = got
-        .iter()
-        .filter(|(t, _)| t.starts_with("homeassistant/"))
-        .map(|(t, p)| {
-            (
-                t.clone(),
-                serde_json::from_slice(p).expect("discovery is JSON"),
-            )
-        })
-        .collect();
+    let (configs, removed) = discovery_of(&got);
+    assert_eq!(configs.len() + removed.len(), expected);
     let device_name = "edgemt-edgemt-test-ha";
+    let node = "homeassistant/{}/edgemt_edgemt_test_ha/{}/config";
+    let topic =
+        |component: &str, key: &str| node.replacen("{}", component, 1).replacen("{}", key, 1);
+    // Taken back: the opt-in commands' buttons, the read-only "Training" (the switch is
+    // announced), and the pause and resume buttons of earlier versions.
+    assert_eq!(
+        removed,
+        HashSet::from([
+            topic("button", "reset"),
+            topic("button", "accept_labels"),
+            topic("button", "pause"),
+            topic("button", "resume"),
+            topic("binary_sensor", "paused"),
+        ])
+    );
     for (topic, c) in &configs {
         check_discovery(topic, c, device_name);
     }
@@ -246,6 +324,51 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
         .map(|v| v.as_str().unwrap().to_string())
         .collect();
     assert_eq!(class_names.len(), 6);
+    // Human names; the state topic (with the raw name) is the attributes.
+    assert!(
+        class_names.contains(&"Walking upstairs".to_string()),
+        "{class_names:?}"
+    );
+    assert_eq!(
+        class_sensor["json_attributes_topic"],
+        format!("{prefix}/state")
+    );
+    assert!(class_sensor["value_template"]
+        .as_str()
+        .unwrap()
+        .contains(r#""WALKING_UPSTAIRS":"Walking upstairs""#));
+
+    // Units and display precision where a device page showed raw floats, "0 ms" and bytes.
+    let sensor_of = |key: &str| &configs[&topic("sensor", key)];
+    let precision = |key: &str| sensor_of(key)["suggested_display_precision"].as_u64();
+    assert_eq!(precision("samples_per_s"), Some(1));
+    assert_eq!(
+        sensor_of("samples_per_s")["unit_of_measurement"],
+        "samples/s"
+    );
+    for key in ["loss_sup", "loss_pseudo", "loss_consistency", "gate_p"] {
+        assert_eq!(precision(key), Some(3), "{key}");
+    }
+    for key in ["latency_p50_us", "latency_p99_us"] {
+        assert_eq!(sensor_of(key)["unit_of_measurement"], "ms", "{key}");
+        assert_eq!(precision(key), Some(1), "{key}");
+    }
+    assert_eq!(sensor_of("rss_bytes")["unit_of_measurement"], "MiB");
+    assert_eq!(sensor_of("teacher_version")["state_class"], "measurement");
+    // Counters for what the commands did, and the queues operators asked for.
+    for key in [
+        "checkpoints_total",
+        "exports_total",
+        "commands_refused_total",
+    ] {
+        let c = sensor_of(key);
+        assert_eq!(c["state_class"], "total_increasing", "{key}");
+        assert_eq!(precision(key), Some(0), "{key}");
+    }
+    for key in ["input_queue", "train_queue", "raw_queue_messages"] {
+        assert_eq!(sensor_of(key)["entity_category"], "diagnostic", "{key}");
+        assert_eq!(sensor_of(key)["state_class"], "measurement", "{key}");
+    }
     let unique: HashSet<&str> = configs
         .values()
         .map(|c| c["unique_id"].as_str().unwrap())
@@ -266,12 +389,11 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
     });
     assert!(last_metrics(&m, &metrics).is_some());
     let state: Value = serde_json::from_str(&mosquitto_sub_one(broker.port, state_topic)).unwrap();
-    assert!(
-        class_names.contains(&state["name"].as_str().unwrap().to_string()),
-        "{state}"
-    );
+    let raw = state["name"].as_str().unwrap().to_string();
+    assert!(class_names.contains(&human_names(&[raw])[0]), "{state}");
 
-    // Pressing the pause button sends its payload to its command topic: the daemon pauses.
+    // The "Training" switch: off sends `pause`, on sends `resume`, and its state is read off
+    // the `paused` metric (shown at once, optimistically, until the metrics confirm it).
     let buttons = by_component("button");
     let names: HashSet<&str> = buttons
         .iter()
@@ -279,21 +401,36 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
         .collect();
     assert_eq!(
         names,
-        HashSet::from(["pause", "resume", "checkpoint", "export"]),
-        "reset is opt-in"
+        HashSet::from(["checkpoint", "export"]),
+        "reset is opt-in; pause and resume are the switch"
     );
-    let pause = buttons
-        .iter()
-        .find(|b| b["payload_press"] == "pause")
-        .unwrap();
-    ha.publish(
-        pause["command_topic"].as_str().unwrap(),
-        pause["payload_press"].as_str().unwrap(),
+    let switches = by_component("switch");
+    assert_eq!(switches.len(), 1);
+    let training = switches[0];
+    assert_eq!(training["name"], "Training");
+    assert_eq!(training["state_topic"], metrics.as_str());
+    assert_eq!(
+        training["value_template"],
+        "{{ 'ON' if value_json.paused == 0 else 'OFF' }}"
     );
+    assert_eq!(training["optimistic"], true);
+    let command = training["command_topic"].as_str().unwrap();
+    ha.publish(command, training["payload_off"].as_str().unwrap());
     let got = ha.collect_until(Duration::from_secs(10), |m| {
         last_metrics(m, &metrics).is_some_and(|v| num(&v, "paused") == 1.0)
     });
     assert_eq!(num(&last_metrics(&got, &metrics).unwrap(), "paused"), 1.0);
+    ha.publish(command, training["payload_on"].as_str().unwrap());
+    let got = ha.collect_until(Duration::from_secs(10), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| num(&v, "paused") == 0.0)
+    });
+    assert_eq!(num(&last_metrics(&got, &metrics).unwrap(), "paused"), 0.0);
+    // A command `[control] allow` does not list is refused, and now counted where HA shows it.
+    ha.publish(command, "reset");
+    let got = ha.collect_until(Duration::from_secs(10), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| num(&v, "commands_refused_total") == 1.0)
+    });
+    assert!(last_metrics(&got, &metrics).is_some());
 
     // The label request's sensor says "none" or the served model's guess; its select
     // answers it with a class name.
@@ -307,14 +444,30 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
         .iter()
         .find(|c| c["command_topic"] == format!("{prefix}/label_request/answer"))
         .expect("a select that answers the label request");
-    assert_eq!(answer["options"].as_array().unwrap().len(), 6);
+    assert_eq!(answer["options"].as_array().unwrap().len(), 7);
 
-    // Picking a class in the select labels the samples of the last seconds by name.
+    // Picking a class in the select labels the samples of the last seconds by name. The
+    // selects always show a neutral option (their state is the status topic, through a
+    // constant template), so they never read like the current activity, and picking the
+    // same class again is a change HA's frontend sends.
     let select = selects
         .iter()
         .find(|c| c["command_topic"] == format!("{prefix}/labels"))
         .expect("a select that labels the current activity");
-    assert_eq!(select["options"].as_array().unwrap().len(), 6);
+    for s in [select, answer] {
+        let options = s["options"].as_array().unwrap();
+        assert_eq!(options.len(), 7);
+        assert_eq!(options[0], NEUTRAL_OPTION);
+        assert_eq!(&options[1..], class_sensor["options"].as_array().unwrap());
+        assert_eq!(s["state_topic"], format!("{prefix}/status"));
+        assert_eq!(s["value_template"], format!("{{{{ '{NEUTRAL_OPTION}' }}}}"));
+        assert!(s.get("optimistic").is_none(), "{s}");
+        // The human name picked goes out as the raw one.
+        assert!(s["command_template"]
+            .as_str()
+            .unwrap()
+            .contains(r#""Sitting":"SITTING""#));
+    }
     ha.publish(select["command_topic"].as_str().unwrap(), "SITTING");
     let got = ha.collect_until(Duration::from_secs(10), |m| {
         last_metrics(m, &metrics).is_some_and(|v| num(&v, "feedback_total") >= 60.0)
@@ -327,6 +480,131 @@ fn home_assistant_discovery_follows_its_schema_and_its_buttons_and_select_steer_
     );
     let recent = num(&m, "feedback_accuracy_recent");
     assert!((0.0..=1.0).contains(&recent), "{m}");
+    assert!(daemon.terminate().0.success());
+}
+
+#[test]
+fn a_restart_with_fewer_commands_allowed_takes_back_the_entities_it_no_longer_announces() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/fewer";
+    let topic = |component: &str, key: &str| {
+        format!("homeassistant/{component}/edgemt_edgemt_test_fewer/{key}/config")
+    };
+    let all = daemon_config(dir.path(), &broker, prefix, "");
+    let ha = MqttPeer::connect(broker.port, "home-assistant", &["homeassistant/#"]);
+    let mut daemon = Daemon::start(&all, &[]);
+    let expected = expected_discovery(prefix, &ControlConfig::default().allow);
+    let got = ha.collect_until(Duration::from_secs(15), |m| m.len() >= expected);
+    let (configs, _) = discovery_of(&got);
+    for t in [topic("switch", "paused"), topic("button", "export")] {
+        assert!(configs.contains_key(&t), "{t} announced at first");
+    }
+    assert!(daemon.terminate().0.success());
+
+    // The same daemon, now allowed only `checkpoint`.
+    let dir2 = tempdir();
+    let fewer = daemon_config(
+        dir2.path(),
+        &broker,
+        prefix,
+        "[control]\nallow = [\"checkpoint\"]\n",
+    );
+    let mut daemon = Daemon::start(&fewer, &[]);
+    let gone = [
+        topic("switch", "paused"),
+        topic("button", "export"),
+        topic("button", "pause"),
+        topic("button", "resume"),
+    ];
+    let got = ha.collect_until(Duration::from_secs(15), |m| {
+        gone.iter()
+            .all(|t| m.iter().any(|(topic, p)| topic == t && p.is_empty()))
+    });
+    let (_, removed) = discovery_of(&got);
+    for t in &gone {
+        assert!(removed.contains(t), "an empty config for {t}: {removed:?}");
+    }
+
+    // What Home Assistant finds retained now: the read-only "Training" and the checkpoint
+    // button, and nothing of the switch or the export button.
+    let late = MqttPeer::connect(broker.port, "home-assistant-2", &["homeassistant/#"]);
+    let expected = expected_discovery(prefix, &[edgemt::daemon::config::Command::Checkpoint]);
+    let got = late.collect_until(Duration::from_secs(10), |m| m.len() >= expected);
+    let (retained, _) = discovery_of(&got);
+    let training = &retained[&topic("binary_sensor", "paused")];
+    assert_eq!(training["name"], "Training");
+    assert!(training.get("command_topic").is_none());
+    assert!(retained.contains_key(&topic("button", "checkpoint")));
+    for t in &gone {
+        assert!(!retained.contains_key(t), "{t} still retained");
+    }
+    assert!(daemon.terminate().0.success());
+}
+
+#[test]
+fn accuracy_on_labels_counts_labels_inside_samples_and_survives_a_restart() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let prefix = "edgemt-test/accuracy";
+    let ck = dir.path().join("ck");
+    let cfg = daemon_config(
+        dir.path(),
+        &broker,
+        prefix,
+        &format!("[input]\ninline_labels = true\n[checkpoint]\ndir = {ck:?}\nmin_interval_s = 0\n"),
+    );
+    let metrics = format!("{prefix}/metrics");
+    let predictions = format!("{prefix}/predictions");
+    let peer = MqttPeer::connect(broker.port, "labeller", &[&metrics, &predictions]);
+    let mut daemon = Daemon::start(&cfg, &[]);
+    peer.collect_until(Duration::from_secs(15), |m| on(m, &metrics).count() > 0);
+    // 60 samples; every 20th carries its label inside the sample.
+    let samples = stream(60);
+    for (i, s) in samples.iter().enumerate() {
+        peer.publish(
+            &format!("{prefix}/samples"),
+            sample_with_id(s, &format!("a{i}")),
+        );
+    }
+    let got = peer.collect_until(Duration::from_secs(15), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| {
+            num(&v, "predictions_total") >= 60.0 && v["feedback_accuracy"].is_number()
+        })
+    });
+    let labeled: Vec<usize> = (0..60)
+        .filter(|&i| samples[i].get("label").is_some())
+        .collect();
+    assert_eq!(labeled.len(), 3);
+    let answered = |id: &str| -> u64 {
+        on(&got, &predictions)
+            .map(|p| serde_json::from_str::<Value>(&p).unwrap())
+            .find(|p| p["id"] == id)
+            .map(|p| p["class"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("no prediction for {id}"))
+    };
+    let right = labeled
+        .iter()
+        .filter(|&&i| Some(answered(&format!("a{i}"))) == samples[i]["label"].as_u64())
+        .count();
+    let m = last_metrics(&got, &metrics).unwrap();
+    assert_eq!(num(&m, "feedback_accuracy"), right as f64 / 3.0, "{m}");
+    assert_eq!(
+        num(&m, "feedback_total"),
+        0.0,
+        "no label came after its sample"
+    );
+    assert!(daemon.terminate().0.success());
+
+    // Restarted from the final checkpoint: the same accuracy before any new label.
+    let mut daemon = Daemon::start(&cfg, &[]);
+    let got = peer.collect_until(Duration::from_secs(15), |m| {
+        last_metrics(m, &metrics).is_some_and(|v| {
+            num(&v, "predictions_total") == 0.0 && v["feedback_accuracy"].is_number()
+        })
+    });
+    let m = last_metrics(&got, &metrics).unwrap();
+    assert_eq!(num(&m, "feedback_accuracy"), right as f64 / 3.0, "{m}");
     assert!(daemon.terminate().0.success());
 }
 

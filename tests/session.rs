@@ -540,6 +540,7 @@ fn a_tensor_file_left_without_its_manifest_is_removed_on_open() {
         .save(&edgemt::checkpoint::Saved {
             learner: session.learner().state(),
             mounting: None,
+            label_accuracy: Default::default(),
         })
         .unwrap();
     // A kill between the tensor file and its manifest leaves an orphan.

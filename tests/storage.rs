@@ -27,6 +27,7 @@ fn saved(learner: &edgemt::learn::Learner) -> Saved {
     Saved {
         learner: learner.state(),
         mounting: None,
+        label_accuracy: Default::default(),
     }
 }
 

@@ -33,6 +33,9 @@ pub struct Manifest {
     /// The mounting calibration had adopted (none: the device's own axes).
     #[serde(default)]
     pub mounting: Option<super::MountingRecord>,
+    /// Every label scored against the device's answer (older checkpoints: none yet).
+    #[serde(default)]
+    pub label_accuracy: crate::scores::Accuracy,
 }
 
 /// The optimizer's scalars (its tensors are in the tensor file).

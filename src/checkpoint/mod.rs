@@ -30,11 +30,13 @@ use crate::learn::LearnerState;
 use crate::model::export::InputTransform;
 use crate::nn::Params;
 
-/// A checkpoint's worth of session state: what the learner learned and the adopted mounting.
+/// A checkpoint's worth of session state: what the learner learned, the adopted mounting, and
+/// how the device's answers fared against the labels so far.
 #[derive(Debug, Clone)]
 pub struct Saved {
     pub learner: LearnerState,
     pub mounting: Option<MountingRecord>,
+    pub label_accuracy: crate::scores::Accuracy,
 }
 
 #[derive(Debug, thiserror::Error)]

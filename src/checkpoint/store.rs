@@ -129,6 +129,7 @@ impl CheckpointStore {
             counters: state.counters,
             optimizer: OptimizerMeta::of(&state.optimizer),
             mounting: saved.mounting.clone(),
+            label_accuracy: saved.label_accuracy,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         if !self.dir.is_dir() {

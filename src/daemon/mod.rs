@@ -111,13 +111,13 @@ struct Threads {
 }
 
 /// The MQTT side, created but not connected: the client, its event loop, the router the
-/// event loop hands messages to, and the Home Assistant discovery configs sent at every
+/// event loop hands messages to, and the Home Assistant discovery messages sent at every
 /// connection (empty when discovery is off).
 struct Broker {
     outbox: Arc<publish::Outbox>,
     eventloop: EventLoop,
     router: Router,
-    discovery: Vec<(String, serde_json::Value)>,
+    discovery: Vec<(String, Vec<u8>)>,
 }
 
 impl Daemon {
@@ -490,13 +490,14 @@ fn ingest_stage(
     ))
 }
 
-/// Home Assistant's discovery configs, or none when `[mqtt] discovery_prefix` is empty.
+/// Home Assistant's discovery configs and removals (retained payloads by topic), or none when
+/// `[mqtt] discovery_prefix` is empty.
 fn discovery_messages(
     wing: &DaemonConfig,
     names: &Names,
     classifier: &Classifier,
     model_path: &std::path::Path,
-) -> Vec<(String, serde_json::Value)> {
+) -> Vec<(String, Vec<u8>)> {
     if wing.mqtt.discovery_prefix.is_empty() {
         return Vec::new();
     }
@@ -512,7 +513,7 @@ fn discovery_messages(
         commands: &wing.control.allow,
         model: &model,
     }
-    .messages()
+    .retained()
 }
 
 /// Binds the Prometheus endpoint's port.

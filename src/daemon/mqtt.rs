@@ -155,8 +155,9 @@ pub struct PollTask {
     pub router: Router,
     /// Told once, at the first successful connection (systemd's READY waits for it).
     pub connected: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Home Assistant discovery messages, re-sent at every connection; empty when off.
-    pub discovery: Vec<(String, serde_json::Value)>,
+    /// Home Assistant discovery messages (configs, and empty payloads that remove entities
+    /// not announced), re-sent at every connection; empty when off.
+    pub discovery: Vec<(String, Vec<u8>)>,
 }
 
 /// Why a connection attempt or a connection failed, in words an operator can act on.
@@ -379,8 +380,8 @@ impl PollTask {
                     }
                     let out = &self.outbox;
                     out.publish(&status_topic, QoS::AtLeastOnce, true, b"online".to_vec());
-                    for (topic, config) in &self.discovery {
-                        let payload = config.to_string().into_bytes();
+                    for (topic, payload) in &self.discovery {
+                        let payload = payload.clone();
                         out.publish(&topic.as_str().into(), QoS::AtLeastOnce, true, payload);
                     }
                 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
+use super::config::Command;
 use super::queue::{Depth, Droppable};
 use crate::scores::StepTotals;
 
@@ -121,6 +122,8 @@ pub struct TrainStats {
     pub requests_open: usize,
     /// Share of the most recent labels (`[metrics] recent_labels`) the served model got right.
     pub feedback_accuracy_recent: Option<f64>,
+    /// Every label so far against the served model's answer (restored from the checkpoint).
+    pub label_accuracy: crate::scores::Accuracy,
 }
 
 /// The daemon's state read once for one report, so that every metric of the report comes from
@@ -286,12 +289,12 @@ pub struct Show {
 }
 
 impl Show {
-    /// The value as it is, without a unit.
-    pub const PLAIN: Show = Show {
+    /// A count: no unit, no decimals.
+    pub const COUNT: Show = Show {
         scale: None,
         unit: None,
         device_class: None,
-        precision: None,
+        precision: Some(0),
     };
     /// A 0..1 ratio shown in %.
     pub const PERCENT: Show = Show {
@@ -326,7 +329,7 @@ impl Show {
     pub const fn unit(unit: &'static str) -> Show {
         Show {
             unit: Some(unit),
-            ..Show::PLAIN
+            ..Show::COUNT
         }
     }
 }
@@ -337,6 +340,17 @@ pub enum Entity {
     Sensor(Show),
     /// A 0/1 metric as a binary sensor.
     BinarySensor,
+    /// A 0/1 metric that two commands set: a switch when `[control] allow`s both, else a
+    /// binary sensor with the same name (it is read-only then).
+    Switch(Switch),
+}
+
+/// The commands behind a switch, and which value of the metric reads "on".
+#[derive(Debug, Clone, Copy)]
+pub struct Switch {
+    pub on: Command,
+    pub off: Command,
+    pub on_value: u64,
 }
 
 /// Whether and how Home Assistant's discovery announces a metric.
@@ -347,8 +361,10 @@ pub struct HomeAssistant {
     pub entity: Entity,
     /// Internals go in the diagnostic category, off the device's main card.
     pub diagnostic: bool,
-    /// When the kind's state class is wrong for HA (a version that restarts at 0 on reset).
+    /// When the kind's state class is wrong for HA.
     pub state_class: Option<StateClass>,
+    /// A Material Design icon (`mdi:...`).
+    pub icon: Option<&'static str>,
 }
 
 /// One metric, described once.
@@ -414,6 +430,7 @@ impl Metric {
             entity: Entity::Sensor(show),
             diagnostic: false,
             state_class: None,
+            icon: None,
         });
         self
     }
@@ -424,7 +441,26 @@ impl Metric {
             entity: Entity::BinarySensor,
             diagnostic: false,
             state_class: None,
+            icon: None,
         });
+        self
+    }
+
+    const fn switch(mut self, name: &'static str, switch: Switch) -> Self {
+        self.home_assistant = Some(HomeAssistant {
+            name,
+            entity: Entity::Switch(switch),
+            diagnostic: false,
+            state_class: None,
+            icon: None,
+        });
+        self
+    }
+
+    const fn icon(mut self, icon: &'static str) -> Self {
+        if let Some(ha) = &mut self.home_assistant {
+            ha.icon = Some(icon);
+        }
         self
     }
 
@@ -488,12 +524,14 @@ pub static METRICS: &[Metric] = &[
     )
     .unit(Unit::PerSecond)
     .sensor("Sample rate", Show::unit("samples/s"))
+    .icon("mdi:speedometer")
     .precision(1),
     Metric::counter("predictions_total", "Predictions published", |s| {
         count(&s.counters.predictions_total)
     })
     .prometheus("predictions")
-    .sensor("Predictions", Show::PLAIN)
+    .sensor("Predictions", Show::COUNT)
+    .icon("mdi:counter")
     .diagnostic(),
     Metric::counter(
         "predictions_dropped_total",
@@ -508,20 +546,23 @@ pub static METRICS: &[Metric] = &[
         |s| interval(s, |i| i.latency_us.map(|p| p.0)),
     )
     .unit(Unit::Micros)
-    .sensor("Latency p50", Show::MILLIS),
+    .sensor("Latency p50", Show::MILLIS)
+    .icon("mdi:timer-outline"),
     Metric::gauge(
         "latency_p99_us",
         "99th percentile of the time from receipt to publication over the interval",
         |s| interval(s, |i| i.latency_us.map(|p| p.1)),
     )
     .unit(Unit::Micros)
-    .sensor("Latency p99", Show::MILLIS),
+    .sensor("Latency p99", Show::MILLIS)
+    .icon("mdi:timer-alert-outline"),
     Metric::gauge(
         "loss_sup",
         "Mean supervised loss over the interval's steps",
         |s| interval(s, |i| i.loss_sup),
     )
-    .sensor("Supervised loss", Show::PLAIN)
+    .sensor("Supervised loss", Show::COUNT)
+    .icon("mdi:chart-line")
     .precision(3)
     .diagnostic(),
     Metric::gauge(
@@ -529,7 +570,8 @@ pub static METRICS: &[Metric] = &[
         "Mean pseudo-label loss over the interval's steps",
         |s| interval(s, |i| i.loss_pseudo),
     )
-    .sensor("Pseudo-label loss", Show::PLAIN)
+    .sensor("Pseudo-label loss", Show::COUNT)
+    .icon("mdi:chart-line")
     .precision(3)
     .diagnostic(),
     Metric::gauge(
@@ -537,7 +579,8 @@ pub static METRICS: &[Metric] = &[
         "Mean consistency loss over the interval's steps",
         |s| interval(s, |i| i.loss_consistency),
     )
-    .sensor("Consistency loss", Show::PLAIN)
+    .sensor("Consistency loss", Show::COUNT)
+    .icon("mdi:chart-line")
     .precision(3)
     .diagnostic(),
     Metric::gauge(
@@ -547,6 +590,7 @@ pub static METRICS: &[Metric] = &[
     )
     .unit(Unit::Ratio)
     .sensor("Pseudo-label acceptance", Show::PERCENT)
+    .icon("mdi:tag-check-outline")
     .diagnostic(),
     Metric::gauge(
         "teacher_version",
@@ -554,8 +598,11 @@ pub static METRICS: &[Metric] = &[
         |s| s.teacher_version.into(),
     )
     .prometheus("teacher_version")
-    .sensor("Teacher version", Show::PLAIN)
-    .state_class(StateClass::TotalIncreasing)
+    .sensor("Teacher version", Show::COUNT)
+    .icon("mdi:source-commit")
+    // A version, not an amount: a total's "sum" statistic would mean nothing (and it goes
+    // back to 0 at a reset).
+    .state_class(StateClass::Measurement)
     .diagnostic(),
     Metric::gauge(
         "serving_adapted",
@@ -563,14 +610,16 @@ pub static METRICS: &[Metric] = &[
         |s| s.serving_adapted.into(),
     )
     .prometheus("serving_adapted")
-    .binary_sensor("Serving the adapted model"),
+    .binary_sensor("Serving the adapted model")
+    .icon("mdi:school"),
     Metric::gauge(
         "labels_disputed",
         "1 while labels are disputed (they contradict the confident pretrained model both ways in one class pair): the pretrained model is served until they age out or accept_labels",
         |s| s.train.labels_disputed.into(),
     )
     .prometheus("labels_disputed")
-    .binary_sensor("Disputed labels"),
+    .binary_sensor("Disputed labels")
+    .icon("mdi:tag-off-outline"),
     Metric::counter(
         "labels_disputes_total",
         "Times labels became disputed",
@@ -615,7 +664,8 @@ pub static METRICS: &[Metric] = &[
         Some(s.train.gate_p).filter(|p| p.is_finite()).into()
     })
     .prometheus("gate_p")
-    .sensor("Serving gate p-value", Show::PLAIN)
+    .sensor("Serving gate p-value", Show::COUNT)
+    .icon("mdi:scale-balance")
     .precision(3)
     .diagnostic(),
     Metric::counter("gate_switches_total", "Changes of the served model", |s| {
@@ -626,7 +676,8 @@ pub static METRICS: &[Metric] = &[
         s.train.requests.made.into()
     })
     .prometheus("label_requests")
-    .sensor("Label requests", Show::PLAIN)
+    .sensor("Label requests", Show::COUNT)
+    .icon("mdi:tag-question")
     .diagnostic(),
     Metric::counter(
         "requests_answered_total",
@@ -634,7 +685,8 @@ pub static METRICS: &[Metric] = &[
         |s| s.train.requests.answered.into(),
     )
     .prometheus("label_requests_answered")
-    .sensor("Label requests answered", Show::PLAIN)
+    .sensor("Label requests answered", Show::COUNT)
+    .icon("mdi:tag-check")
     .diagnostic(),
     Metric::counter(
         "requests_discordant_total",
@@ -702,7 +754,8 @@ pub static METRICS: &[Metric] = &[
         |s| s.queues.raw.items.into(),
     )
     .prometheus("raw_queue_messages")
-    .sensor("Unparsed messages", Show::PLAIN)
+    .sensor("Unparsed messages", Show::COUNT)
+    .icon("mdi:tray-full")
     .diagnostic(),
     Metric::gauge(
         "raw_queue_bytes",
@@ -712,6 +765,7 @@ pub static METRICS: &[Metric] = &[
     .unit(Unit::Bytes)
     .prometheus("raw_queue")
     .sensor("Unparsed bytes", Show::KIBIBYTES)
+    .icon("mdi:tray-full")
     .diagnostic(),
     Metric::gauge(
         "input_queue",
@@ -719,7 +773,8 @@ pub static METRICS: &[Metric] = &[
         |s| s.queues.input.items.into(),
     )
     .prometheus("input_queue")
-    .sensor("Input queue", Show::PLAIN)
+    .sensor("Input queue", Show::COUNT)
+    .icon("mdi:tray-arrow-down")
     .diagnostic(),
     Metric::gauge(
         "train_queue",
@@ -727,7 +782,8 @@ pub static METRICS: &[Metric] = &[
         |s| s.queues.train.items.into(),
     )
     .prometheus("train_queue")
-    .sensor("Training queue", Show::PLAIN)
+    .sensor("Training queue", Show::COUNT)
+    .icon("mdi:tray-arrow-up")
     .diagnostic(),
     Metric::counter(
         "unread_dropped_total",
@@ -741,7 +797,8 @@ pub static METRICS: &[Metric] = &[
         |s| count(&s.counters.dropped_total),
     )
     .prometheus("dropped")
-    .sensor("Dropped samples", Show::PLAIN)
+    .sensor("Dropped samples", Show::COUNT)
+    .icon("mdi:delete-outline")
     .diagnostic(),
     Metric::counter(
         "train_dropped_total",
@@ -771,7 +828,8 @@ pub static METRICS: &[Metric] = &[
         count(&s.counters.rejected_total)
     })
     .prometheus("rejected")
-    .sensor("Rejected messages", Show::PLAIN)
+    .sensor("Rejected messages", Show::COUNT)
+    .icon("mdi:message-alert-outline")
     .diagnostic(),
     Metric::counter("oversized_total", "Payloads over the size limit", |s| {
         count(&s.counters.oversized_total)
@@ -788,7 +846,10 @@ pub static METRICS: &[Metric] = &[
         "Commands not in [control] allow",
         |s| count(&s.counters.commands_refused_total),
     )
-    .prometheus("commands_refused"),
+    .prometheus("commands_refused")
+    .sensor("Refused commands", Show::COUNT)
+    .icon("mdi:cancel")
+    .diagnostic(),
     Metric::counter("labels_total", "Labels learned from", |s| {
         count(&s.counters.labels_total)
     })
@@ -809,26 +870,22 @@ pub static METRICS: &[Metric] = &[
     .prometheus_only(),
     Metric::gauge(
         "feedback_accuracy",
-        "Share of the matched labels the served model had predicted, since start",
-        |s| {
-            let c = s.counters;
-            let feedback = c.feedback_total.load(Relaxed);
-            (feedback > 0)
-                .then(|| c.feedback_correct.load(Relaxed) as f64 / feedback as f64)
-                .into()
-        },
+        "Share of the labels (in samples, after them, answers) the served model had predicted, over the checkpointed history",
+        |s| s.train.label_accuracy.get().into(),
     )
     .unit(Unit::Ratio)
     .prometheus("feedback_accuracy")
-    .sensor("Accuracy on labels", Show::PERCENT),
+    .sensor("Accuracy on labels", Show::PERCENT)
+    .icon("mdi:bullseye-arrow"),
     Metric::gauge(
         "feedback_accuracy_recent",
-        "Share of the most recent labels the served model predicted",
+        "Share of the most recent labels (in samples, after them, answers) the served model predicted",
         |s| s.train.feedback_accuracy_recent.into(),
     )
     .unit(Unit::Ratio)
     .prometheus("feedback_accuracy_recent")
-    .sensor("Accuracy on recent labels", Show::PERCENT),
+    .sensor("Accuracy on recent labels", Show::PERCENT)
+    .icon("mdi:bullseye"),
     Metric::counter(
         "late_labels_total",
         "Labels whose sample was no longer kept",
@@ -848,7 +905,8 @@ pub static METRICS: &[Metric] = &[
         |s| count(&s.counters.publish_denied_total),
     )
     .prometheus("publish_denied")
-    .sensor("Publishes refused by the broker", Show::PLAIN)
+    .sensor("Publishes refused by the broker", Show::COUNT)
+    .icon("mdi:shield-alert-outline")
     .diagnostic(),
     Metric::counter(
         "subscribe_denied_total",
@@ -880,12 +938,16 @@ pub static METRICS: &[Metric] = &[
         s.train.rollbacks.into()
     })
     .prometheus("rollbacks")
-    .sensor("Rollbacks", Show::PLAIN)
+    .sensor("Rollbacks", Show::COUNT)
+    .icon("mdi:undo-variant")
     .diagnostic(),
     Metric::counter("checkpoints_total", "Checkpoints written", |s| {
         count(&s.counters.checkpoints_total)
     })
-    .prometheus("checkpoints"),
+    .prometheus("checkpoints")
+    .sensor("Checkpoints", Show::COUNT)
+    .icon("mdi:content-save")
+    .diagnostic(),
     Metric::counter(
         "checkpoint_failures_total",
         "Checkpoints that could not be written",
@@ -900,6 +962,7 @@ pub static METRICS: &[Metric] = &[
     .unit(Unit::Bytes)
     .prometheus("checkpoint")
     .sensor("Checkpoint writes", Show::MEBIBYTES)
+    .icon("mdi:harddisk")
     .diagnostic(),
     Metric::counter(
         "checkpoints_deferred_total",
@@ -910,14 +973,26 @@ pub static METRICS: &[Metric] = &[
     Metric::counter("exports_total", "Adapted models exported", |s| {
         count(&s.counters.exports_total)
     })
-    .prometheus("exports"),
+    .prometheus("exports")
+    .sensor("Exports", Show::COUNT)
+    .icon("mdi:export")
+    .diagnostic(),
     Metric::counter("export_failures_total", "Exports that failed", |s| {
         count(&s.counters.export_failures_total)
     })
     .prometheus("export_failures"),
+    // On while training runs; the switch sends `resume` and `pause` to the command topic.
     Metric::gauge("paused", "1 while training is paused", |s| s.paused.into())
         .prometheus("paused")
-        .binary_sensor("Training paused"),
+        .switch(
+            "Training",
+            Switch {
+                on: Command::Resume,
+                off: Command::Pause,
+                on_value: 0,
+            },
+        )
+        .icon("mdi:school-outline"),
     Metric::gauge(
         "teacher_finite",
         "1 while the student and teacher weights are finite",
@@ -925,6 +1000,7 @@ pub static METRICS: &[Metric] = &[
     )
     .prometheus("teacher_finite")
     .binary_sensor("Weights finite")
+    .icon("mdi:check-decagram-outline")
     .diagnostic(),
     Metric::gauge("mqtt_connected", "1 while connected to the broker", |s| {
         s.mqtt_connected.into()
@@ -934,7 +1010,8 @@ pub static METRICS: &[Metric] = &[
         count(&s.counters.mqtt_reconnects_total)
     })
     .prometheus("mqtt_reconnects")
-    .sensor("Broker reconnects", Show::PLAIN)
+    .sensor("Broker reconnects", Show::COUNT)
+    .icon("mdi:lan-disconnect")
     .diagnostic(),
     Metric::counter(
         "mqtt_disconnected_s_total",
@@ -949,6 +1026,7 @@ pub static METRICS: &[Metric] = &[
     .unit(Unit::Bytes)
     .prometheus("resident_memory")
     .sensor("Memory", Show::MEBIBYTES)
+    .icon("mdi:memory")
     .diagnostic(),
     Metric::gauge(
         "peak_rss_bytes",

@@ -25,9 +25,7 @@ use crate::config::Config;
 use crate::learn::Serving;
 use crate::model::Classifier;
 use crate::scores::RecentAccuracy;
-use crate::session::{
-    Answer, Feedback, PredictionMessage, Predictor, Session, SessionError, Taken,
-};
+use crate::session::{Answer, PredictionMessage, Predictor, Session, SessionError, Taken};
 
 /// The two worker stages, wired to each other through the training queue: what
 /// `Daemon::build` puts on threads, and what the equivalence test
@@ -501,7 +499,7 @@ impl TrainerWorker {
             Ok(taken) => taken,
             Err(e) => return tracing::error!("training step failed: {}", crate::report(&e)),
         };
-        if let Some(Feedback::Matched { correct }) = taken.feedback {
+        if let Some(correct) = taken.scored {
             self.recent_feedback.update(correct);
         }
         if taken.request.is_some() || taken.feedback.is_some() {
@@ -595,6 +593,7 @@ impl TrainerWorker {
             t.requests_open = r.open().count();
         }
         t.feedback_accuracy_recent = self.recent_feedback.get();
+        t.label_accuracy = self.session.label_accuracy();
     }
 }
 
