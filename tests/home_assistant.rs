@@ -569,7 +569,10 @@ fn accuracy_on_labels_counts_labels_inside_samples_and_survives_a_restart() {
     }
     let got = peer.collect_until(Duration::from_secs(15), |m| {
         last_metrics(m, &metrics).is_some_and(|v| {
-            num(&v, "predictions_total") >= 60.0 && v["feedback_accuracy"].is_number()
+            // Scored by the trainer, which may lag the predictions: all three labels in.
+            num(&v, "predictions_total") >= 60.0
+                && num(&v, "labels_total") >= 3.0
+                && v["feedback_accuracy"].is_number()
         })
     });
     let labeled: Vec<usize> = (0..60)
