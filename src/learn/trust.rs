@@ -18,13 +18,15 @@
 //! first honest labels of a real shift are released once their neighbours agree.
 //!
 //! A swap needs no neighbours to hide if the attacker labels every sample of the pair; then
-//! its signature is the pair itself: the confident pretrained model contradicted in *both*
-//! directions, a→b and b→a, on a steady share of the pair's labels. Honest shifts move
+//! its signature is the pair itself: the pretrained model contradicted in *both* directions,
+//! a→b where it was confident and b→a at all (a model is often confident on only one class
+//! of a similar pair), on a steady share of the labels it gives each class. Honest shifts move
 //! inputs one way (a rotated sensor makes STANDING look like SITTING, not both at once):
 //! across the scenario matrix, honest labels contradict a confident pretrained model in the
-//! minority direction of any pair on at most a few labels, and a small share of the pair's. When both directions reach `dispute_after`
-//! labels and `dispute_share` of the labels the pretrained model confidently gives each of the
-//! two classes, the labels are *disputed*: the gate's evidence starts over, the pretrained model
+//! minority direction of any pair on at most a few labels, and a small share of the pair's.
+//! When one direction reaches `dispute_after` confident contradictions and `dispute_share` of
+//! the labels the model confidently gives that class, and the other `dispute_after` and
+//! `dispute_share` of all labels it gives the other class, the labels are *disputed*: the gate's evidence starts over, the pretrained model
 //! is served, and the pair's contradicting labels are held, until the contradictions age out
 //! of the memory or an operator who knows a class really changed its meaning accepts them
 //! (`accept`), which releases the held labels and stops checking their pairs.
@@ -52,8 +54,8 @@ pub struct TrustConfig {
     pub quarantine: usize,
     /// Contradicting labels needed in each direction of a pair to dispute it.
     pub dispute_after: usize,
-    /// ... and the share of the labels the pretrained model confidently gives each class of
-    /// the pair that they must make up.
+    /// ... and the share of the labels the pretrained model gives that class (confidently,
+    /// for the confident direction) that they must make up.
     pub dispute_share: f32,
 }
 
@@ -242,11 +244,11 @@ pub struct TrustCounts {
 pub struct LabelTrust {
     cfg: TrustConfig,
     /// Ring of the last `memory` labels: embedding rows, label, sequence number, and the
-    /// pretrained model's class where it was confident.
+    /// pretrained model's class there and whether it was confident.
     embeddings: Array2<f32>,
     labels: Vec<usize>,
     seqs: Vec<u64>,
-    confident: Vec<Option<usize>>,
+    said: Vec<(usize, bool)>,
     next_seq: u64,
     held: VecDeque<Held>,
     /// Unordered class pairs an operator accepted (smaller class first).
@@ -267,7 +269,7 @@ impl LabelTrust {
             embeddings: Array2::zeros((cfg.memory.max(1), dim)),
             labels: Vec::with_capacity(cfg.memory),
             seqs: Vec::with_capacity(cfg.memory),
-            confident: Vec::with_capacity(cfg.memory),
+            said: Vec::with_capacity(cfg.memory),
             next_seq: 0,
             held: VecDeque::new(),
             accepted_pairs: Vec::new(),
@@ -309,7 +311,7 @@ impl LabelTrust {
         self.counts.judged_from.add(source);
         let (class, confidence) = pretrained;
         let confident = confidence >= self.cfg.confidence;
-        let seq = self.remember(embedding, label, confident.then_some(class));
+        let seq = self.remember(embedding, label, (class, confident));
         let raised = self.update_dispute();
         let p = pair(class, label);
         if class == label || !confident || self.accepted_pairs.contains(&p) {
@@ -383,12 +385,7 @@ impl LabelTrust {
     }
 
     /// Files a label in the memory ring; returns its sequence number.
-    fn remember(
-        &mut self,
-        embedding: ArrayView1<f32>,
-        label: usize,
-        confident: Option<usize>,
-    ) -> u64 {
+    fn remember(&mut self, embedding: ArrayView1<f32>, label: usize, said: (usize, bool)) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         let slot = (seq % self.cfg.memory as u64) as usize;
@@ -396,11 +393,11 @@ impl LabelTrust {
         if slot < self.labels.len() {
             self.labels[slot] = label;
             self.seqs[slot] = seq;
-            self.confident[slot] = confident;
+            self.said[slot] = said;
         } else {
             self.labels.push(label);
             self.seqs.push(seq);
-            self.confident.push(confident);
+            self.said.push(said);
         }
         seq
     }
@@ -449,32 +446,36 @@ impl LabelTrust {
         let classes = self
             .labels
             .iter()
-            .chain(self.confident.iter().flatten())
+            .chain(self.said.iter().map(|s| &s.0))
             .max()
             .map_or(0, |m| m + 1);
-        // given[a]: labels where the pretrained model confidently said a; against[a][b]: of
-        // those, labeled b.
+        // given[a]: labels where the pretrained model said a; against[a][b]: of those,
+        // labeled b. `sure` counts only where it was confident.
         let mut given = vec![0usize; classes];
         let mut against = vec![vec![0usize; classes]; classes];
-        for (&label, confident) in self.labels.iter().zip(&self.confident) {
-            if let Some(a) = *confident {
-                given[a] += 1;
-                if a != label {
-                    against[a][label] += 1;
-                }
+        let mut sure_given = vec![0usize; classes];
+        let mut sure_against = vec![vec![0usize; classes]; classes];
+        for (&label, &(a, confident)) in self.labels.iter().zip(&self.said) {
+            given[a] += 1;
+            sure_given[a] += confident as usize;
+            if a != label {
+                against[a][label] += 1;
+                sure_against[a][label] += confident as usize;
             }
         }
-        let strong = |a: usize, b: usize| {
-            let n = against[a][b];
-            n >= self.cfg.dispute_after && n as f32 >= self.cfg.dispute_share * given[a] as f32
+        let (after, share) = (self.cfg.dispute_after, self.cfg.dispute_share);
+        let many = |n: usize, of: usize| n >= after && n as f32 >= share * of as f32;
+        // One way against the confident model, the other way against the model at all: a
+        // model confident on only one class of the pair (many are) still shows the swap.
+        let swapped = |a: usize, b: usize| {
+            many(sure_against[a][b], sure_given[a]) && many(against[b][a], given[b])
         };
         let mut now = None;
         let mut worst = 0;
         let pairs = (0..classes).flat_map(|a| (a + 1..classes).map(move |b| (a, b)));
         for (a, b) in pairs {
             let both = against[a][b].min(against[b][a]);
-            if strong(a, b)
-                && strong(b, a)
+            if (swapped(a, b) || swapped(b, a))
                 && both > worst
                 && !self.accepted_pairs.contains(&(a, b))
             {
