@@ -375,6 +375,7 @@ fn synthetic_report(switches: &[(usize, Serving)], rollbacks_at: Vec<usize>) -> 
             wins: 0,
             losses: 0,
             p: 1.0,
+            reason: String::new(),
             switches: switches
                 .iter()
                 .map(|&(sample, serving)| Switch { sample, serving })
