@@ -8,10 +8,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
+use edgemt::learn::{Learner, Serving};
 use edgemt::model::export::{write_adapted, Adapted};
 use edgemt::model::{Classifier, HeadSelection};
 use edgemt::replay::{replay, LabelBudget, Progress, ReplayOptions};
 use edgemt::session::PredictionMessage;
+use edgemt::stream::Layout;
 
 #[derive(Parser)]
 #[command(
@@ -41,7 +43,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Write the adapted teacher from the newest valid checkpoint as a standard ONNX file.
+    /// Write the model the device serves, from the newest valid checkpoint, as a standard
+    /// ONNX file: what the serving gate lets answer there (the adapted teacher, or the
+    /// pretrained model), behind the adopted mounting if any. Says which it wrote and why.
     Export {
         /// Checkpoint directory.
         #[arg(long, value_name = "DIR")]
@@ -52,6 +56,9 @@ enum Command {
         /// Config naming the model (default: the model recorded in the checkpoint).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Write the adapted teacher even when the gate does not serve it.
+        #[arg(long)]
+        teacher: bool,
     },
     /// Check a config and its model without running: config keys, model and trainable
     /// layers, checkpoint directory, calibration channels, one inference, and with the
@@ -91,7 +98,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             checkpoint,
             output,
             config,
-        } => export_cmd(&checkpoint, &output, config.as_deref()),
+            teacher,
+        } => export_cmd(&checkpoint, &output, config.as_deref(), teacher),
         Command::Check { config } => check_cmd(&config),
         Command::Inspect {
             model,
@@ -143,6 +151,10 @@ struct ReplayArgs {
         requires = "label_budget"
     )]
     label_delay: usize,
+    /// Ignore fields a line does not define (x, label, truth, ts, id, meta) instead of
+    /// refusing the line: for recordings that carry their own data outside "meta".
+    #[arg(long)]
+    allow_unknown_fields: bool,
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
@@ -167,11 +179,12 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
         args.eval.as_deref(),
         &ReplayOptions {
             seed: args.seed,
-            checkpoint: args.checkpoint,
+            checkpoint: args.checkpoint.clone(),
             label_budget: args.label_budget.map(|fraction| LabelBudget {
                 fraction,
                 delay: args.label_delay,
             }),
+            allow_unknown_fields: args.allow_unknown_fields,
         },
         |progress| match progress {
             Progress::Read { bytes } => {
@@ -198,19 +211,36 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<()> {
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
+    // What this replay wrote, listed last so a reader finds it under the summary.
+    let mut written = Vec::new();
     if let Some(out) = predictions {
         out.finish()?;
+        if let Some(path) = &args.predictions {
+            written.push(format!(
+                "{} (the device's answer for every sample)",
+                path.display()
+            ));
+        }
     }
     print_summary(&outcome.report);
     if let Some(path) = args.report {
         let json = serde_json::to_string_pretty(&outcome.report)?;
         std::fs::write(&path, json)
             .with_context(|| format!("writing report {}", path.display()))?;
+        written.push(format!("{} (the report, JSON)", path.display()));
     }
     if let Some(path) = args.plot {
         let recording = &args.recording;
         let name = recording.file_name().unwrap_or(recording.as_os_str());
         edgemt::plot::write_svg(&outcome.report, &name.to_string_lossy(), &path)?;
+        written.push(format!("{} (the plot, SVG)", path.display()));
+    }
+    if let Some(dir) = &args.checkpoint {
+        let n = outcome.report.checkpoints_written;
+        written.push(format!("{} ({n} checkpoint(s))", dir.display()));
+    }
+    for file in written {
+        println!("wrote {file}");
     }
     Ok(())
 }
@@ -287,7 +317,12 @@ fn run_cmd(_config: &Path) -> anyhow::Result<()> {
     )
 }
 
-fn export_cmd(checkpoint: &Path, output: &Path, config: Option<&Path>) -> anyhow::Result<()> {
+fn export_cmd(
+    checkpoint: &Path,
+    output: &Path,
+    config: Option<&Path>,
+    teacher: bool,
+) -> anyhow::Result<()> {
     let cfg = match config {
         Some(path) => Config::load(path)?,
         None => {
@@ -309,28 +344,71 @@ fn export_cmd(checkpoint: &Path, output: &Path, config: Option<&Path>) -> anyhow
         cfg.checkpoint.keep,
         Identity::new(&classifier, &cfg.learn),
     )?;
-    let (manifest, state) = store.latest_valid().with_context(|| {
+    // A learner restored from the checkpoint, so the gate decides here as it does on the
+    // device (its evidence is saved; the wealth is recomputed from it).
+    let mut learner = Learner::new(
+        classifier.pretrained(),
+        Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis),
+        &cfg.learn,
+        &cfg.augment,
+        &cfg.guard,
+        &cfg.gate,
+        &cfg.trust,
+        0,
+    );
+    let restored = store.restore_latest(&mut learner).with_context(|| {
         format!(
             "no valid checkpoint for this model in {}",
             checkpoint.display()
         )
     })?;
-    let teacher = classifier.pretrained().with_params(state.teacher)?;
+    let manifest = &restored.manifest;
     let version = manifest.counters.teacher_version;
+    let mounting = manifest.mounting.as_ref().map(|m| m.name.clone());
+    let serving = learner.serving();
+    let (head, what) = if teacher {
+        let served = match serving {
+            Serving::Adapted => "it is also the served model".to_string(),
+            Serving::Pretrained => format!(
+                "the device serves {} instead",
+                serving.describe(mounting.as_deref())
+            ),
+        };
+        (
+            learner.teacher(),
+            format!(
+                "{} (--teacher; {served})",
+                Serving::Adapted.describe(mounting.as_deref())
+            ),
+        )
+    } else {
+        (
+            learner.served(),
+            format!(
+                "the served model, {}, because {}{}",
+                serving.describe(mounting.as_deref()),
+                learner.serving_reason(),
+                match serving {
+                    Serving::Pretrained => "; --teacher writes the adapted teacher",
+                    Serving::Adapted => "",
+                }
+            ),
+        )
+    };
     write_adapted(
         output,
         classifier.proto(),
         &classifier.trainable,
         &classifier.input_shape,
         &Adapted {
-            head: &teacher,
+            head,
             mounting: manifest.mounting.as_ref().map(Into::into),
             from_fingerprint: classifier.fingerprint,
             teacher_version: version,
         },
     )?;
     println!(
-        "wrote {} (teacher_version {version}, from checkpoint {})",
+        "wrote {}: {what} (teacher_version {version}, from checkpoint {})",
         output.display(),
         manifest.sequence
     );
@@ -461,20 +539,54 @@ fn progress_bar(total_bytes: u64) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
+/// The replay's summary on stdout: what happened, in the words the README uses. Each model
+/// has one name: "pretrained" (the model as shipped, on the device's own axes), "calibrated"
+/// (the pretrained model behind the adopted mounting), "adapted teacher" (what learning made),
+/// "served" (whichever of them the serving gate lets answer).
 fn print_summary(r: &edgemt::replay::Report) {
     println!(
         "samples {} (labeled {}, scored {}, rejected {})",
         r.samples, r.labeled, r.scored, r.rejected
     );
+    let adopted = r
+        .calibration
+        .as_ref()
+        .map(|c| c.adopted.as_str())
+        .filter(|m| *m != "x,y,z");
+    if let Some(c) = &r.calibration {
+        match c.adoptions.as_slice() {
+            [] => println!(
+                "mounting: none adopted ({} proposal(s)); the models see the sensor's own axes",
+                c.proposals
+            ),
+            adoptions => {
+                for (sample, mounting) in adoptions {
+                    println!(
+                        "mounting: {mounting} adopted at sample {sample} (calibration proposed it, the labels so far confirmed it); from then on every model sees the sensor through it"
+                    );
+                }
+            }
+        }
+    }
+    let a = &r.prequential_accuracy;
     println!(
-        "prequential accuracy: served {:.4}, teacher {:.4}, pretrained {:.4}",
-        r.prequential_accuracy.served,
-        r.prequential_accuracy.teacher,
-        r.prequential_accuracy.source
+        "prequential accuracy (each answer before its sample was learned from): served {:.4}, adapted teacher {:.4}, {} {:.4}",
+        a.served,
+        a.teacher,
+        if adopted.is_some() {
+            "calibrated (pretrained until the adoption)"
+        } else {
+            "pretrained"
+        },
+        a.source
     );
     if let Some(e) = &r.eval {
+        let calibrated = match adopted {
+            Some(_) => format!(", calibrated {:.4}", e.calibrated_accuracy),
+            None => String::new(),
+        };
         println!(
-            "holdout ({} samples): served {:.4} ({:+.1} points), teacher {:.4}, student {:.4}, pretrained {:.4}",
+            "holdout ({} samples): served {:.4} ({:+.1} points over pretrained), adapted teacher {:.4}, student {:.4}{calibrated}, pretrained {:.4}",
             e.samples,
             e.served_accuracy,
             100.0 * (e.served_accuracy - e.source_accuracy),
@@ -484,13 +596,19 @@ fn print_summary(r: &edgemt::replay::Report) {
         );
     }
     let g = &r.gate;
+    let switches = match g.switches.as_slice() {
+        [] => "no switches".to_string(),
+        s => s
+            .iter()
+            .map(|s| format!("to {} at sample {}", s.serving.describe(adopted), s.sample))
+            .collect::<Vec<_>>()
+            .join(", ")
+            .replacen("to ", "switched to ", 1),
+    };
     println!(
-        "serving gate: {:?} (wins {}, losses {}, p = {:.4}, {} switches)",
-        g.serving,
-        g.wins,
-        g.losses,
-        g.p,
-        g.switches.len()
+        "served at the end: {}, because {}; {switches}",
+        g.serving.describe(adopted),
+        g.reason,
     );
     let t = &r.trust;
     if t.counts.held > 0 {

@@ -1,7 +1,10 @@
 //! `edgemt replay --plot`: draws a replay's [`Report`] as one SVG file. It owns the picture
 //! and nothing else: every number it shows is read from the report (the timeline's
-//! per-window accuracies and acceptance, the sample counts of rollbacks and gate switches,
-//! the holdout scores), so the plot and the JSON cannot disagree. It uses plotters' SVG
+//! per-window accuracies and acceptance, smoothed over [`SMOOTHING_SAMPLES`], the sample
+//! counts of rollbacks, gate switches and mounting adoptions, the holdout scores), so the plot
+//! and the JSON cannot disagree. Models have the names the replay's summary gives them:
+//! "pretrained model" (as shipped), "calibrated model" (the pretrained model behind the
+//! adopted mounting), "adapted teacher". It uses plotters' SVG
 //! backend without a font backend: text goes out as SVG `<text>` elements that the viewer
 //! renders, and label sizes are estimated from the character count, so no system font is
 //! read when drawing.
@@ -14,7 +17,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::learn::Serving;
-use crate::replay::Report;
+use crate::replay::{Report, TimelinePoint};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
@@ -34,6 +37,12 @@ pub const SIZE: (u32, u32) = (1200, 760);
 /// Names of the curves and marks, as the legend and the holdout panel write them.
 pub const TEACHER: &str = "adapted teacher";
 pub const PRETRAINED: &str = "pretrained model";
+/// The pretrained model behind the adopted mounting.
+pub const CALIBRATED: &str = "calibrated model";
+/// The pretrained curve's legend once a mounting is adopted: from the adoption's mark (a
+/// line labelled in place, "mounting x,z,-y adopted at sample 256") the same series is the
+/// calibrated model.
+pub const PRETRAINED_THEN_CALIBRATED: &str = "pretrained, then calibrated";
 pub const ACCEPTANCE: &str = "pseudo-label acceptance";
 pub const ROLLBACK: &str = "rollback";
 pub const SERVED_ADAPTED: &str = "gate serves the adapted teacher";
@@ -43,11 +52,18 @@ const PRETRAINED_COLOR: RGBColor = RGBColor(255, 127, 14);
 const ACCEPTANCE_COLOR: RGBColor = RGBColor(44, 160, 44);
 const ROLLBACK_COLOR: RGBColor = RGBColor(214, 39, 40);
 const SERVED_COLOR: RGBColor = RGBColor(148, 103, 189);
+const MOUNTING_COLOR: RGBColor = RGBColor(140, 86, 75);
+const CALIBRATED_COLOR: RGBColor = RGBColor(227, 119, 194);
+
+/// Samples each plotted point averages over. One timeline window (25 samples by default)
+/// holds one or two labels and a stretch of one activity, so its accuracy jumps by tens of
+/// points from window to window; four windows show the trend.
+pub const SMOOTHING_SAMPLES: usize = 100;
 const FONT: &str = "sans-serif";
 
 const TITLE_HEIGHT: u32 = 86;
 const LEGEND_HEIGHT: u32 = 30;
-const HOLDOUT_HEIGHT: u32 = 190;
+const HOLDOUT_HEIGHT: u32 = 220;
 
 /// Draws `report` (of a replay of the recording named `recording`) and writes it to `out`.
 pub fn write_svg(report: &Report, recording: &str, out: &Path) -> Result<(), PlotError> {
@@ -100,6 +116,14 @@ fn draw_title<DB: DrawingBackend>(
     recording: &str,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let a = &r.prequential_accuracy;
+    let adopted = adopted(r);
+    let baseline = match (adopted, first_adoption(r)) {
+        (Some(m), Some(at)) => format!(
+            "calibrated {} (the pretrained model, behind mounting {m} from sample {at})",
+            pct(a.source)
+        ),
+        _ => format!("pretrained {}", pct(a.source)),
+    };
     let mut lines = vec![
         (
             format!(
@@ -110,9 +134,8 @@ fn draw_title<DB: DrawingBackend>(
         ),
         (
             format!(
-                "prequential accuracy: adapted teacher {} vs pretrained {} ({}), served {}",
+                "prequential accuracy: adapted teacher {} vs {baseline} ({}), served {}",
                 pct(a.teacher),
-                pct(a.source),
                 points(a.teacher - a.source),
                 pct(a.served)
             ),
@@ -124,9 +147,9 @@ fn draw_title<DB: DrawingBackend>(
     } else {
         0.0
     };
-    let serving = match r.gate.serving {
-        Serving::Adapted => "the adapted teacher",
-        Serving::Pretrained => "the pretrained model",
+    let serving = match (r.gate.serving, adopted) {
+        (Serving::Pretrained, Some(_)) => "the calibrated model".to_string(),
+        (serving, _) => serving.describe(None),
     };
     let mut third = format!(
         "pseudo-labels accepted {}, {} rollback(s), gate ends serving {serving}",
@@ -162,15 +185,23 @@ fn draw_legend<DB: DrawingBackend>(
     r: &Report,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let rollbacks = format!("{ROLLBACK} ({})", r.rollbacks_at.len());
+    let adopting = !adoptions(r).is_empty();
     let entries = [
         (Mark::Line(TEACHER_COLOR), TEACHER),
-        (Mark::Line(PRETRAINED_COLOR), PRETRAINED),
+        (
+            Mark::Line(PRETRAINED_COLOR),
+            if adopting {
+                PRETRAINED_THEN_CALIBRATED
+            } else {
+                PRETRAINED
+            },
+        ),
         (Mark::Line(ACCEPTANCE_COLOR), ACCEPTANCE),
         (Mark::VerticalLine(ROLLBACK_COLOR), rollbacks.as_str()),
         (Mark::Band(SERVED_COLOR), SERVED_ADAPTED),
     ];
     let style = text_style(15, &BLACK).pos(Pos::new(HPos::Left, VPos::Center));
-    let (mut x, y) = (84, LEGEND_HEIGHT as i32 / 2);
+    let (mut x, y) = (if adopting { 40 } else { 84 }, LEGEND_HEIGHT as i32 / 2);
     for (mark, label) in entries {
         // Each sample mark comes right before its label in the document.
         match mark {
@@ -189,6 +220,53 @@ fn draw_legend<DB: DrawingBackend>(
         x += 32 + width as i32 + 22;
     }
     Ok(())
+}
+
+/// The mounting adopted at the end, unless it is the device's own axes.
+fn adopted(r: &Report) -> Option<&str> {
+    r.calibration
+        .as_ref()
+        .map(|c| c.adopted.as_str())
+        .filter(|&m| m != "x,y,z")
+}
+
+/// Changes of the adopted mounting: at which sample, to what.
+fn adoptions(r: &Report) -> &[(usize, String)] {
+    r.calibration
+        .as_ref()
+        .map_or(&[], |c| c.adoptions.as_slice())
+}
+
+fn first_adoption(r: &Report) -> Option<usize> {
+    adoptions(r).first().map(|a| a.0)
+}
+
+/// `value` of each timeline point averaged, with `weight`, over the points of the
+/// [`SMOOTHING_SAMPLES`] samples up to it; points of weight 0 (no truth in their window)
+/// are left out, as their own values are not measurements.
+pub fn smoothed(
+    r: &Report,
+    value: impl Fn(&TimelinePoint) -> f64,
+    weight: impl Fn(&TimelinePoint) -> f64,
+) -> Vec<(f64, f64)> {
+    let t = &r.timeline;
+    let mut out = Vec::with_capacity(t.len());
+    let mut from = 0;
+    for (i, p) in t.iter().enumerate() {
+        if weight(p) <= 0.0 {
+            continue;
+        }
+        while t[from].sample + SMOOTHING_SAMPLES <= p.sample {
+            from += 1;
+        }
+        let (mut sum, mut total) = (0.0, 0.0);
+        for q in &t[from..=i] {
+            sum += weight(q) * value(q);
+            total += weight(q);
+        }
+        out.push((p.sample as f64, sum / total));
+    }
+    out
 }
 
 fn band(c: RGBColor) -> ShapeStyle {
@@ -221,6 +299,7 @@ fn draw_timeline<DB: DrawingBackend>(
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let n = r.samples.max(1) as f64;
     let window = r.timeline.first().map_or(r.samples, |p| p.sample);
+    let smoothing = SMOOTHING_SAMPLES.max(window);
     let mut chart = ChartBuilder::on(area)
         .margin_left(14)
         .margin_right(36)
@@ -232,7 +311,7 @@ fn draw_timeline<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .x_desc(format!(
-            "samples (each point: accuracy over the {window} samples up to it, acceptance over their training steps)"
+            "samples (each point: accuracy over the {smoothing} samples up to it, acceptance over their training steps; windows of {window})"
         ))
         .y_desc("accuracy, acceptance")
         .x_label_formatter(&|v| format!("{v:.0}"))
@@ -246,24 +325,25 @@ fn draw_timeline<DB: DrawingBackend>(
         Rectangle::new([(from as f64, 0.0), (to as f64, 1.0)], band(SERVED_COLOR))
     }))?;
     chart.draw_series(LineSeries::new(
-        r.timeline.iter().map(|p| (p.sample as f64, p.acceptance)),
+        smoothed(r, |p| p.acceptance, |_| 1.0),
         ACCEPTANCE_COLOR.stroke_width(2),
     ))?;
-    // Spans without a `truth` have no accuracy (the report writes 0 there): left out.
-    let scored = || r.timeline.iter().filter(|p| p.scored > 0);
+    // Spans without a `truth` have no accuracy (the report writes 0 there): left out, and
+    // each window weighs by how many samples it scored.
+    let scored = |p: &TimelinePoint| p.scored as f64;
     // Markers while the points are some 9 pixels apart or more; past that they only blur.
     let marker = if r.timeline.len() <= 120 { 4 } else { 0 };
     // The teacher's wider line goes under the pretrained one, so both show where they agree.
     chart.draw_series(
         LineSeries::new(
-            scored().map(|p| (p.sample as f64, p.teacher_accuracy)),
+            smoothed(r, |p| p.teacher_accuracy, scored),
             TEACHER_COLOR.stroke_width(3),
         )
         .point_size(marker),
     )?;
     chart.draw_series(
         LineSeries::new(
-            scored().map(|p| (p.sample as f64, p.source_accuracy)),
+            smoothed(r, |p| p.source_accuracy, scored),
             PRETRAINED_COLOR.stroke_width(2),
         )
         .point_size(marker.saturating_sub(1)),
@@ -274,6 +354,20 @@ fn draw_timeline<DB: DrawingBackend>(
             ROLLBACK_COLOR.stroke_width(2),
         )
     }))?;
+    // The event behind a calibrated model's gain: where the mounting changed, named.
+    let label = text_style(13, &MOUNTING_COLOR).pos(Pos::new(HPos::Left, VPos::Top));
+    for (sample, mounting) in adoptions(r) {
+        let x = *sample as f64;
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(x, 0.0), (x, 1.0)],
+            MOUNTING_COLOR.stroke_width(2),
+        )))?;
+        chart.draw_series(std::iter::once(Text::new(
+            format!(" mounting {mounting} adopted at sample {sample}"),
+            (x, 0.08),
+            label.clone(),
+        )))?;
+    }
     Ok(())
 }
 
@@ -284,22 +378,22 @@ fn draw_holdout<DB: DrawingBackend>(
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     // The served and adapted models see the holdout through the adopted mounting, the
     // pretrained baseline sees the device's own axes: say so when they differ.
-    let mounting = r
-        .calibration
-        .as_ref()
-        .map(|c| c.adopted.as_str())
-        .filter(|&m| m != "x,y,z");
+    let mounting = adopted(r);
     let served = match (r.gate.serving, mounting) {
-        (Serving::Adapted, _) => "served: adapted teacher".to_string(),
-        (Serving::Pretrained, None) => "served: pretrained model".to_string(),
-        (Serving::Pretrained, Some(m)) => format!("served: pretrained on axes {m}"),
+        (Serving::Adapted, _) => format!("served: {TEACHER}"),
+        (Serving::Pretrained, None) => format!("served: {PRETRAINED}"),
+        (Serving::Pretrained, Some(_)) => format!("served: {CALIBRATED}"),
     };
+    let calibrated = mounting.map(|m| format!("{CALIBRATED} (axes {m})"));
     // Bottom to top.
-    let bars = [
+    let mut bars = vec![
         (served.as_str(), e.served_accuracy, SERVED_COLOR),
         (TEACHER, e.teacher_accuracy, TEACHER_COLOR),
-        (PRETRAINED, e.source_accuracy, PRETRAINED_COLOR),
     ];
+    if let Some(name) = &calibrated {
+        bars.push((name.as_str(), e.calibrated_accuracy, CALIBRATED_COLOR));
+    }
+    bars.push((PRETRAINED, e.source_accuracy, PRETRAINED_COLOR));
     let mut chart = ChartBuilder::on(area)
         .caption(
             format!(

@@ -117,7 +117,8 @@ pub struct TrustReport {
 pub struct PrequentialAccuracy {
     /// The adapted teacher's own series (whether or not the gate let it answer).
     pub teacher: f64,
-    /// The pretrained model's own series (behind the adopted mounting).
+    /// The pretrained model's own series, behind the mounting adopted at the time: the
+    /// pretrained model until an adoption, the calibrated model after it.
     pub source: f64,
     /// Of the model the gate served at each sample: what a device's users saw.
     pub served: f64,
@@ -126,9 +127,14 @@ pub struct PrequentialAccuracy {
 #[derive(Debug, Clone, Serialize)]
 pub struct Eval {
     pub samples: usize,
+    /// The adapted teacher and its student, behind the adopted mounting.
     pub teacher_accuracy: f64,
     pub student_accuracy: f64,
+    /// The pretrained model as shipped, on the device's own axes.
     pub source_accuracy: f64,
+    /// The calibrated model: the pretrained model behind the adopted mounting (equal to
+    /// `source_accuracy` when none is adopted).
+    pub calibrated_accuracy: f64,
     /// The model the gate serves at the end of the replay.
     pub served_accuracy: f64,
 }
@@ -142,6 +148,8 @@ pub struct GateReport {
     pub wins: u64,
     pub losses: u64,
     pub p: f64,
+    /// Why it serves that model, in words.
+    pub reason: String,
     /// Every change of the served model, at the sample count it happened.
     pub switches: Vec<Switch>,
 }
@@ -258,6 +266,9 @@ pub struct ReplayOptions {
     pub checkpoint: Option<std::path::PathBuf>,
     /// Simulate label requests instead of the recording's labels.
     pub label_budget: Option<LabelBudget>,
+    /// Ignore fields of the recording's and the holdout's lines that a sample does not have,
+    /// instead of refusing those lines.
+    pub allow_unknown_fields: bool,
 }
 
 /// `--label-budget`: the recording's labels (its `label` fields and feedback lines) are
@@ -361,8 +372,9 @@ pub fn replay(
     opts: &ReplayOptions,
     mut on_progress: impl FnMut(Progress),
 ) -> Result<Outcome, ReplayError> {
-    let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
+    let mut decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
         .with_max_abs(cfg.input.max_abs);
+    decoder.allow_unknown_fields = opts.allow_unknown_fields;
     let seed = opts.seed.unwrap_or(cfg.replay.seed);
     // Nobody answers a replay's requests unless a user is simulated.
     let mut cfg = cfg.clone();
@@ -604,7 +616,13 @@ pub fn replay(
     }
 
     let eval = match holdout {
-        Some(path) => Some(evaluate(classifier, &session, path, cfg.replay.batch)?),
+        Some(path) => Some(evaluate(
+            classifier,
+            &session,
+            path,
+            cfg.replay.batch,
+            opts.allow_unknown_fields,
+        )?),
         None => None,
     };
     let counters = *session.learner().counters();
@@ -641,6 +659,7 @@ pub fn replay(
                 wins: g.wins(),
                 losses: g.losses(),
                 p: g.p_value(),
+                reason: session.learner().serving_reason(),
                 switches,
             }
         },
@@ -684,21 +703,24 @@ pub fn evaluate(
     session: &Session,
     path: &Path,
     batch: usize,
+    allow_unknown_fields: bool,
 ) -> Result<Eval, ReplayError> {
-    let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
+    let mut decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
+    decoder.allow_unknown_fields = allow_unknown_fields;
     let mut reader = RecordingReader::open(path, &decoder)?;
     let l = session.learner();
     // The pretrained baseline sees the raw holdout; the adapted and served models see it
     // through the adopted mounting, as on the device. Grouped by what they see, so each
     // batch is embedded at most twice.
-    let heads: [(&Mlp, Option<&crate::calibration::Mounting>); 4] = [
+    let heads: [(&Mlp, Option<&crate::calibration::Mounting>); 5] = [
         (l.pretrained(), None),
+        (l.pretrained(), session.mounting()),
         (l.teacher(), session.mounting()),
         (l.student(), session.mounting()),
         (l.served(), session.mounting()),
     ];
     let mut predictor = Predictor::new(classifier.backbone.clone());
-    let mut correct = [0usize; 4];
+    let mut correct = [0usize; 5];
     let mut total = 0usize;
     let (mut inputs, mut truths) = (Vec::new(), Vec::new());
     let (mut ws, mut probs, mut preds) = (Workspace::default(), Array2::zeros((0, 0)), Vec::new());
@@ -750,8 +772,9 @@ pub fn evaluate(
     Ok(Eval {
         samples: total,
         source_accuracy: correct[0] as f64 / n,
-        teacher_accuracy: correct[1] as f64 / n,
-        student_accuracy: correct[2] as f64 / n,
-        served_accuracy: correct[3] as f64 / n,
+        calibrated_accuracy: correct[1] as f64 / n,
+        teacher_accuracy: correct[2] as f64 / n,
+        student_accuracy: correct[3] as f64 / n,
+        served_accuracy: correct[4] as f64 / n,
     })
 }

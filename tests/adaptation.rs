@@ -147,18 +147,56 @@ fn on_the_shipped_rotated_target_the_served_model_beats_todays_adapted_teacher()
 
 #[test]
 fn a_calibrated_export_takes_raw_device_data_and_matches_in_onnxruntime() {
+    let said = calibrated_export_matches_in_onnxruntime(&["--teacher"], true);
+    assert!(
+        said.contains("the adapted teacher (--teacher; the device serves the calibrated model"),
+        "{said}"
+    );
+}
+
+/// On the target stream the gate ends serving the pretrained model behind the adopted
+/// mounting (the few labels left do not confirm the teacher): that is what `edgemt export`
+/// writes by default, and it says so.
+#[test]
+fn an_export_where_the_gate_serves_the_pretrained_model_writes_the_calibrated_model_and_says_so() {
+    let said = calibrated_export_matches_in_onnxruntime(&[], false);
+    assert!(
+        said.contains(
+            "the served model, the calibrated model (the pretrained model behind mounting x,z,-y), \
+             because the serving gate has not confirmed that the adapted teacher is better"
+        ),
+        "{said}"
+    );
+    assert!(
+        said.contains("--teacher writes the adapted teacher"),
+        "{said}"
+    );
+}
+
+/// Replays the target stream with calibration, exports with `export_args`, and checks in
+/// onnxruntime on raw (rotated) samples that the file is the checkpoint's teacher (or, with
+/// `teacher` false, the pretrained model) behind the adopted mounting. Returns what
+/// `edgemt export` printed.
+fn calibrated_export_matches_in_onnxruntime(export_args: &[&str], teacher: bool) -> String {
     let dir = tempdir();
-    let (ck, out) = util::replay_then_export(
+    let (ck, out, said) = util::replay_then_export_saying(
         dir.path(),
         "[calibration]\npolar = [[0, 1, 2]]\naxial = [[3, 4, 5]]\n",
+        export_args,
     );
-    // In memory: the checkpoint's teacher behind its mounting, on raw (rotated) samples.
+    // In memory: the checkpoint's model behind its mounting, on raw (rotated) samples.
     let mut c = util::shipped_classifier();
     let store = util::checkpoint_store(&ck, &c, 5);
     let (m, state) = store.latest_valid().unwrap();
     let rec = m.mounting.expect("a mounting was adopted");
     assert_eq!(rec.name, "x,z,-y");
-    let teacher = c.pretrained().with_params(state.teacher).unwrap();
+    let adapted = c.pretrained().with_params(state.teacher).unwrap();
+    let other = if teacher {
+        c.pretrained()
+    } else {
+        adapted.clone()
+    };
+    let model = if teacher { adapted } else { c.pretrained() };
     let mounting = edgemt::calibration::Mounting::new(
         &calibrated_config().calibration,
         edgemt::stream::Layout::for_shape(&c.input_shape, None),
@@ -183,7 +221,7 @@ fn a_calibrated_export_takes_raw_device_data_and_matches_in_onnxruntime() {
         mounting.apply(x, o);
     }
     let emb = c.backbone.embed(&mounted, raw.len()).unwrap();
-    let expected = teacher.logits(emb.view());
+    let expected = model.logits(emb.view());
 
     let python = venv_python().expect("tools/.venv (tools/setup.sh makes it)");
     let inputs = dir.path().join("raw.json");
@@ -212,12 +250,19 @@ fn a_calibrated_export_takes_raw_device_data_and_matches_in_onnxruntime() {
         .fold(0.0f32, |a, (x, y)| a.max((x - y).abs()));
     assert!(
         diff < 1e-5,
-        "onnxruntime on raw data vs calibrated teacher: {diff}"
+        "onnxruntime on raw data vs the expected model behind the mounting: {diff}"
     );
-    // And the mounting matters: without it the teacher's answers differ.
-    let plain = teacher.logits(c.backbone.embed(&raw.concat(), raw.len()).unwrap().view());
+    // And the mounting matters: without it the model's answers differ.
+    let plain = model.logits(c.backbone.embed(&raw.concat(), raw.len()).unwrap().view());
     assert!(plain
         .iter()
         .zip(expected.iter())
         .any(|(a, b)| (a - b).abs() > 1e-2));
+    // And the choice matters: the other model's answers differ too.
+    let others = other.logits(emb.view());
+    assert!(others
+        .iter()
+        .zip(expected.iter())
+        .any(|(a, b)| (a - b).abs() > 1e-2));
+    said
 }

@@ -244,7 +244,11 @@ fn two_layers_adapted_by_a_replay_export_and_match_in_onnxruntime_within_1e_5() 
 fn adapt_export_and_compare_in_onnxruntime(layers: usize) {
     let python = util::venv_python().unwrap_or_else(|| "python3".into());
     let dir = tempdir();
-    let (ck, out) = util::replay_then_export(dir.path(), &format!("trainable_layers = {layers}\n"));
+    let (ck, out) = util::replay_then_export(
+        dir.path(),
+        &format!("trainable_layers = {layers}\n"),
+        &["--teacher"],
+    );
     // The adapted teacher's logits, from the checkpoint, on real inputs.
     let mut c = classifier_with_layers("models/hapt_mlp.onnx", layers);
     let store = CheckpointStore::open(&ck, 5, Identity::new(&c, &LearnConfig::default())).unwrap();

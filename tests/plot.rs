@@ -192,30 +192,54 @@ fn the_default_timeline_has_a_point_every_25_samples_and_one_at_the_end() {
     assert!(timeline.iter().all(|p| p["scored"].as_u64().unwrap() > 0));
 }
 
+/// The report's `key` at timeline point `i`, averaged over the windows of the 100 samples up
+/// to it, each weighted by the samples it scored (accuracies) or equally (acceptance).
+fn smoothed_at(timeline: &[Value], i: usize, key: &str) -> f64 {
+    let at = num(&timeline[i]["sample"]);
+    let (mut sum, mut total) = (0.0, 0.0);
+    for p in &timeline[..=i] {
+        if num(&p["sample"]) + 100.0 > at {
+            let w = if key == "acceptance" {
+                1.0
+            } else {
+                num(&p["scored"])
+            };
+            sum += w * num(&p[key]);
+            total += w;
+        }
+    }
+    sum / total
+}
+
 #[test]
-fn the_plot_draws_each_timeline_window_where_the_report_puts_it() {
+fn the_plot_draws_each_timeline_window_smoothed_over_100_samples_where_the_report_puts_it() {
     let r = target();
     let doc = parse(&r.svg);
     let timeline = r.report["timeline"].as_array().unwrap();
     let (x, y) = (timeline_x(&doc), timeline_y(&doc));
     for (name, key) in [
         ("adapted teacher", "teacher_accuracy"),
-        ("pretrained model", "source_accuracy"),
+        ("pretrained, then calibrated", "source_accuracy"),
         ("pseudo-label acceptance", "acceptance"),
     ] {
         let curve = curve(&doc, name);
         assert_eq!(curve.len(), timeline.len(), "{name}: one point per window");
-        for (&(px, py), p) in curve.iter().zip(timeline) {
+        for (i, (&(px, py), p)) in curve.iter().zip(timeline).enumerate() {
             let what = format!("{name} at sample {}", p["sample"]);
             assert_near(px, x.px(num(&p["sample"])), &what);
-            assert_near(py, y.px(num(&p[key])), &what);
+            assert_near(py, y.px(smoothed_at(timeline, i, key)), &what);
         }
     }
-    let last = timeline.last().unwrap();
+    // Smoothing shows: a raw window differs from its smoothed point somewhere by over 5 points.
+    assert!((0..timeline.len()).any(|i| {
+        (smoothed_at(timeline, i, "teacher_accuracy") - num(&timeline[i]["teacher_accuracy"])).abs()
+            > 0.05
+    }));
+    let last = timeline.len() - 1;
     let teacher_end = *curve(&doc, "adapted teacher").last().unwrap();
     assert_near(
         teacher_end.1,
-        y.px(num(&last["teacher_accuracy"])),
+        y.px(smoothed_at(timeline, last, "teacher_accuracy")),
         "the teacher's last point",
     );
     assert_near(
@@ -236,8 +260,9 @@ fn the_plot_is_titled_with_the_recording_and_the_reports_accuracies() {
         lines[0]
     );
     let a = &r.report["prequential_accuracy"];
+    // The shipped config adopts x,z,-y at sample 256: the baseline is the calibrated model.
     let prequential = format!(
-        "prequential accuracy: adapted teacher {} vs pretrained {}",
+        "prequential accuracy: adapted teacher {} vs calibrated {} (the pretrained model, behind mounting x,z,-y from sample 256)",
         pct(num(&a["teacher"])),
         pct(num(&a["source"]))
     );
@@ -250,6 +275,47 @@ fn the_plot_is_titled_with_the_recording_and_the_reports_accuracies() {
     );
     assert!(lines[2].starts_with(&holdout), "{}", lines[2]);
     assert!(lines[2].contains("0 rollback(s)"), "{}", lines[2]);
+    assert!(
+        lines[2].ends_with("gate ends serving the calibrated model"),
+        "{}",
+        lines[2]
+    );
+}
+
+/// The event behind the calibrated model's gain is on the timeline: a line at the sample the
+/// report says, labelled with the mounting.
+#[test]
+fn the_adopted_mounting_is_marked_where_the_report_says_it_was_adopted() {
+    let r = target();
+    let doc = parse(&r.svg);
+    let adoptions = r.report["calibration"]["adoptions"].as_array().unwrap();
+    assert_eq!(adoptions.len(), 1, "{adoptions:?}");
+    let (sample, mounting) = (num(&adoptions[0][0]), adoptions[0][1].as_str().unwrap());
+    let label = format!("mounting {mounting} adopted at sample {sample}");
+    let found = texts(&doc)
+        .find(|t| text(*t) == label)
+        .unwrap_or_else(|| panic!("a label {label:?}"));
+    let x = timeline_x(&doc);
+    assert_near(
+        attr(found, "x"),
+        x.px(sample),
+        "the label starts at the line",
+    );
+    let color = found
+        .attribute("fill")
+        .or(found.attribute("color"))
+        .unwrap();
+    let y = timeline_y(&doc);
+    let lines: Vec<Vec<(f64, f64)>> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("polyline") && n.attribute("stroke") == Some(color))
+        .map(points)
+        .filter(|p| p.len() == 2 && p[0].0 == p[1].0)
+        .collect();
+    assert_eq!(lines.len(), 1, "one line per adoption");
+    assert_near(lines[0][0].0, x.px(sample), "the adoption's line");
+    assert_near(lines[0][0].1, y.px(0.0), "from 0");
+    assert_near(lines[0][1].1, y.px(1.0), "to 100 %");
 }
 
 #[test]
@@ -273,18 +339,13 @@ fn the_holdout_panel_has_a_bar_per_model_as_long_as_its_accuracy() {
     bars.sort_by(|a, b| attr(*a, "y").total_cmp(&attr(*b, "y")));
     // The served model, and the mounting it sees the holdout through when that is not the
     // device's own axes.
-    let served = match (
-        r.report["gate"]["serving"].as_str(),
-        r.report["calibration"]["adopted"].as_str(),
-    ) {
-        (Some("adapted"), _) => "served: adapted teacher".to_string(),
-        (_, Some(m)) if m != "x,y,z" => format!("served: pretrained on axes {m}"),
-        _ => "served: pretrained model".to_string(),
-    };
+    assert_eq!(r.report["calibration"]["adopted"], "x,z,-y");
+    assert_eq!(r.report["gate"]["serving"], "pretrained");
     let expected = [
         ("pretrained model", "source_accuracy"),
+        ("calibrated model (axes x,z,-y)", "calibrated_accuracy"),
         ("adapted teacher", "teacher_accuracy"),
-        (served.as_str(), "served_accuracy"),
+        ("served: calibrated model", "served_accuracy"),
     ];
     assert_eq!(bars.len(), expected.len());
     let labels: Vec<&str> = texts(&doc).map(text).collect();
@@ -295,7 +356,15 @@ fn the_holdout_panel_has_a_bar_per_model_as_long_as_its_accuracy() {
         assert_near(attr(*bar, "x"), x.px(0.0), name);
         assert_near(attr(*bar, "x") + attr(*bar, "width"), x.px(v), name);
     }
-    for (bar, name) in bars.iter().zip(["pretrained model", "adapted teacher"]) {
+    for (bar, name) in bars
+        .iter()
+        .zip([
+            "pretrained, then calibrated",
+            "calibrated model",
+            "adapted teacher",
+        ])
+        .filter(|(_, name)| *name != "calibrated model")
+    {
         assert_eq!(
             bar.attribute("fill"),
             Some(legend_color(&doc, name).as_str())
@@ -375,6 +444,7 @@ fn synthetic_report(switches: &[(usize, Serving)], rollbacks_at: Vec<usize>) -> 
             wins: 0,
             losses: 0,
             p: 1.0,
+            reason: String::new(),
             switches: switches
                 .iter()
                 .map(|&(sample, serving)| Switch { sample, serving })
@@ -405,9 +475,11 @@ fn windows_without_truth_have_no_accuracy_point_but_keep_their_acceptance() {
     let teacher = curve(&doc, "adapted teacher");
     assert_eq!(teacher.len(), 9);
     assert!(teacher.iter().all(|p| (p.0 - x.px(50.0)).abs() > 1.0));
+    // Smoothed over 100 samples, i.e. every window so far here, weighted by what each
+    // scored: windows 1-4 and 6 (the 5th scored nothing).
     assert_near(
         teacher[4].1,
-        y.px(0.5 + 0.04 * 6.0),
+        y.px(0.5 + 0.04 * (1.0 + 2.0 + 3.0 + 4.0 + 6.0) / 5.0),
         "the window after the gap",
     );
     assert_eq!(curve(&doc, "pretrained model").len(), 9);

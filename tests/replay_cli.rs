@@ -170,6 +170,63 @@ fn the_report_has_every_documented_field_with_sane_values() {
     }
 }
 
+/// Every field a report can carry, as dotted paths (`gate.p`, `timeline[].scored`); objects
+/// inside arrays (`gate.switches`) and pairs are one field.
+fn field_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    let Value::Object(map) = v else { return };
+    for (k, v) in map {
+        let path = format!("{prefix}{k}");
+        match v {
+            Value::Object(_) => field_paths(v, &format!("{path}."), out),
+            Value::Array(items) if k == "timeline" => {
+                field_paths(&items[0], &format!("{path}[]."), out)
+            }
+            _ => out.push(path),
+        }
+    }
+}
+
+/// The README's report-field table names every field of a report with every optional part
+/// present (`--eval`, calibration, `--label-budget`, `--checkpoint` resumed from).
+#[test]
+fn the_readme_lists_every_field_of_the_replay_report() {
+    let dir = util::tempdir();
+    let ck = dir.path().join("ck");
+    let args = [
+        "--label-budget",
+        "0.05",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+    ];
+    replay(
+        "data/target_stream.jsonl",
+        "data/target_holdout.jsonl",
+        &args,
+    );
+    let r = replay(
+        "data/target_stream.jsonl",
+        "data/target_holdout.jsonl",
+        &args,
+    );
+    for optional in ["eval", "calibration", "requests", "restored_from"] {
+        assert!(r.get(optional).is_some(), "{optional} is in this report");
+    }
+    let mut paths = Vec::new();
+    field_paths(&r, "", &mut paths);
+    let readme = std::fs::read_to_string(util::path("README.md")).unwrap();
+    let table = readme
+        .split("Report fields (`--report`")
+        .nth(1)
+        .and_then(|t| t.split("\n\n").nth(1))
+        .expect("the README's report-field table");
+    let missing: Vec<_> = paths
+        .iter()
+        .filter(|p| !table.contains(&format!("`{p}`")))
+        .collect();
+    assert!(missing.is_empty(), "not in the README's table: {missing:?}");
+    assert!(paths.len() > 60, "{paths:?}");
+}
+
 #[test]
 fn the_same_seed_gives_the_same_report_and_another_seed_a_different_run() {
     let a = replay(

@@ -246,6 +246,49 @@ fn a_second_instance_on_the_same_state_directory_refuses_to_start_naming_the_fir
     assert!(third.terminate().0.success());
 }
 
+/// Outside systemd, with no `[checkpoint] dir`, the daemon would save no checkpoints: it warns
+/// at start (before it connects), naming both ways to give it a directory. With
+/// $STATE_DIRECTORY it does not.
+#[test]
+fn a_daemon_without_a_checkpoint_directory_warns_at_start_that_it_saves_none() {
+    let dir = tempdir();
+    let broker = Broker::start();
+    let cfg = daemon_config(dir.path(), &broker, "edgemt-test/no-state", "");
+    let mut daemon = Daemon::start(&cfg, &[]);
+    assert!(
+        wait_for_log(
+            &daemon,
+            |log| log.contains("connecting to broker"),
+            Duration::from_secs(20)
+        ),
+        "{}",
+        daemon.log_text()
+    );
+    let log = daemon.log_text();
+    let line = warn_line(&log, &["NO checkpoints"]).unwrap_or_else(|| panic!("a warning:\n{log}"));
+    assert!(
+        line.contains("[checkpoint] dir") && line.contains("StateDirectory="),
+        "{line}"
+    );
+    let (warned, connecting) = (
+        log.find("NO checkpoints").unwrap(),
+        log.find("connecting to broker").unwrap(),
+    );
+    assert!(warned < connecting, "at start, before connecting:\n{log}");
+    assert!(daemon.terminate().0.success());
+
+    let state = dir.path().join("state");
+    let cfg = daemon_config(dir.path(), &broker, "edgemt-test/with-state", "");
+    let mut daemon = Daemon::start(&cfg, &[("STATE_DIRECTORY", state.to_str().unwrap())]);
+    assert!(wait_for_log(
+        &daemon,
+        |log| log.contains("connecting to broker"),
+        Duration::from_secs(20)
+    ));
+    assert!(!daemon.log_text().contains("NO checkpoints"));
+    assert!(daemon.terminate().0.success());
+}
+
 /// Two daemons with one client id (and no state directory, so no lock) take the broker
 /// session from each other over and over; each says so, naming the client id, once.
 #[test]

@@ -423,9 +423,13 @@ pub fn lock_state_directory(
     wing: &DaemonConfig,
 ) -> Result<Option<instance::InstanceLock>, DaemonError> {
     let Some(dir) = state_dir(cfg) else {
-        tracing::info!(
-            "no state directory ([checkpoint] dir or $STATE_DIRECTORY): no checkpoints, and no \
-             lock against a second edgemt with the same identity"
+        // A warning, not a note: outside systemd this is easy to miss, and every restart
+        // then starts learning over.
+        tracing::warn!(
+            "no state directory ([checkpoint] dir or $STATE_DIRECTORY): this run saves NO \
+             checkpoints (a restart starts learning over) and has no lock against a second \
+             edgemt with the same identity; set [checkpoint] dir, or run under systemd with \
+             StateDirectory="
         );
         return Ok(None);
     };
@@ -471,7 +475,9 @@ fn ingest_stage(
         )));
     }
     let hop = wing.input.hop.unwrap_or((window / 2).max(1));
+    // Publishers on the samples topic may add their own fields; recordings refuse them.
     let decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes())
+        .allowing_unknown_fields()
         .with_max_abs(cfg.input.max_abs);
     Ok(Ingest::new(
         names.topics.clone(),

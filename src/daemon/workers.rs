@@ -538,8 +538,10 @@ impl TrainerWorker {
             &e.proto,
             &e.trainable,
             &e.input_shape,
+            // The model the device serves, as `edgemt export` writes by default: a user
+            // exporting "the device's model" gets the one that answers.
             &crate::model::export::Adapted {
-                head: self.session.teacher(),
+                head: self.session.served(),
                 mounting: mounting.as_ref().map(Into::into),
                 from_fingerprint: e.fingerprint,
                 teacher_version: version,
@@ -548,7 +550,14 @@ impl TrainerWorker {
         match result {
             Ok(()) => {
                 self.shared.counters.exports_total.fetch_add(1, Relaxed);
-                tracing::info!("exported teacher_version {version} to {}", path.display());
+                tracing::info!(
+                    "exported the served model, {}, to {} (teacher_version {version}), because {}",
+                    self.session
+                        .serving()
+                        .describe(mounting.as_ref().map(|m| m.name.as_str())),
+                    path.display(),
+                    self.session.learner().serving_reason()
+                );
             }
             Err(err) => {
                 // write_adapted has removed its temporary file; the old export, if any, stays.

@@ -67,6 +67,22 @@ pub enum Serving {
     Adapted,
 }
 
+impl Serving {
+    /// The served model in words, with the one name each model has everywhere (the replay's
+    /// summary and plot, `edgemt export`, the README): "the adapted teacher"; "the calibrated
+    /// model" for the pretrained model behind an adopted `mounting` (e.g. `x,z,-y`); "the
+    /// pretrained model" on the device's own axes.
+    pub fn describe(self, mounting: Option<&str>) -> String {
+        match (self, mounting.filter(|m| *m != "x,y,z")) {
+            (Serving::Adapted, _) => "the adapted teacher".to_string(),
+            (Serving::Pretrained, Some(m)) => {
+                format!("the calibrated model (the pretrained model behind mounting {m})")
+            }
+            (Serving::Pretrained, None) => "the pretrained model".to_string(),
+        }
+    }
+}
+
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct Gate {
@@ -113,6 +129,24 @@ impl Gate {
 
     pub fn losses(&self) -> u64 {
         self.losses
+    }
+
+    /// Why the gate serves what it serves, in an operator's words (the replay's summary, its
+    /// report and `edgemt export` say it).
+    pub fn reason(&self) -> String {
+        let (wins, losses, p, alpha) = (self.wins, self.losses, self.p_value(), self.cfg.alpha);
+        let evidence = format!(
+            "{wins} win(s), {losses} loss(es) on labels where only one of the two was right"
+        );
+        match (self.cfg.enabled, self.serving) {
+            (false, _) => "the serving gate is off ([gate] enabled = false)".to_string(),
+            (true, Serving::Adapted) => format!(
+                "the serving gate confirmed that the adapted teacher is better (p = {p:.4} <= alpha {alpha}; {evidence})"
+            ),
+            (true, Serving::Pretrained) => format!(
+                "the serving gate has not confirmed that the adapted teacher is better (p = {p:.4}, it needs <= {alpha}; {evidence})"
+            ),
+        }
     }
 
     /// Times the served model changed.

@@ -328,6 +328,16 @@ impl Learner {
         }
     }
 
+    /// Why [`Learner::serving`] chose its model, in an operator's words.
+    pub fn serving_reason(&self) -> String {
+        match self.trust.disputed() {
+            Some((a, b)) => format!(
+                "labels are disputed between classes {a} and {b}, so the pretrained model answers whatever the gate's evidence"
+            ),
+            None => self.gate.reason(),
+        }
+    }
+
     /// The model that should answer: the adapted teacher or the pretrained model.
     pub fn served(&self) -> &Mlp {
         match self.serving() {

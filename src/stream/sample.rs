@@ -57,7 +57,13 @@ pub enum DecodeError {
     BadId,
     #[error("label feedback needs \"id\" and \"label\"")]
     IncompleteFeedback,
+    #[error("unknown field \"{field}\"{hint} (a line has x, label, truth, ts, id; put extra data under \"meta\", or replay with --allow-unknown-fields)")]
+    UnknownField { field: String, hint: String },
 }
+
+/// The fields a sample or feedback line may carry; `meta` is free-form and never read, the
+/// place for a source's own data.
+pub const FIELDS: [&str; 6] = ["x", "label", "truth", "ts", "id", "meta"];
 
 /// Longest sample id accepted: ids are kept for feedback, so their size must be bounded.
 pub const MAX_ID_BYTES: usize = 256;
@@ -80,6 +86,9 @@ pub struct SampleDecoder {
     pub classes: usize,
     /// Inputs beyond ±this are rejected (`[input] max_abs`).
     pub max_abs: f32,
+    /// Fields other than [`FIELDS`] are ignored instead of refused. Off by default: a typo
+    /// such as `"lable"` would otherwise make a labeled sample an unlabeled one, silently.
+    pub allow_unknown_fields: bool,
 }
 
 impl SampleDecoder {
@@ -88,7 +97,14 @@ impl SampleDecoder {
             shape: shape.to_vec(),
             classes,
             max_abs: f32::MAX,
+            allow_unknown_fields: false,
         }
+    }
+
+    /// The same decoder, ignoring fields it does not know instead of refusing them.
+    pub fn allowing_unknown_fields(mut self) -> Self {
+        self.allow_unknown_fields = true;
+        self
     }
 
     /// The same decoder, rejecting inputs beyond ±`max_abs`.
@@ -117,6 +133,19 @@ impl SampleDecoder {
         let Value::Object(obj) = value else {
             return Err(DecodeError::NotAnObject);
         };
+        // A line with neither "x" nor feedback's fields is told it misses "x", whatever else
+        // it has.
+        let feedback_or_sample = ["x", "id", "label"].iter().any(|k| obj.contains_key(*k));
+        if !self.allow_unknown_fields && feedback_or_sample {
+            if let Some(field) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+                return Err(DecodeError::UnknownField {
+                    field: field.chars().take(64).collect(),
+                    hint: closest_field(field)
+                        .map(|f| format!(", did you mean \"{f}\"?"))
+                        .unwrap_or_default(),
+                });
+            }
+        }
         let Some(x) = obj.get("x") else {
             return self.feedback(&obj);
         };
@@ -270,4 +299,42 @@ fn flatten_nested(v: &Value, shape: &[usize], out: &mut Vec<f32>) -> Result<(), 
         }
         _ => Err(DecodeError::NotANumber(out.len())),
     }
+}
+
+/// The known field one or two edits from `field` (a typo: `lable`, `Label`, `truht`), if any.
+fn closest_field(field: &str) -> Option<&'static str> {
+    let field = field.to_ascii_lowercase();
+    FIELDS
+        .iter()
+        .copied()
+        .filter(|f| *f != "x" && field.len() < 16)
+        .map(|f| (edits(&field, f), f))
+        // Two edits make any two short names alike ("y" and "ts"): one for short fields.
+        .filter(|&(d, f)| d <= if f.len() <= 3 { 1 } else { 2 })
+        .min_by_key(|&(d, _)| d)
+        .map(|(_, f)| f)
+}
+
+/// Edit distance (insertions, deletions, substitutions and adjacent transpositions).
+fn edits(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
 }

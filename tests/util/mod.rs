@@ -263,7 +263,17 @@ pub fn learner_with(
 /// Replays the shipped target stream with a config holding `extra` (after `[model] path`)
 /// into a checkpoint directory in `dir`, then runs `edgemt export` on it without a config
 /// (the manifest names the model); returns the checkpoint directory and the exported file.
-pub fn replay_then_export(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
+pub fn replay_then_export(dir: &Path, extra: &str, export_args: &[&str]) -> (PathBuf, PathBuf) {
+    let (ck, out, _) = replay_then_export_saying(dir, extra, export_args);
+    (ck, out)
+}
+
+/// [`replay_then_export`], also returning what `edgemt export` printed.
+pub fn replay_then_export_saying(
+    dir: &Path,
+    extra: &str,
+    export_args: &[&str],
+) -> (PathBuf, PathBuf, String) {
     let ck = dir.join("ck");
     let cfg = config_with(dir, extra);
     run_ok(
@@ -275,14 +285,15 @@ pub fn replay_then_export(dir: &Path, extra: &str) -> (PathBuf, PathBuf) {
             .arg(&ck),
     );
     let out = dir.join("adapted.onnx");
-    run_ok(
+    let run = run_ok(
         edgemt()
             .args(["export", "--checkpoint"])
             .arg(&ck)
             .arg("-o")
-            .arg(&out),
+            .arg(&out)
+            .args(export_args),
     );
-    (ck, out)
+    (ck, out, String::from_utf8_lossy(&run.stdout).into_owned())
 }
 
 /// Runs `script` with `python` (tools/.venv's, which has numpy and onnxruntime) and `args`,

