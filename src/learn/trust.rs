@@ -18,15 +18,13 @@
 //! first honest labels of a real shift are released once their neighbours agree.
 //!
 //! A swap needs no neighbours to hide if the attacker labels every sample of the pair; then
-//! its signature is the pair itself: the pretrained model contradicted in *both* directions,
-//! a→b where it was confident and b→a at all (a model is often confident on only one class
-//! of a similar pair), on a steady share of the labels it gives each class. Honest shifts move
+//! its signature is the pair itself: the confident pretrained model contradicted in *both*
+//! directions, a→b and b→a, on a steady share of the pair's labels. Honest shifts move
 //! inputs one way (a rotated sensor makes STANDING look like SITTING, not both at once):
 //! across the scenario matrix, honest labels contradict a confident pretrained model in the
-//! minority direction of any pair on at most a few labels, and a small share of the pair's.
-//! When one direction reaches `dispute_after` confident contradictions and `dispute_share` of
-//! the labels the model confidently gives that class, and the other `dispute_after` and
-//! `dispute_share` of all labels it gives the other class, the labels are *disputed*: the gate's evidence starts over, the pretrained model
+//! minority direction of any pair on at most a few labels, and a small share of the pair's. When both directions reach `dispute_after`
+//! labels and `dispute_share` of the labels the pretrained model confidently gives each of the
+//! two classes, the labels are *disputed*: the gate's evidence starts over, the pretrained model
 //! is served, and the pair's contradicting labels are held, until the contradictions age out
 //! of the memory or an operator who knows a class really changed its meaning accepts them
 //! (`accept`), which releases the held labels and stops checking their pairs.
@@ -54,8 +52,8 @@ pub struct TrustConfig {
     pub quarantine: usize,
     /// Contradicting labels needed in each direction of a pair to dispute it.
     pub dispute_after: usize,
-    /// ... and the share of the labels the pretrained model gives that class (confidently,
-    /// for the confident direction) that they must make up.
+    /// ... and the share of the labels the pretrained model confidently gives each class of
+    /// the pair that they must make up.
     pub dispute_share: f32,
 }
 
@@ -244,11 +242,11 @@ pub struct TrustCounts {
 pub struct LabelTrust {
     cfg: TrustConfig,
     /// Ring of the last `memory` labels: embedding rows, label, sequence number, and the
-    /// pretrained model's class there and whether it was confident.
+    /// pretrained model's class where it was confident.
     embeddings: Array2<f32>,
     labels: Vec<usize>,
     seqs: Vec<u64>,
-    said: Vec<(usize, bool)>,
+    confident: Vec<Option<usize>>,
     next_seq: u64,
     held: VecDeque<Held>,
     /// Unordered class pairs an operator accepted (smaller class first).
@@ -269,7 +267,7 @@ impl LabelTrust {
             embeddings: Array2::zeros((cfg.memory.max(1), dim)),
             labels: Vec::with_capacity(cfg.memory),
             seqs: Vec::with_capacity(cfg.memory),
-            said: Vec::with_capacity(cfg.memory),
+            confident: Vec::with_capacity(cfg.memory),
             next_seq: 0,
             held: VecDeque::new(),
             accepted_pairs: Vec::new(),
@@ -311,7 +309,7 @@ impl LabelTrust {
         self.counts.judged_from.add(source);
         let (class, confidence) = pretrained;
         let confident = confidence >= self.cfg.confidence;
-        let seq = self.remember(embedding, label, (class, confident));
+        let seq = self.remember(embedding, label, confident.then_some(class));
         let raised = self.update_dispute();
         let p = pair(class, label);
         if class == label || !confident || self.accepted_pairs.contains(&p) {
@@ -385,7 +383,12 @@ impl LabelTrust {
     }
 
     /// Files a label in the memory ring; returns its sequence number.
-    fn remember(&mut self, embedding: ArrayView1<f32>, label: usize, said: (usize, bool)) -> u64 {
+    fn remember(
+        &mut self,
+        embedding: ArrayView1<f32>,
+        label: usize,
+        confident: Option<usize>,
+    ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         let slot = (seq % self.cfg.memory as u64) as usize;
@@ -393,11 +396,11 @@ impl LabelTrust {
         if slot < self.labels.len() {
             self.labels[slot] = label;
             self.seqs[slot] = seq;
-            self.said[slot] = said;
+            self.confident[slot] = confident;
         } else {
             self.labels.push(label);
             self.seqs.push(seq);
-            self.said.push(said);
+            self.confident.push(confident);
         }
         seq
     }
@@ -446,36 +449,32 @@ impl LabelTrust {
         let classes = self
             .labels
             .iter()
-            .chain(self.said.iter().map(|s| &s.0))
+            .chain(self.confident.iter().flatten())
             .max()
             .map_or(0, |m| m + 1);
-        // given[a]: labels where the pretrained model said a; against[a][b]: of those,
-        // labeled b. `sure` counts only where it was confident.
+        // given[a]: labels where the pretrained model confidently said a; against[a][b]: of
+        // those, labeled b.
         let mut given = vec![0usize; classes];
         let mut against = vec![vec![0usize; classes]; classes];
-        let mut sure_given = vec![0usize; classes];
-        let mut sure_against = vec![vec![0usize; classes]; classes];
-        for (&label, &(a, confident)) in self.labels.iter().zip(&self.said) {
-            given[a] += 1;
-            sure_given[a] += confident as usize;
-            if a != label {
-                against[a][label] += 1;
-                sure_against[a][label] += confident as usize;
+        for (&label, confident) in self.labels.iter().zip(&self.confident) {
+            if let Some(a) = *confident {
+                given[a] += 1;
+                if a != label {
+                    against[a][label] += 1;
+                }
             }
         }
-        let (after, share) = (self.cfg.dispute_after, self.cfg.dispute_share);
-        let many = |n: usize, of: usize| n >= after && n as f32 >= share * of as f32;
-        // One way against the confident model, the other way against the model at all: a
-        // model confident on only one class of the pair (many are) still shows the swap.
-        let swapped = |a: usize, b: usize| {
-            many(sure_against[a][b], sure_given[a]) && many(against[b][a], given[b])
+        let strong = |a: usize, b: usize| {
+            let n = against[a][b];
+            n >= self.cfg.dispute_after && n as f32 >= self.cfg.dispute_share * given[a] as f32
         };
         let mut now = None;
         let mut worst = 0;
         let pairs = (0..classes).flat_map(|a| (a + 1..classes).map(move |b| (a, b)));
         for (a, b) in pairs {
             let both = against[a][b].min(against[b][a]);
-            if (swapped(a, b) || swapped(b, a))
+            if strong(a, b)
+                && strong(b, a)
                 && both > worst
                 && !self.accepted_pairs.contains(&(a, b))
             {
