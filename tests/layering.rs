@@ -20,16 +20,17 @@ const LAYERS: &[(&str, u32)] = &[
     ("model", 1),
     ("learn", 1),
     ("calibration", 1),
-    ("checkpoint", 2),
+    // Metric objects both drivers update; a checkpoint keeps the accuracy on labels.
     ("scores", 2),
-    ("config", 3),
-    ("session", 4),
+    ("checkpoint", 3),
+    ("config", 4),
+    ("session", 5),
     // Drivers of the session.
-    ("replay", 5),
-    ("daemon", 5),
-    ("check", 5),
+    ("replay", 6),
+    ("daemon", 6),
+    ("check", 6),
     // What only the application draws or prints.
-    ("plot", 6),
+    ("plot", 7),
 ];
 
 /// The top-level module a file under src/ belongs to.
