@@ -16,7 +16,7 @@
 //! Peak RSS is the daemon's VmHWM at the end. Then per side: the median saturated rate, p50
 //! and p99 over all that side's paced samples, the largest peak RSS; and the on/off ratios.
 //!
-//! EDGEMT_BENCH_SAMPLES (10,000), EDGEMT_BENCH_RATE (500/s) and EDGEMT_BENCH_ROUNDS (2; each
+//! EDGEMT_BENCH_SAMPLES (10,000), EDGEMT_BENCH_RATE (500/s) and EDGEMT_BENCH_ROUNDS (6; each
 //! round is one run per side) override the sizes; EDGEMT_TEST_BIN runs another build.
 
 #[path = "../tests/util/broker.rs"]
@@ -303,7 +303,10 @@ fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let n = env_or("EDGEMT_BENCH_SAMPLES", 10_000);
     let rate = env_or("EDGEMT_BENCH_RATE", 500);
-    let rounds = env_or("EDGEMT_BENCH_ROUNDS", 2).max(1);
+    // Six rounds: on this shared 2-core machine one side's saturated rate varies by a
+    // quarter between runs (15,000 to 19,000/s with training off), so medians of two per side
+    // left the on/off ratios to chance; of six they held both targets.
+    let rounds = env_or("EDGEMT_BENCH_ROUNDS", 6).max(1);
     let load = Load::read();
     let dir = tempfile::tempdir().expect("a temporary directory");
     let broker = Broker::start();
