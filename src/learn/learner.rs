@@ -268,7 +268,7 @@ impl Learner {
             guard: RollbackGuard::new(guard.clone()),
             gate: Gate::new(gate.clone()),
             gate_cfg: gate.clone(),
-            trust: LabelTrust::new(trust.clone(), dim),
+            trust: LabelTrust::new(trust.clone(), dim, classes),
             trust_cfg: trust.clone(),
             good: None,
             since_step: 0,
@@ -367,9 +367,7 @@ impl Learner {
     pub fn refile_labels(&mut self, inputs: &[f32], embeddings: ArrayView2<f32>, labels: &[usize]) {
         let len = self.layout.sample_len();
         for ((x, e), &y) in inputs.chunks_exact(len).zip(embeddings.rows()).zip(labels) {
-            if !self.guard.hold_out(e, y) {
-                self.labeled.push(x, e, y);
-            }
+            self.keep_label(x, e, y);
         }
     }
 
@@ -445,6 +443,11 @@ impl Learner {
     /// A believed label: a clean test for the gate, then the guard's and the buffer's.
     fn file_label(&mut self, input: &[f32], embedding: ArrayView1<f32>, y: usize) {
         self.test_label(embedding, y);
+        self.keep_label(input, embedding, y);
+    }
+
+    /// Pending with the guard, and into the labeled buffer unless the guard withholds it.
+    fn keep_label(&mut self, input: &[f32], embedding: ArrayView1<f32>, y: usize) {
         if !self.guard.hold_out(embedding, y) {
             self.labeled.push(input, embedding, y)
         }

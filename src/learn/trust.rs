@@ -253,6 +253,11 @@ pub struct LabelTrust {
     accepted_pairs: Vec<(usize, usize)>,
     disputed: Option<(usize, usize)>,
     counts: TrustCounts,
+    classes: usize,
+    // Reused per label by the dispute check: per class a, the labels where the pretrained
+    // model confidently said a; per (a, b), row-major, those of them labeled b ≠ a.
+    given: Vec<usize>,
+    against: Vec<usize>,
     // Reused per label: (squared distance, label) of the nearest neighbours so far.
     nearest: Vec<(f32, usize)>,
 }
@@ -262,7 +267,7 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
 }
 
 impl LabelTrust {
-    pub fn new(cfg: TrustConfig, dim: usize) -> Self {
+    pub fn new(cfg: TrustConfig, dim: usize, classes: usize) -> Self {
         LabelTrust {
             embeddings: Array2::zeros((cfg.memory.max(1), dim)),
             labels: Vec::with_capacity(cfg.memory),
@@ -273,6 +278,9 @@ impl LabelTrust {
             accepted_pairs: Vec::new(),
             disputed: None,
             counts: TrustCounts::default(),
+            classes,
+            given: vec![0; classes],
+            against: vec![0; classes * classes],
             nearest: Vec::with_capacity(cfg.neighbours + 1),
             cfg,
         }
@@ -349,12 +357,14 @@ impl LabelTrust {
         let mut out = Vec::new();
         let mut i = 0;
         while i < self.held.len() {
-            let h = &self.held[i];
+            let h = &mut self.held[i];
             let (label, class, seq) = (h.label, h.pretrained, h.seq);
-            let emb = ndarray::Array1::from(h.embedding.clone());
-            if self.disputed != Some(pair(label, class))
-                && self.supported(emb.view(), label, class, seq)
-            {
+            // Borrowed out for the look-up (which needs `&mut self` for its scratch), not copied.
+            let emb = std::mem::take(&mut h.embedding);
+            let supported = self.disputed != Some(pair(label, class))
+                && self.supported(ArrayView1::from(emb.as_slice()), label, class, seq);
+            self.held[i].embedding = emb;
+            if supported {
                 out.extend(self.held.remove(i));
             } else {
                 i += 1;
@@ -446,33 +456,28 @@ impl LabelTrust {
     /// Looks for the swap signature in the memory (see the module docs); returns true when
     /// it raised the disputed state.
     fn update_dispute(&mut self) -> bool {
-        let classes = self
-            .labels
-            .iter()
-            .chain(self.confident.iter().flatten())
-            .max()
-            .map_or(0, |m| m + 1);
-        // given[a]: labels where the pretrained model confidently said a; against[a][b]: of
-        // those, labeled b.
-        let mut given = vec![0usize; classes];
-        let mut against = vec![vec![0usize; classes]; classes];
+        let n = self.classes;
+        let (given, against) = (&mut self.given, &mut self.against);
+        given.fill(0);
+        against.fill(0);
         for (&label, confident) in self.labels.iter().zip(&self.confident) {
             if let Some(a) = *confident {
                 given[a] += 1;
                 if a != label {
-                    against[a][label] += 1;
+                    against[a * n + label] += 1;
                 }
             }
         }
+        let (given, against) = (&self.given, &self.against);
         let strong = |a: usize, b: usize| {
-            let n = against[a][b];
-            n >= self.cfg.dispute_after && n as f32 >= self.cfg.dispute_share * given[a] as f32
+            let k = against[a * n + b];
+            k >= self.cfg.dispute_after && k as f32 >= self.cfg.dispute_share * given[a] as f32
         };
         let mut now = None;
         let mut worst = 0;
-        let pairs = (0..classes).flat_map(|a| (a + 1..classes).map(move |b| (a, b)));
+        let pairs = (0..n).flat_map(|a| (a + 1..n).map(move |b| (a, b)));
         for (a, b) in pairs {
-            let both = against[a][b].min(against[b][a]);
+            let both = against[a * n + b].min(against[b * n + a]);
             if strong(a, b)
                 && strong(b, a)
                 && both > worst
@@ -491,8 +496,8 @@ impl LabelTrust {
                      between classes {a} and {b} ({} and {} of the last {} labels; labels held \
                      so far came from: {}); serving the pretrained model until they age out or \
                      an operator accepts them",
-                    against[a][b],
-                    against[b][a],
+                    self.against[a * n + b],
+                    self.against[b * n + a],
                     self.labels.len(),
                     self.counts.held_from.describe()
                 ),
@@ -515,6 +520,7 @@ mod tests {
                 neighbours: 3,
                 ..TrustConfig::default()
             },
+            2,
             2,
         )
     }
@@ -606,6 +612,7 @@ mod tests {
                 ..TrustConfig::default()
             },
             1,
+            2,
         );
         for _ in 0..3 {
             t.judge(&[], arr1(&[0.0]).view(), 0, LabelSource::Inline, (0, 0.99));
@@ -613,7 +620,10 @@ mod tests {
         for _ in 0..3 {
             t.judge(&[], arr1(&[0.0]).view(), 1, LabelSource::Inline, (0, 0.99));
         }
-        assert!(t.held_len() <= 2);
+        // All three are held (their one neighbour is a class-0 label or a held one at the
+        // same place), so the third pushes the first out.
+        assert_eq!(t.held_len(), 2);
+        assert_eq!(t.counts().dropped, 1);
         assert_eq!(t.counts().held, t.held_len() as u64 + t.counts().dropped);
         assert_eq!(
             t.counts().held_from.get(LabelSource::Inline),
