@@ -140,6 +140,10 @@ fn on_the_shipped_rotated_target_the_served_model_beats_todays_adapted_teacher()
         cal.adopted, "x,z,-y",
         "undoes the 90° turn about x: {cal:?}"
     );
+    assert!(
+        cal.proposals >= cal.changes,
+        "every adoption was proposed: {cal:?}"
+    );
     let e = r.eval.unwrap();
     assert!(e.served_accuracy >= 0.833, "{e:?}");
     assert!(e.served_accuracy > e.source_accuracy + 0.2, "{e:?}");

@@ -365,9 +365,7 @@ fn run_stream(
                 model.calls - calls,
                 start.elapsed()
             );
-            if let Some(e) = e {
-                events.push((i, e));
-            }
+            events.extend(e.into_iter().map(|e| (i, e)));
         }
     }
     events
@@ -406,6 +404,16 @@ fn on_the_rotated_target_stream_the_calibrator_proposes_and_labels_adopt_the_inv
         .collect();
     assert_eq!(adopted.len(), 1, "{events:?}");
     assert_eq!(adopted[0].1, want);
+    // Adopted at once by the labels already seen, but proposed first all the same: the log
+    // and the report's proposal count must not show an adoption nobody proposed.
+    let i = events
+        .iter()
+        .position(|e| matches!(e.1, CalibrationEvent::Adopted { .. }))
+        .unwrap();
+    assert!(
+        i > 0 && matches!(events[i - 1].1, CalibrationEvent::Proposed { r, .. } if r == want),
+        "{events:?}"
+    );
     assert!(adopted[0].2 >= cfg.adopt_log_ratio);
     assert!(
         adopted[0].0 + 1 >= cfg.window,
@@ -486,7 +494,11 @@ fn searches_are_due_once_the_ring_is_full_then_back_off_when_fruitless_and_are_1
     }
     cal.observe(&x);
     assert!(cal.search_due(), "the ring is full");
-    assert_eq!(cal.search(&mut uniform).unwrap(), None, "all tie: identity");
+    assert_eq!(
+        cal.search(&mut uniform).unwrap(),
+        vec![],
+        "all tie: identity"
+    );
     assert_eq!(cal.last_scores().len(), 48);
     assert!(!cal.search_due());
     // A search that found nothing doubles the wait: 16 samples, not 8.

@@ -205,20 +205,21 @@ impl Calibrator {
 
     /// Scores every candidate on the ring with `score(inputs, n, probs_out)` (inputs: n
     /// transformed samples back to back; fills probs_out `[n, classes]`), one batched call
-    /// per candidate, and proposes the best if it beats the adopted mounting's score.
+    /// per candidate, and proposes the best if it beats the adopted mounting's score. The
+    /// events, in order: the proposal, and Adopted when the labels already seen confirm it.
     ///
     /// The schedule restarts before scoring, so a failing model is retried at the next
     /// scheduled search, not on every sample.
     pub fn search<E>(
         &mut self,
         mut score: impl FnMut(&[f32], usize, &mut Array2<f32>) -> Result<(), E>,
-    ) -> Result<Option<CalibrationEvent>, E> {
+    ) -> Result<Vec<CalibrationEvent>, E> {
         self.since_search = 0;
         self.scores.clear();
         let len = self.layout.sample_len();
         let n = self.ring_len;
         if n == 0 {
-            return Ok(None);
+            return Ok(Vec::new());
         }
         for r in &self.candidates {
             for (x, out) in self.ring[..n * len]
@@ -253,9 +254,14 @@ impl Calibrator {
         if best == self.adopted || best_infomax <= adopted_infomax {
             self.candidate = None;
             self.backoff = (self.backoff * 2).min(ADOPTED_SEARCH_SLOWDOWN);
-            return Ok(None);
+            return Ok(Vec::new());
         }
         self.backoff = 1;
+        let proposed = CalibrationEvent::Proposed {
+            r: best,
+            infomax: best_infomax,
+            identity_infomax,
+        };
         if self.candidate.map(|p| p.r) != Some(best) {
             self.candidate = Some(Pending {
                 r: best,
@@ -276,15 +282,13 @@ impl Calibrator {
             }
             self.labeled = past;
             self.labeled_y = past_y;
-            if !matches!(adopted, Ok(None)) {
-                return adopted;
+            // Proposed first, also when the labels adopt it at once: the proposal happened,
+            // and the operator's log and the report's count say so.
+            if let Some(event) = adopted? {
+                return Ok(vec![proposed, event]);
             }
         }
-        Ok(Some(CalibrationEvent::Proposed {
-            r: best,
-            infomax: best_infomax,
-            identity_infomax,
-        }))
+        Ok(vec![proposed])
     }
 
     /// A label for raw sample `raw`: adds log p_cand(y|x) − log p_adopted(y|x) to the
