@@ -38,7 +38,12 @@ pub enum CheckError {
 pub fn core(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, CheckError> {
     let checkpoints = match &cfg.checkpoint.dir {
         Some(dir) => {
-            CheckpointStore::open(
+            // Read-only: a daemon may be writing a checkpoint here right now.
+            std::fs::create_dir_all(dir).map_err(|source| CheckError::Unwritable {
+                dir: dir.to_owned(),
+                source,
+            })?;
+            CheckpointStore::open_read_only(
                 dir,
                 cfg.checkpoint.keep,
                 Identity::new(classifier, &cfg.learn),

@@ -302,7 +302,7 @@ fn run_cmd(config: &Path) -> anyhow::Result<()> {
     // Before the checkpoint store is opened (it tidies the directory) or anything connects.
     let _lock = lock_state_directory(&cfg, &wing)?;
     let classifier = load_classifier(&cfg)?;
-    let daemon = Daemon::build(&cfg, wing, &classifier)?;
+    let daemon = Daemon::build(&cfg, wing, &classifier, true)?;
     runtime.block_on(daemon.run(async move {
         signals.recv().await;
     }))?;
@@ -339,7 +339,8 @@ fn export_cmd(
         }
     };
     let classifier = load_classifier(&cfg)?;
-    let store = CheckpointStore::open(
+    // Read-only: the daemon may be writing a checkpoint there right now.
+    let store = CheckpointStore::open_read_only(
         checkpoint,
         cfg.checkpoint.keep,
         Identity::new(&classifier, &cfg.learn),
@@ -432,7 +433,7 @@ fn check_cmd(config: &Path) -> anyhow::Result<()> {
     );
     let mut found = edgemt::check::core(&cfg, &classifier)?;
     #[cfg(feature = "daemon")]
-    found.extend(edgemt::daemon::Daemon::build(&cfg, wing, &classifier)?.summary());
+    found.extend(edgemt::daemon::Daemon::build(&cfg, wing, &classifier, false)?.summary());
     #[cfg(not(feature = "daemon"))]
     found.push("broker: not checked (this edgemt was built without the daemon)".into());
     for line in found {

@@ -18,6 +18,7 @@ use ndarray::Array2;
 use serde::Serialize;
 
 use crate::calibration::SignedPerm;
+use crate::checkpoint::lock::{InstanceError, InstanceLock};
 use crate::checkpoint::{CheckpointError, CheckpointStore, CheckpointWriter, Identity};
 use crate::config::Config;
 use crate::learn::requests::{RequestConfig, RequestCounts};
@@ -42,6 +43,8 @@ pub enum ReplayError {
     Session(#[from] SessionError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Lock(#[from] InstanceError),
     #[error("holdout {0} has no samples with \"truth\", so it cannot be scored")]
     NoTruth(String),
     #[error("recording {path} has no valid sample ({rejected} lines rejected)")]
@@ -391,6 +394,12 @@ pub fn replay(
     let mut answers_due: std::collections::VecDeque<(usize, String, usize)> = Default::default();
     let mut lines = Vec::with_capacity(2);
     let mut request_id = String::new();
+    // A replay that saves checkpoints is a writer like the daemon: one per directory, and
+    // never into a running daemon's (checkpoint::lock). Held until the replay ends.
+    let _lock = match &opts.checkpoint {
+        Some(dir) => Some(InstanceLock::acquire(dir, "edgemt replay")?),
+        None => None,
+    };
     // Saves go through the write budget here too: a replay at full speed is the daemon's
     // worst case, and the numbers it shows are the ones a board gets.
     let mut writer = match &opts.checkpoint {

@@ -106,3 +106,34 @@ fn log_lines_carry_syslog_priorities_when_stderr_is_the_journal() {
     assert!(!info.starts_with('<'), "{info}");
     assert!(plain.lines().all(|l| !l.starts_with('<')), "{plain}");
 }
+
+/// `edgemt check` and `edgemt export` only read a checkpoint directory, so they may run beside
+/// the daemon that writes it: they remove nothing, not even a tensor file whose manifest is not
+/// written yet (the daemon may be between the two) or a temporary file.
+#[test]
+fn check_and_export_leave_a_writers_unfinished_files_alone() {
+    let dir = tempdir();
+    let (ck, _) = util::replay_then_export(dir.path(), "", &[]);
+    let in_progress = [
+        ck.join("ckpt-0000999999.safetensors"),
+        ck.join("ckpt-0000999999.safetensors.tmp"),
+    ];
+    for f in &in_progress {
+        std::fs::write(f, b"being written").unwrap();
+    }
+    let cfg = config_with(
+        dir.path(),
+        &format!("[checkpoint]\ndir = {:?}\n", ck.display().to_string()),
+    );
+    util::run_ok(edgemt().args(["check", "--config"]).arg(&cfg));
+    util::run_ok(
+        edgemt()
+            .args(["export", "--checkpoint"])
+            .arg(&ck)
+            .arg("-o")
+            .arg(dir.path().join("again.onnx")),
+    );
+    for f in &in_progress {
+        assert!(f.exists(), "{} was removed", f.display());
+    }
+}

@@ -11,7 +11,7 @@ use crate::util::broker::{
     daemon_config, last_metrics, mosquitto_sub_one, num, on, wait_for_log, warn_line, Broker,
     Daemon, MqttPeer,
 };
-use crate::util::{self, stream, tempdir};
+use crate::util::{self, edgemt, path, stream, tempdir};
 
 /// The newest valid checkpoint's sequence number and train steps in `dir`, if any.
 fn newest_checkpoint(dir: &std::path::Path) -> Option<(u64, u64)> {
@@ -223,6 +223,21 @@ fn a_second_instance_on_the_same_state_directory_refuses_to_start_naming_the_fir
         1,
         "{}",
         broker.log_text()
+    );
+    // A replay that would save checkpoints into it is a second writer too.
+    let replay = edgemt()
+        .args(["replay", "--config"])
+        .arg(&cfg)
+        .arg(path("data/control_stream.jsonl"))
+        .arg("--checkpoint")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&replay.stderr);
+    assert!(!replay.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("pid {}", first.pid())) && said.contains("in use"),
+        "names the daemon: {said}"
     );
     let later = watcher.collect_until(Duration::from_secs(1), |_| false);
     assert!(!on(&later, &status).any(|s| s == "offline"));

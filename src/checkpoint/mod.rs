@@ -13,6 +13,7 @@
 
 pub mod budget;
 pub mod codec;
+pub mod lock;
 pub mod manifest;
 pub mod store;
 

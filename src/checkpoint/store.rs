@@ -86,6 +86,34 @@ impl CheckpointStore {
         Ok(store)
     }
 
+    /// Opens `dir` for reading only (`edgemt check`, `edgemt export`): nothing is created or
+    /// removed, so a daemon writing a checkpoint there meanwhile loses nothing (a tensor file
+    /// whose manifest is not written yet is one it is writing, not a crash's leftover).
+    pub fn open_read_only(
+        dir: &Path,
+        keep: usize,
+        identity: Identity,
+    ) -> Result<Self, CheckpointError> {
+        let entries = match fs::read_dir(dir) {
+            // Nothing saved there yet: no checkpoints to read.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            entries => entries.map_err(io(dir))?.flatten().collect(),
+        };
+        let mut max_seq = 0;
+        for entry in entries {
+            if let Some(seq) = sequence_of(&entry.file_name().to_string_lossy()) {
+                max_seq = max_seq.max(seq);
+            }
+        }
+        Ok(CheckpointStore {
+            dir: dir.to_owned(),
+            keep: keep.max(1),
+            identity,
+            next_sequence: max_seq + 1,
+            last_bytes: None,
+        })
+    }
+
     /// Bytes the newest checkpoint of this model took on disk (tensor file and manifest).
     pub fn last_bytes(&self) -> Option<u64> {
         self.last_bytes

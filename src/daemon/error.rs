@@ -12,5 +12,5 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     /// Another daemon holds the state directory.
     #[error(transparent)]
-    Instance(#[from] super::instance::InstanceError),
+    Instance(#[from] crate::checkpoint::lock::InstanceError),
 }

@@ -10,14 +10,13 @@
 //! [`Daemon::build`] sets all of it up short of connecting, which `edgemt check` does too;
 //! [`Daemon::run`] starts it and stops it when its shutdown future completes, so
 //! signal handling stays in `main`, which installs [`signals`]' handlers and takes the
-//! state directory's [`instance`] lock before building. The daemon's config sections are
+//! state directory's lock ([`crate::checkpoint::lock`]) before building. The daemon's config sections are
 //! [`config`]'s.
 
 pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod ingest;
-pub mod instance;
 pub mod items;
 pub mod mqtt;
 pub mod notify;
@@ -46,6 +45,7 @@ use tokio::sync::oneshot;
 pub use config::DaemonConfig;
 pub use error::DaemonError;
 
+use crate::checkpoint::lock::{InstanceError, InstanceLock};
 use crate::checkpoint::{CheckpointStore, Identity};
 use crate::config::{duration_s, Config};
 use crate::model::Classifier;
@@ -124,10 +124,15 @@ impl Daemon {
     /// Everything `run` needs, short of connecting: the broker options (password source,
     /// TLS files), the checkpoint store, the session (calibration channels against the
     /// model), the queues, stages and discovery messages.
+    ///
+    /// `edgemt run` builds it as the state directory's `writer` (it holds the lock, and opening
+    /// the store removes what a crash left behind); `edgemt check` as a reader, which opens the
+    /// store read-only beside a daemon that may be writing it.
     pub fn build(
         cfg: &Config,
         wing: DaemonConfig,
         classifier: &Classifier,
+        writer: bool,
     ) -> Result<Daemon, DaemonError> {
         let setup = |e: &dyn std::error::Error| DaemonError::Setup(crate::report(e));
         let names = Names::new(&wing.mqtt);
@@ -135,14 +140,16 @@ impl Daemon {
         let (client, eventloop) = AsyncClient::new(opts, wing.mqtt.request_queue);
         let state_dir = state_dir(cfg);
         let checkpoints = match &state_dir {
-            Some(dir) => Some(
-                CheckpointStore::open(
-                    dir,
-                    cfg.checkpoint.keep,
-                    Identity::new(classifier, &cfg.learn),
-                )
-                .map_err(|e| setup(&e))?,
-            ),
+            Some(dir) => {
+                let identity = Identity::new(classifier, &cfg.learn);
+                let keep = cfg.checkpoint.keep;
+                let store = if writer {
+                    CheckpointStore::open(dir, keep, identity)
+                } else {
+                    CheckpointStore::open_read_only(dir, keep, identity)
+                };
+                Some(store.map_err(|e| setup(&e))?)
+            }
             None => None,
         };
         let queues = Queues {
@@ -416,12 +423,12 @@ pub fn state_dir(cfg: &Config) -> Option<PathBuf> {
     cfg.checkpoint.dir.clone().or_else(state_directory)
 }
 
-/// Takes the state directory's [`instance::InstanceLock`] for `edgemt run`, before anything
+/// Takes the state directory's [`InstanceLock`] for `edgemt run`, before anything
 /// opens the checkpoints or connects; `None` (and a line saying so) without a state directory.
 pub fn lock_state_directory(
     cfg: &Config,
     wing: &DaemonConfig,
-) -> Result<Option<instance::InstanceLock>, DaemonError> {
+) -> Result<Option<InstanceLock>, DaemonError> {
     let Some(dir) = state_dir(cfg) else {
         // A warning, not a note: outside systemd this is easy to miss, and every restart
         // then starts learning over.
@@ -434,9 +441,9 @@ pub fn lock_state_directory(
         return Ok(None);
     };
     let client_id = Names::new(&wing.mqtt).client_id;
-    match instance::InstanceLock::acquire(&dir, &client_id) {
+    match InstanceLock::acquire(&dir, &client_id) {
         Ok(lock) => Ok(Some(lock)),
-        Err(e @ instance::InstanceError::Taken { .. }) => Err(e.into()),
+        Err(e @ InstanceError::Taken { .. }) => Err(e.into()),
         Err(e) => {
             tracing::warn!(
                 "{}; running without the guard against a second edgemt on it",

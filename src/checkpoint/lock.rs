@@ -1,10 +1,14 @@
-//! One daemon per state directory: an `flock`ed lock file in the checkpoint directory.
+//! One writer per state directory: an `flock`ed lock file in the checkpoint directory.
 //!
-//! Two daemons on one directory would write checkpoints with independent sequence numbers,
-//! prune each other's, and (with one client id) take the broker session from each other. So
-//! `edgemt run` takes an exclusive `flock(2)` on `<dir>/edgemt.lock` before it opens the
-//! checkpoint store or connects, and writes its pid and client id into the file; a second
-//! daemon finds the lock held and refuses to start, naming the first from what the file says.
+//! Two writers on one directory would write checkpoints with independent sequence numbers,
+//! prune each other's, and (two daemons with one client id) take the broker session from
+//! each other. So `edgemt run` takes an exclusive `flock(2)` on `<dir>/edgemt.lock` before it
+//! opens the checkpoint store or connects, and `edgemt replay --checkpoint DIR` before it
+//! opens the store; each writes its pid and client id (a replay: `edgemt replay`) into the
+//! file, and a second writer finds the lock held and refuses to start, naming the first from
+//! what the file says. Readers (`edgemt check`, `edgemt export`) take no lock: they open the
+//! store read-only ([`super::CheckpointStore::open_read_only`]), which removes nothing a
+//! writer may be in the middle of writing.
 //! The kernel releases an `flock` when its holder dies, however it dies, so the file a killed
 //! daemon leaves behind blocks nobody: the next one takes the lock and overwrites the content.
 //! The file is never removed (removing it would let a third daemon lock a new file while the
@@ -16,7 +20,7 @@
 //!
 //! Without a state directory there are no checkpoints to protect and nothing to lock: two
 //! such daemons with one client id are told apart only by the broker, which hands the session
-//! to the newer one; the MQTT task logs that ([`super::mqtt`]).
+//! to the newer one; the daemon's MQTT task logs that.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -30,8 +34,9 @@ pub const LOCK_FILE: &str = "edgemt.lock";
 pub enum InstanceError {
     /// Another live process holds the lock.
     #[error(
-        "the state directory {dir} is in use by another edgemt ({holder}); two daemons must \
-         not share checkpoints: stop that one, or give this one another [checkpoint] dir"
+        "the state directory {dir} is in use by another edgemt ({holder}); two edgemt \
+         processes must not write one checkpoint directory: stop that one, or use another \
+         directory ([checkpoint] dir, or replay --checkpoint DIR)"
     )]
     Taken { dir: PathBuf, holder: String },
     /// The lock file can be neither created nor opened.
