@@ -418,3 +418,80 @@ fn restored_version(log: &str) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// Label trust's memory rides in the checkpoint: a swap disputed before a restart is still
+/// disputed after it (not raised again, not forgotten until labels arrive), and the memory
+/// comes back as it was saved.
+#[test]
+fn a_dispute_and_the_label_memory_survive_a_restart() {
+    let dir = tempdir();
+    let ck = dir.path().join("ck");
+    // The shipped control, every 5th line labeled with SITTING (3) and STANDING (4) swapped.
+    let swapped = dir.path().join("swapped.jsonl");
+    let unlabeled = dir.path().join("unlabeled.jsonl");
+    let (mut with_swap, mut without) = (String::new(), String::new());
+    for (i, mut line) in util::recording_lines("data/control_stream.jsonl")
+        .into_iter()
+        .enumerate()
+    {
+        let o = line.as_object_mut().unwrap();
+        let truth = o["truth"].as_u64().unwrap();
+        o.remove("label");
+        without += &format!("{line}\n");
+        if i % 5 == 0 {
+            let label = match truth {
+                3 => 4,
+                4 => 3,
+                t => t,
+            };
+            line.as_object_mut()
+                .unwrap()
+                .insert("label".into(), label.into());
+        }
+        with_swap += &format!("{line}\n");
+    }
+    std::fs::write(&swapped, with_swap).unwrap();
+    std::fs::write(&unlabeled, without).unwrap();
+    let cfg = util::config_with(dir.path(), "");
+    let replay = |stream: &Path, report: &str| -> serde_json::Value {
+        let report = dir.path().join(report);
+        run_ok(
+            edgemt()
+                .args(["replay", "--config"])
+                .arg(&cfg)
+                .arg(stream)
+                .arg("--checkpoint")
+                .arg(&ck)
+                .arg("--report")
+                .arg(&report),
+        );
+        serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
+    };
+    let first = replay(&swapped, "first.json");
+    assert_eq!(
+        first["trust"]["disputed"],
+        serde_json::json!([3, 4]),
+        "{first}"
+    );
+    let second = replay(&unlabeled, "second.json");
+    assert_eq!(
+        second["trust"]["disputed"],
+        serde_json::json!([3, 4]),
+        "{second}"
+    );
+    assert_eq!(second["trust"]["disputes"], 0, "restored, not raised again");
+    assert_eq!(second["gate"]["serving"], "pretrained");
+
+    // The memory itself round-trips through the newest checkpoint.
+    let c = classifier("models/hapt_mlp.onnx");
+    let (_, state) = store(&ck, &c).latest_valid().unwrap();
+    assert!(
+        state.trust.labels.len() > 50,
+        "{}",
+        state.trust.labels.len()
+    );
+    let mut learner = fresh(&c);
+    learner.restore(state.clone()).unwrap();
+    assert_eq!(learner.state().trust, state.trust);
+    assert_eq!(learner.trust().disputed(), Some((3, 4)));
+}

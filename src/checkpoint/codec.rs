@@ -1,8 +1,11 @@
 //! A [`LearnerState`] as named f32 tensors in a safetensors file, and back.
 //!
 //! Names: `{student,teacher,source}.<param>` for the trainable part (e.g. `teacher.1.weight`),
-//! `optim.<role>.<param>` for the optimizer's moments, `pseudo.running`, and per class
-//! `labeled.<k>.inputs` / `labeled.<k>.embeddings` (oldest first). Every tensor goes through
+//! `optim.<role>.<param>` for the optimizer's moments, `pseudo.running`, per class
+//! `labeled.<k>.inputs` / `labeled.<k>.embeddings` (oldest first), and label trust's memory:
+//! `trust.embeddings` `[n, dim]`, `trust.labels` `[n, 3]` (label, pretrained class, its
+//! confidence) and `trust.accepted` `[k, 2]` (a checkpoint written before label trust kept
+//! its memory has none of the three and restores an empty one). Every tensor goes through
 //! the same two functions, whatever the number of layers. Non-finite values are refused both
 //! ways: a poisoned state is never written, and never restored.
 
@@ -14,6 +17,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use super::manifest::OptimizerMeta;
 use crate::learn::buffer::LabeledBuffer;
 use crate::learn::optim::Optimizer;
+use crate::learn::trust::TrustMemory;
 use crate::learn::{Counters, LearnerState};
 use crate::nn::Params;
 
@@ -82,6 +86,34 @@ pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
             &embs,
         )?);
     }
+    let m = &state.trust;
+    let dim = state.student.shape(0).get(1).copied().unwrap_or(0);
+    t.push(named(
+        "trust.embeddings".into(),
+        vec![m.labels.len(), dim],
+        &m.embeddings,
+    )?);
+    let labels: Vec<f32> = m
+        .labels
+        .iter()
+        .zip(&m.pretrained)
+        .flat_map(|(&l, &(c, p))| [l as f32, c as f32, p])
+        .collect();
+    t.push(named(
+        "trust.labels".into(),
+        vec![m.labels.len(), 3],
+        &labels,
+    )?);
+    let accepted: Vec<f32> = m
+        .accepted_pairs
+        .iter()
+        .flat_map(|&(a, b)| [a as f32, b as f32])
+        .collect();
+    t.push(named(
+        "trust.accepted".into(),
+        vec![m.accepted_pairs.len(), 2],
+        &accepted,
+    )?);
     let views = t
         .iter()
         .map(|n| {
@@ -193,6 +225,37 @@ pub fn decode(bytes: &[u8], want: &Expected) -> Result<LearnerState, String> {
             labeled.push(&inputs[i * l..(i + 1) * l], emb, class);
         }
     }
+    let trust = if file.tensor("trust.labels").is_err() {
+        TrustMemory::default()
+    } else {
+        let (se, embeddings) = read("trust.embeddings")?;
+        let (sl, labels) = read("trust.labels")?;
+        let (sa, accepted) = read("trust.accepted")?;
+        let n = sl.first().copied().unwrap_or(0);
+        if sl != [n, 3] || se != [n, dim] || sa.len() != 2 || sa[1] != 2 {
+            return Err(format!(
+                "label trust memory has shapes {se:?} / {sl:?} / {sa:?}"
+            ));
+        }
+        // Classes are stored as f32: exact for any class count a head has.
+        let class = |v: f32| (v >= 0.0 && v.fract() == 0.0).then_some(v as usize);
+        let bad = || "label trust memory holds a class that is not a whole number".to_string();
+        let mut m = TrustMemory {
+            embeddings,
+            ..TrustMemory::default()
+        };
+        for row in labels.chunks_exact(3) {
+            m.labels.push(class(row[0]).ok_or_else(bad)?);
+            m.pretrained.push((class(row[1]).ok_or_else(bad)?, row[2]));
+        }
+        for pair in accepted.chunks_exact(2) {
+            m.accepted_pairs.push((
+                class(pair[0]).ok_or_else(bad)?,
+                class(pair[1]).ok_or_else(bad)?,
+            ));
+        }
+        m
+    };
     Ok(LearnerState {
         student,
         teacher,
@@ -202,5 +265,6 @@ pub fn decode(bytes: &[u8], want: &Expected) -> Result<LearnerState, String> {
         labeled,
         running: Array1::from(running),
         gate: gate.iter().map(|&v| v == 1.0).collect(),
+        trust,
     })
 }

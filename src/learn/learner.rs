@@ -20,7 +20,9 @@ use super::optim::{
 use super::pseudo::{Balance, PseudoLabeler};
 use super::requests::Opinion;
 use super::rng::Rng;
-use super::trust::{Held, LabelSource, LabelTrust, TrustConfig, Verdict as TrustVerdict};
+use super::trust::{
+    Held, LabelSource, LabelTrust, TrustConfig, TrustMemory, Verdict as TrustVerdict,
+};
 use crate::nn::{argmax, Mlp, Params, Workspace};
 use crate::stream::Layout;
 
@@ -160,6 +162,8 @@ pub struct LearnerState {
     /// The serving gate's discordant outcomes, oldest first (`true`: the teacher alone was
     /// right).
     pub gate: Vec<bool>,
+    /// Label trust's memory and the pairs an operator accepted.
+    pub trust: TrustMemory,
 }
 
 /// What the learner needs from the frozen backbone: embeddings of augmented inputs.
@@ -748,6 +752,7 @@ impl Learner {
             labeled: self.labeled.clone(),
             running: self.pseudo.running.clone(),
             gate: self.gate.outcomes().collect(),
+            trust: self.trust.memory(),
         }
     }
 
@@ -787,6 +792,10 @@ impl Learner {
                 labeled.push(ring.input(i), ring.embedding(i), class);
             }
         }
+        // Last of the checks, first of the changes: refused, it changes nothing.
+        self.trust
+            .restore_memory(&state.trust)
+            .map_err(LearnError::State)?;
         self.student.params_mut().assign(&state.student);
         self.teacher.params_mut().assign(&state.teacher);
         self.pretrained.params_mut().assign(&state.pretrained);

@@ -250,6 +250,20 @@ pub struct TrustCounts {
     pub held_from: BySource,
 }
 
+/// What label trust keeps across a restart (in the checkpoint): the memory, oldest first,
+/// and the pairs an operator accepted, so neither the neighbourhoods nor a dispute nor the
+/// operator's word start over. Held labels are not kept: they were not believed (an honest
+/// one is released by its neighbours if sent again).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrustMemory {
+    /// `[labels.len(), embedding dim]`, row-major.
+    pub embeddings: Vec<f32>,
+    pub labels: Vec<usize>,
+    /// The pretrained model's class and confidence on each.
+    pub pretrained: Vec<(usize, f32)>,
+    pub accepted_pairs: Vec<(usize, usize)>,
+}
+
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct LabelTrust {
@@ -414,6 +428,62 @@ impl LabelTrust {
         out
     }
 
+    /// The memory and the accepted pairs, for a checkpoint.
+    pub fn memory(&self) -> TrustMemory {
+        let mut order: Vec<usize> = (0..self.labels.len()).collect();
+        order.sort_by_key(|&i| self.seqs[i]);
+        TrustMemory {
+            embeddings: order
+                .iter()
+                .flat_map(|&i| self.embeddings.row(i).to_vec())
+                .collect(),
+            labels: order.iter().map(|&i| self.labels[i]).collect(),
+            pretrained: order.iter().map(|&i| self.pretrained[i]).collect(),
+            accepted_pairs: self.accepted_pairs.clone(),
+        }
+    }
+
+    /// Puts back a checkpoint's [`TrustMemory`] (its newest `memory` labels) and the dispute
+    /// it implies, without counting or logging it again; held labels start empty. Refused,
+    /// changing nothing, if it does not fit this model (the reason is returned).
+    pub fn restore_memory(&mut self, m: &TrustMemory) -> Result<(), String> {
+        let (n, dim, classes) = (m.labels.len(), self.embeddings.ncols(), self.classes);
+        if m.embeddings.len() != n * dim || m.pretrained.len() != n {
+            return Err(format!(
+                "label trust memory has {} labels, {} pretrained answers and {} embedding values \
+                 (dimension {dim})",
+                n,
+                m.pretrained.len(),
+                m.embeddings.len()
+            ));
+        }
+        let class_ok = |c: usize| c < classes;
+        if !m.labels.iter().all(|&l| class_ok(l))
+            || !m
+                .pretrained
+                .iter()
+                .all(|&(c, p)| class_ok(c) && (0.0..=1.0).contains(&p))
+            || !m.accepted_pairs.iter().all(|&(a, b)| a < b && class_ok(b))
+            || !m.embeddings.iter().all(|v| v.is_finite())
+        {
+            return Err(format!(
+                "label trust memory names a class outside 0..{classes} or holds an invalid value"
+            ));
+        }
+        self.labels.clear();
+        self.seqs.clear();
+        self.pretrained.clear();
+        self.held.clear();
+        self.next_seq = 0;
+        for i in n.saturating_sub(self.cfg.memory)..n {
+            let row = ArrayView1::from(&m.embeddings[i * dim..(i + 1) * dim]);
+            self.remember(row, m.labels[i], m.pretrained[i]);
+        }
+        self.accepted_pairs = m.accepted_pairs.clone();
+        self.disputed = self.find_dispute();
+        Ok(())
+    }
+
     /// Files a label in the memory ring; returns its sequence number.
     fn remember(
         &mut self,
@@ -478,6 +548,31 @@ impl LabelTrust {
     /// Looks for the swap signature in the memory (see the module docs); returns true when
     /// it raised the disputed state.
     fn update_dispute(&mut self) -> bool {
+        let now = self.find_dispute();
+        let n = self.classes;
+        let raised = now.is_some() && self.disputed.is_none();
+        self.counts.disputes += raised as u64;
+        if now != self.disputed {
+            match now {
+                Some((a, b)) => tracing::warn!(
+                    "labels disputed: labels contradict the confident pretrained model both ways \
+                     between classes {a} and {b} ({} and {} of the last {} labels; labels held \
+                     so far came from: {}); serving the pretrained model until they age out or \
+                     an operator accepts them",
+                    self.against[a * n + b],
+                    self.against[b * n + a],
+                    self.labels.len(),
+                    self.counts.held_from.describe()
+                ),
+                None => tracing::info!("labels no longer disputed"),
+            }
+        }
+        self.disputed = now;
+        raised
+    }
+
+    /// The pair the memory shows the swap signature on (the most contradicted, if several).
+    fn find_dispute(&mut self) -> Option<(usize, usize)> {
         let n = self.classes;
         let (given, against) = (&mut self.given, &mut self.against);
         given.fill(0);
@@ -509,25 +604,7 @@ impl LabelTrust {
                 worst = both;
             }
         }
-        let raised = now.is_some() && self.disputed.is_none();
-        self.counts.disputes += raised as u64;
-        if now != self.disputed {
-            match now {
-                Some((a, b)) => tracing::warn!(
-                    "labels disputed: labels contradict the confident pretrained model both ways \
-                     between classes {a} and {b} ({} and {} of the last {} labels; labels held \
-                     so far came from: {}); serving the pretrained model until they age out or \
-                     an operator accepts them",
-                    self.against[a * n + b],
-                    self.against[b * n + a],
-                    self.labels.len(),
-                    self.counts.held_from.describe()
-                ),
-                None => tracing::info!("labels no longer disputed"),
-            }
-        }
-        self.disputed = now;
-        raised
+        now
     }
 }
 
@@ -647,6 +724,28 @@ mod tests {
             (1, 0.7),
         );
         assert_eq!(j.verdict, Verdict::Believed);
+    }
+
+    #[test]
+    fn the_memory_comes_back_with_its_dispute_and_a_foreign_one_changes_nothing() {
+        let mut t = trust();
+        for i in 0..40 {
+            let y = i % 2;
+            let (label, at) = if i % 3 == 2 { (1 - y, 9.0) } else { (y, 0.0) };
+            judge(&mut t, [at, y as f32], label, y);
+        }
+        assert_eq!(t.disputed(), Some((0, 1)));
+        let saved = t.memory();
+        assert_eq!(saved.labels.len(), 40);
+        let mut back = trust();
+        back.restore_memory(&saved).unwrap();
+        assert_eq!(back.disputed(), Some((0, 1)));
+        assert_eq!(back.counts().disputes, 0, "restored, not raised");
+        assert_eq!(back.memory(), saved);
+        let mut foreign = saved.clone();
+        foreign.labels[0] = 7;
+        assert!(back.restore_memory(&foreign).is_err());
+        assert_eq!(back.memory(), saved, "a refused memory changes nothing");
     }
 
     #[test]
