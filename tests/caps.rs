@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::util::broker::{
-    daemon_config, free_port, last_metrics, num, on, predicted_ids, Broker, Daemon, MqttPeer,
+    daemon_config, free_port, last_metrics, num, on, predicted_ids, Broker, Daemon, MqttPeer, Rig,
 };
 use crate::util::{self, sample_with_id, stream, tempdir};
 
@@ -22,6 +22,15 @@ fn metrics_when(peer: &MqttPeer, topic: &str, done: impl Fn(&Value) -> bool) -> 
     let m = last_metrics(&got, topic).expect("metrics arrive");
     assert!(done(&m), "condition not reached: {m}");
     m
+}
+
+/// A daemon and a peer that sends it commands and reads its metrics, once the first metrics
+/// came (the daemon is up); with the metrics and command topics.
+fn commander(prefix: &'static str) -> (Rig, String, String) {
+    let rig = Rig::start(prefix, "commander", "", &["metrics"]);
+    let (metrics, cmd) = (rig.topic("metrics"), rig.topic("cmd"));
+    let _ = metrics_when(&rig.peer, &metrics, |_| true);
+    (rig, metrics, cmd)
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -101,15 +110,8 @@ fn idle_connections_beyond_the_prometheus_cap_are_closed_at_once_and_a_scrape_st
 
 #[test]
 fn a_320_kb_command_is_refused_unread_and_the_log_keeps_only_bounded_lines() {
-    let dir = tempdir();
-    let broker = Broker::start();
-    let prefix = "edgemt-test/big-cmd";
-    let cfg = daemon_config(dir.path(), &broker, prefix, "");
-    let mut daemon = Daemon::start(&cfg, &[]);
-    let metrics = format!("{prefix}/metrics");
-    let cmd = format!("{prefix}/cmd");
-    let peer = MqttPeer::connect(broker.port, "commander", &[&metrics]);
-    let _ = metrics_when(&peer, &metrics, |_| true);
+    let (mut rig, metrics, cmd) = commander("edgemt-test/big-cmd");
+    let (peer, daemon) = (&rig.peer, &mut rig.daemon);
 
     // Under mqtt.max_payload_bytes' packet limit, so the broker delivers them; 20 of them
     // used to put 6.4 MB into the log.
@@ -119,7 +121,7 @@ fn a_320_kb_command_is_refused_unread_and_the_log_keeps_only_bounded_lines() {
     }
     // An unknown command under the cap is named, but only its first characters.
     peer.publish(&cmd, format!("dance{}", "y".repeat(200)));
-    let m = metrics_when(&peer, &metrics, |v| num(v, "rejected_total") >= 21.0);
+    let m = metrics_when(peer, &metrics, |v| num(v, "rejected_total") >= 21.0);
     assert_eq!(num(&m, "oversized_total"), 20.0, "{m}");
     assert_eq!(num(&m, "paused"), 0.0, "{m}");
     let log = daemon.log_text();
@@ -135,19 +137,12 @@ fn a_320_kb_command_is_refused_unread_and_the_log_keeps_only_bounded_lines() {
 
 #[test]
 fn a_burst_of_commands_is_obeyed_but_logged_a_few_lines_at_a_time() {
-    let dir = tempdir();
-    let broker = Broker::start();
-    let prefix = "edgemt-test/cmd-burst";
-    let cfg = daemon_config(dir.path(), &broker, prefix, "");
-    let mut daemon = Daemon::start(&cfg, &[]);
-    let metrics = format!("{prefix}/metrics");
-    let cmd = format!("{prefix}/cmd");
-    let peer = MqttPeer::connect(broker.port, "commander", &[&metrics]);
-    let _ = metrics_when(&peer, &metrics, |_| true);
+    let (mut rig, metrics, cmd) = commander("edgemt-test/cmd-burst");
+    let (peer, daemon) = (&rig.peer, &mut rig.daemon);
     for i in 0..1000 {
         peer.publish(&cmd, if i % 2 == 0 { "pause" } else { "resume" });
     }
-    let m = metrics_when(&peer, &metrics, |v| num(v, "commands_total") >= 1000.0);
+    let m = metrics_when(peer, &metrics, |v| num(v, "commands_total") >= 1000.0);
     assert_eq!(num(&m, "commands_total"), 1000.0, "{m}");
     assert_eq!(num(&m, "paused"), 0.0, "the last word was resume: {m}");
     let log = daemon.log_text();

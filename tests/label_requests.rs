@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::broker::{daemon_config, metrics_where, num, on, Broker, Daemon, MqttPeer};
-use crate::util::{sample_with_id, stream, tempdir};
+use crate::util::broker::{num, on, Rig};
+use crate::util::{sample_with_id, stream};
 
 /// The label request messages among `msgs`, parsed.
 fn requests(msgs: &[(String, Vec<u8>)], topic: &str) -> Vec<Value> {
@@ -21,48 +21,27 @@ fn is_open(v: &Value) -> bool {
     v["open"] == true
 }
 
-struct Device {
-    broker: Broker,
-    daemon: Daemon,
-    peer: MqttPeer,
-    prefix: &'static str,
-    _dir: tempfile::TempDir,
+/// How long a test waits for the daemon to get somewhere.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A daemon that may ask about one sample in ten, with nothing saved up for disagreements
+/// (so it asks about uncertain samples too), requests open `open_s`.
+fn device(prefix: &'static str, open_s: f64) -> Rig {
+    Rig::start(
+        prefix,
+        "user",
+        &format!("[requests]\nfraction = 0.1\nburst = 1\nper_hour = 0\nopen_s = {open_s}\n"),
+        &["label_request", "metrics"],
+    )
 }
 
-impl Device {
-    /// A daemon that may ask about one sample in ten, with nothing saved up for
-    /// disagreements (so it asks about uncertain samples too), requests open `open_s`.
-    fn start(prefix: &'static str, open_s: f64) -> Device {
-        let dir = tempdir();
-        let broker = Broker::start();
-        let cfg = daemon_config(
-            dir.path(),
-            &broker,
-            prefix,
-            &format!("[requests]\nfraction = 0.1\nburst = 1\nper_hour = 0\nopen_s = {open_s}\n"),
-        );
-        let peer = MqttPeer::connect(
-            broker.port,
-            "user",
-            &[
-                &format!("{prefix}/label_request"),
-                &format!("{prefix}/metrics"),
-            ],
-        );
-        let daemon = Daemon::start(&cfg, &[]);
-        Device {
-            broker,
-            daemon,
-            peer,
-            prefix,
-            _dir: dir,
-        }
-    }
+/// What these tests do with a device: send samples, wait for label requests.
+trait Asked {
+    fn send_samples(&self, tag: &str, range: std::ops::Range<usize>);
+    fn request_where(&self, wanted: impl Fn(&Value) -> bool) -> Value;
+}
 
-    fn topic(&self, name: &str) -> String {
-        format!("{}/{name}", self.prefix)
-    }
-
+impl Asked for Rig {
     fn send_samples(&self, tag: &str, range: std::ops::Range<usize>) {
         let samples = stream(range.end);
         for i in range {
@@ -82,29 +61,18 @@ impl Device {
         requests(&got, &topic)
             .into_iter()
             .find(|v| wanted(v))
-            .unwrap_or_else(|| panic!("no such label request; the daemon said:\n{}", self.log()))
-    }
-
-    /// Waits for a metrics message that `done` accepts.
-    fn metrics_where(&self, done: impl Fn(&Value) -> bool) -> Value {
-        let topic = self.topic("metrics");
-        metrics_where(
-            &self.peer,
-            &topic,
-            &self.daemon,
-            Duration::from_secs(30),
-            done,
-        )
-    }
-
-    fn log(&self) -> String {
-        self.daemon.log_text()
+            .unwrap_or_else(|| {
+                panic!(
+                    "no such label request; the daemon said:\n{}",
+                    self.daemon.log_text()
+                )
+            })
     }
 }
 
 #[test]
 fn the_daemon_asks_within_its_budget_and_takes_answers_by_class_name_and_by_id() {
-    let mut d = Device::start("edgemt-test/requests", 600.0);
+    let mut d = device("edgemt-test/requests", 600.0);
     // A fresh start says that nothing is asked (replacing what a previous run left).
     let first = d.request_where(|_| true);
     assert!(!is_open(&first), "{first}");
@@ -118,8 +86,9 @@ fn the_daemon_asks_within_its_budget_and_takes_answers_by_class_name_and_by_id()
     assert!(options.contains(&r1["served"]), "{r1}");
     assert!(["disagreement", "uncertain"].contains(&r1["reason"].as_str().unwrap()));
     // One request open at a time: the other 199 samples raise none while it waits.
-    let m = d
-        .metrics_where(|v| num(v, "predictions_total") >= 200.0 && num(v, "requests_total") >= 1.0);
+    let m = d.metrics_where(WAIT, |v| {
+        num(v, "predictions_total") >= 200.0 && num(v, "requests_total") >= 1.0
+    });
     assert_eq!(num(&m, "requests_total"), 1.0, "{m}");
     assert_eq!(num(&m, "requests_open"), 1.0, "{m}");
 
@@ -128,14 +97,14 @@ fn the_daemon_asks_within_its_budget_and_takes_answers_by_class_name_and_by_id()
     d.peer.publish(&d.topic("label_request/answer"), "WALKING");
     let closed = d.request_where(|v| !is_open(v));
     assert!(!is_open(&closed));
-    let m = d.metrics_where(|v| {
+    let m = d.metrics_where(WAIT, |v| {
         num(v, "requests_answered_total") == 1.0 && num(v, "feedback_total") == 1.0
     });
     assert_eq!(num(&m, "requests_open"), 0.0, "{m}");
 
     // With none open, an answer goes nowhere: refused and counted.
     d.peer.publish(&d.topic("label_request/answer"), "SITTING");
-    d.metrics_where(|v| num(v, "answers_refused_total") == 1.0);
+    d.metrics_where(WAIT, |v| num(v, "answers_refused_total") == 1.0);
 
     // A new request, answered by its id on the labels topic.
     d.send_samples("b", 0..200);
@@ -146,7 +115,7 @@ fn the_daemon_asks_within_its_budget_and_takes_answers_by_class_name_and_by_id()
         &d.topic("labels"),
         serde_json::json!({ "id": id2, "label": 3 }).to_string(),
     );
-    let m = d.metrics_where(|v| num(v, "requests_answered_total") == 2.0);
+    let m = d.metrics_where(WAIT, |v| num(v, "requests_answered_total") == 2.0);
     assert_eq!(num(&m, "feedback_total"), 2.0, "{m}");
 
     // An answer naming another request than the open one is refused, and leaves it open.
@@ -157,7 +126,7 @@ fn the_daemon_asks_within_its_budget_and_takes_answers_by_class_name_and_by_id()
         &d.topic("label_request/answer"),
         serde_json::json!({ "label": "LAYING", "id": id1 }).to_string(),
     );
-    let m = d.metrics_where(|v| num(v, "answers_refused_total") == 2.0);
+    let m = d.metrics_where(WAIT, |v| num(v, "answers_refused_total") == 2.0);
     assert_eq!(num(&m, "requests_open"), 1.0, "{m}: {r3}");
     assert_eq!(num(&m, "requests_answered_total"), 2.0);
     // Never more than the budget: a tenth of the samples seen.
@@ -166,24 +135,23 @@ fn the_daemon_asks_within_its_budget_and_takes_answers_by_class_name_and_by_id()
         "{m}"
     );
     assert!(d.daemon.terminate().0.success());
-    drop(d.broker);
 }
 
 #[test]
 fn an_unanswered_request_expires_is_counted_and_its_late_answer_is_refused() {
-    let mut d = Device::start("edgemt-test/expiry", 1.0);
+    let mut d = device("edgemt-test/expiry", 1.0);
     d.send_samples("a", 0..100);
     let r = d.request_where(is_open);
     let id = r["id"].as_str().unwrap().to_string();
     let closed = d.request_where(|v| !is_open(v));
     assert!(!is_open(&closed));
-    let m = d.metrics_where(|v| num(v, "requests_expired_total") >= 1.0);
+    let m = d.metrics_where(WAIT, |v| num(v, "requests_expired_total") >= 1.0);
     assert_eq!(num(&m, "requests_answered_total"), 0.0);
     d.peer.publish(
         &d.topic("label_request/answer"),
         serde_json::json!({ "label": "WALKING", "id": id }).to_string(),
     );
-    let m = d.metrics_where(|v| num(v, "answers_refused_total") == 1.0);
+    let m = d.metrics_where(WAIT, |v| num(v, "answers_refused_total") == 1.0);
     assert_eq!(
         num(&m, "feedback_total"),
         0.0,
@@ -196,7 +164,7 @@ fn an_unanswered_request_expires_is_counted_and_its_late_answer_is_refused() {
 fn answered_requests_make_the_gate_serve_the_adapted_teacher_on_a_shifted_sensor() {
     // The shipped target stream (a sensor mounted differently), no calibration: the adapted
     // teacher becomes better than the pretrained model, and only the answers can show it.
-    let d = Device::start("edgemt-test/requests-gate", 600.0);
+    let d = device("edgemt-test/requests-gate", 600.0);
     let samples = stream(771);
     let truth = |id: &str| -> usize {
         let i: usize = id[1..].parse().unwrap();
@@ -247,7 +215,7 @@ fn answered_requests_make_the_gate_serve_the_adapted_teacher_on_a_shifted_sensor
             }
         }
     }
-    let m = d.metrics_where(|v| num(v, "serving_adapted") == 1.0);
+    let m = d.metrics_where(WAIT, |v| num(v, "serving_adapted") == 1.0);
     assert!(num(&m, "gate_switches_total") >= 1.0, "{m}");
     assert!(num(&m, "requests_answered_total") >= 10.0, "{m}");
     assert!(

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::broker::{daemon_config, metrics_where, num, Broker, Daemon, MqttPeer};
-use crate::util::{recording_lines, sample_with_id, tempdir};
+use crate::util::broker::{num, Rig};
+use crate::util::{recording_lines, sample_with_id};
 
 const SITTING: u64 = 3;
 const STANDING: u64 = 4;
@@ -24,41 +24,26 @@ fn swapped_label(i: usize, truth: u64) -> Option<u64> {
     })
 }
 
-struct Device {
-    _broker: Broker,
-    daemon: Daemon,
-    peer: MqttPeer,
-    prefix: &'static str,
-    _dir: tempfile::TempDir,
+/// How long a test waits for the daemon to get somewhere.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn device(prefix: &'static str, extra: &str) -> Rig {
+    Rig::start(
+        prefix,
+        "operator",
+        &format!(
+            "[control]\nallow = [\"pause\", \"resume\", \"accept_labels\"]\n[requests]\nenabled = false\n{extra}"
+        ),
+        &["metrics"],
+    )
 }
 
-impl Device {
-    fn start(prefix: &'static str, extra: &str) -> Device {
-        let dir = tempdir();
-        let broker = Broker::start();
-        let cfg = daemon_config(
-            dir.path(),
-            &broker,
-            prefix,
-            &format!(
-                "[control]\nallow = [\"pause\", \"resume\", \"accept_labels\"]\n[requests]\nenabled = false\n{extra}"
-            ),
-        );
-        let peer = MqttPeer::connect(broker.port, "operator", &[&format!("{prefix}/metrics")]);
-        let daemon = Daemon::start(&cfg, &[]);
-        Device {
-            _broker: broker,
-            daemon,
-            peer,
-            prefix,
-            _dir: dir,
-        }
-    }
+/// What these tests send a device.
+trait Swapped {
+    fn send_swapped_control(&self, inline: bool);
+}
 
-    fn topic(&self, name: &str) -> String {
-        format!("{}/{name}", self.prefix)
-    }
-
+impl Swapped for Rig {
     /// The shipped control recording, twice, with the swap: on the labels topic by id, or
     /// inline in the samples.
     fn send_swapped_control(&self, inline: bool) {
@@ -90,17 +75,6 @@ impl Device {
             }
         }
     }
-
-    fn metrics_where(&self, done: impl Fn(&Value) -> bool) -> Value {
-        let topic = self.topic("metrics");
-        metrics_where(
-            &self.peer,
-            &topic,
-            &self.daemon,
-            Duration::from_secs(60),
-            done,
-        )
-    }
 }
 
 fn swap_is_disputed_and_the_pretrained_model_stays_served(prefix: &'static str, inline: bool) {
@@ -109,10 +83,10 @@ fn swap_is_disputed_and_the_pretrained_model_stays_served(prefix: &'static str, 
     } else {
         ""
     };
-    let mut d = Device::start(prefix, extra);
+    let mut d = device(prefix, extra);
     d.send_swapped_control(inline);
     // Everything taken in and learned from (so nothing arrives after the operator's word).
-    let m = d.metrics_where(|v| {
+    let m = d.metrics_where(WAIT, |v| {
         num(v, "samples_total") >= 2.0 * 545.0
             && num(v, "input_queue") == 0.0
             && num(v, "train_queue") == 0.0
@@ -135,7 +109,7 @@ fn swap_is_disputed_and_the_pretrained_model_stays_served(prefix: &'static str, 
     // The operator says the classes really changed their meaning: the held labels are
     // released and the dispute lowered.
     d.peer.publish(&d.topic("cmd"), "accept_labels");
-    let m = d.metrics_where(|v| num(v, "labels_disputed") == 0.0);
+    let m = d.metrics_where(WAIT, |v| num(v, "labels_disputed") == 0.0);
     assert!(num(&m, "labels_released_total") >= 5.0, "{m}");
     assert_eq!(num(&m, "labels_holding"), 0.0, "{m}");
     assert!(d.daemon.terminate().0.success());
@@ -153,9 +127,9 @@ fn a_swap_inline_on_the_samples_topic_is_disputed_when_inline_labels_are_enabled
 
 #[test]
 fn inline_labels_are_ignored_and_counted_by_default() {
-    let mut d = Device::start("edgemt-test/trust-inline-off", "");
+    let mut d = device("edgemt-test/trust-inline-off", "");
     d.send_swapped_control(true);
-    let m = d.metrics_where(|v| num(v, "samples_total") >= 2.0 * 545.0);
+    let m = d.metrics_where(WAIT, |v| num(v, "samples_total") >= 2.0 * 545.0);
     // 2 passes × 109 labeled lines.
     assert_eq!(num(&m, "inline_labels_ignored_total"), 218.0, "{m}");
     assert_eq!(num(&m, "labels_total"), 0.0, "{m}");

@@ -624,6 +624,21 @@ mod tests {
         )
     }
 
+    /// Forty labels of classes 0 and 1 in turn, every third one swapped and placed far from
+    /// the others (so the neighbours cannot tell): only the pair's signature can. `sure` is
+    /// the pretrained model's confidence in each class. Returns how many raised the dispute.
+    fn swap(t: &mut LabelTrust, sure: [f32; 2]) -> usize {
+        (0..40)
+            .map(|i| {
+                let y = i % 2;
+                let (label, at) = if i % 3 == 2 { (1 - y, 9.0) } else { (y, 0.0) };
+                let e = [at, y as f32];
+                let j = t.judge(&[], arr1(&e).view(), label, LabelSource::ById, (y, sure[y]));
+                j.raised as usize
+            })
+            .sum()
+    }
+
     fn judge(t: &mut LabelTrust, e: [f32; 2], label: usize, pretrained: usize) -> Judged {
         t.judge(
             &[],
@@ -667,16 +682,8 @@ mod tests {
     #[test]
     fn contradictions_both_ways_in_one_pair_raise_the_dispute_and_an_operator_accepts_them() {
         let mut t = trust();
-        let mut raised = 0;
-        for i in 0..40 {
-            let y = i % 2;
-            // Every fifth label of each class is swapped, far from the others (so the
-            // neighbours cannot tell): only the pair's signature can.
-            let (label, at) = if i % 3 == 2 { (1 - y, 9.0) } else { (y, 0.0) };
-            raised += judge(&mut t, [at, y as f32], label, y).raised as usize;
-        }
+        assert_eq!(swap(&mut t, [0.99, 0.99]), 1);
         assert_eq!(t.disputed(), Some((0, 1)));
-        assert_eq!(raised, 1);
         // While disputed, the pair's contradicting labels are held even with support.
         assert_eq!(judge(&mut t, [9.0, 0.0], 1, 0).verdict, Verdict::Held);
         assert!(!t.accept().is_empty());
@@ -697,14 +704,8 @@ mod tests {
             2,
             2,
         );
-        for i in 0..40 {
-            let y = i % 2;
-            let (label, at) = if i % 3 == 2 { (1 - y, 9.0) } else { (y, 0.0) };
-            // Sure of class 0, only fairly sure (0.85) of class 1.
-            let sure = if y == 0 { 0.99 } else { 0.85 };
-            let e = [at, y as f32];
-            t.judge(&[], arr1(&e).view(), label, LabelSource::ById, (y, sure));
-        }
+        // Sure of class 0, only fairly sure (0.85) of class 1.
+        swap(&mut t, [0.99, 0.85]);
         assert_eq!(t.disputed(), Some((0, 1)));
         // Held while disputed, though below `confidence`.
         let j = t.judge(
@@ -729,11 +730,7 @@ mod tests {
     #[test]
     fn the_memory_comes_back_with_its_dispute_and_a_foreign_one_changes_nothing() {
         let mut t = trust();
-        for i in 0..40 {
-            let y = i % 2;
-            let (label, at) = if i % 3 == 2 { (1 - y, 9.0) } else { (y, 0.0) };
-            judge(&mut t, [at, y as f32], label, y);
-        }
+        swap(&mut t, [0.99, 0.99]);
         assert_eq!(t.disputed(), Some((0, 1)));
         let saved = t.memory();
         assert_eq!(saved.labels.len(), 40);

@@ -835,3 +835,53 @@ pub fn mosquitto_pub(port: u16, topic: &str, message: &str) {
         .success();
     assert!(ok);
 }
+
+/// A broker, a daemon on it under `prefix` with `extra` config, and a peer subscribed (before
+/// the daemon starts, so it misses nothing) to `topics` under the prefix: where most daemon
+/// tests start. Dropped, it stops the daemon, then the broker.
+pub struct Rig {
+    pub daemon: Daemon,
+    pub peer: MqttPeer,
+    pub broker: Broker,
+    pub prefix: &'static str,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    pub fn start(prefix: &'static str, peer_id: &str, extra: &str, topics: &[&str]) -> Rig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let broker = Broker::start();
+        let cfg = daemon_config(dir.path(), &broker, prefix, extra);
+        let topics: Vec<String> = topics.iter().map(|t| format!("{prefix}/{t}")).collect();
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let peer = MqttPeer::connect(broker.port, peer_id, &topics);
+        let daemon = Daemon::start(&cfg, &[]);
+        Rig {
+            daemon,
+            peer,
+            broker,
+            prefix,
+            _dir: dir,
+        }
+    }
+
+    /// `{prefix}/{name}`.
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}/{name}", self.prefix)
+    }
+
+    /// [`metrics_where`] on this rig's metrics topic (the peer must subscribe to it).
+    pub fn metrics_where(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        metrics_where(
+            &self.peer,
+            &self.topic("metrics"),
+            &self.daemon,
+            timeout,
+            done,
+        )
+    }
+}
