@@ -432,6 +432,12 @@ impl Section for GateConfig {
                 message: format!("must be in (0, 1), got {}", self.alpha),
             });
         }
+        if !(self.fallback > 0.0 && self.fallback <= 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "gate.fallback",
+                message: format!("must be in (0, 1], got {}", self.fallback),
+            });
+        }
         positive("gate.window", self.window as u64)
     }
 }

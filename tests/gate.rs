@@ -308,10 +308,22 @@ fn delays(
     p_after: f32,
     done: impl Fn(&Gate) -> bool,
 ) -> Vec<usize> {
+    delays_with(&GateConfig::default(), seed, streams, before, p_after, done)
+}
+
+/// [`delays`] with gates configured by `cfg`.
+fn delays_with(
+    cfg: &GateConfig,
+    seed: u64,
+    streams: usize,
+    before: (usize, f32),
+    p_after: f32,
+    done: impl Fn(&Gate) -> bool,
+) -> Vec<usize> {
     let mut rng = Rng::new(seed);
     let mut out: Vec<usize> = (0..streams)
         .map(|_| {
-            let mut g = gate();
+            let mut g = Gate::new(cfg.clone());
             for _ in 0..before.0 {
                 let w = rng.uniform() < before.1;
                 g.record(w, !w);
@@ -365,4 +377,49 @@ fn a_teacher_that_turns_worse_after_a_long_good_run_loses_the_gate_within_a_few_
     // Measured: 6 and 12 (stakes up to 0.5 only: 11 and 19).
     assert!(median <= 14, "{median}");
     assert!(p90 <= 24, "{p90}");
+}
+
+/// `fallback` below 1: once served, the teacher keeps the gate until the wealth falls under
+/// fallback/alpha. It switches on exactly the same evidence (so the chance of ever serving a
+/// teacher no better than the pretrained model is unchanged), and falls back later.
+#[test]
+fn a_fallback_below_one_switches_on_the_same_evidence_and_falls_back_later() {
+    let sticky_cfg = GateConfig {
+        fallback: 0.5,
+        ..GateConfig::default()
+    };
+    let mut sticky = Gate::new(sticky_cfg.clone());
+    let mut plain = gate();
+    let mut rng = Rng::new(9);
+    // Evidence that hovers around the threshold: the same outcomes to both.
+    let (mut sticky_switches, mut first) = (0, [None, None]);
+    for i in 0..400 {
+        let w = rng.uniform() < 0.6;
+        let (a, b) = (plain.record(w, !w), sticky.record(w, !w));
+        if first[0].is_none() && a == Some(Serving::Adapted) {
+            first[0] = Some(i);
+        }
+        if first[1].is_none() && b == Some(Serving::Adapted) {
+            first[1] = Some(i);
+        }
+        sticky_switches += usize::from(b.is_some());
+    }
+    assert!(first[0].is_some(), "the teacher was served at some point");
+    assert_eq!(first[0], first[1], "switched at the same label");
+    assert!(
+        sticky_switches < plain.switches() as usize,
+        "{sticky_switches} vs {}",
+        plain.switches()
+    );
+
+    let fell_back = |g: &Gate| g.serving() == Serving::Pretrained;
+    let plain_median = quantile(&delays(5, 400, (1000, 0.75), 0.25, fell_back), 0.5);
+    let sticky_d = delays_with(&sticky_cfg, 5, 400, (1000, 0.75), 0.25, fell_back);
+    let sticky_median = quantile(&sticky_d, 0.5);
+    eprintln!("P(win) 0.75 then 0.25: fell back after {plain_median} (fallback 1), {sticky_median} (0.5) median");
+    // Measured: 6 and 14.
+    assert!(
+        sticky_median > plain_median && sticky_median <= 2 * plain_median + 4,
+        "{sticky_median} vs {plain_median}"
+    );
 }

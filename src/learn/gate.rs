@@ -28,6 +28,12 @@ pub struct GateConfig {
     /// Most recent discordant labels kept for checkpoints and telemetry; a restart recomputes
     /// the wealth from them.
     pub window: usize,
+    /// Once the teacher is served, it stays served until the wealth falls below
+    /// `fallback`/`alpha` (1: no hysteresis). Switching still needs 1/`alpha`, so the chance
+    /// that a teacher no better than the pretrained model is ever served stays `alpha`; what
+    /// a lower value costs is a slower fall-back from a teacher that turns worse (tests/gate.rs
+    /// measures both sides).
+    pub fallback: f64,
 }
 
 impl Default for GateConfig {
@@ -36,6 +42,7 @@ impl Default for GateConfig {
             enabled: true,
             alpha: 0.05,
             window: 200,
+            fallback: 1.0,
         }
     }
 }
@@ -232,7 +239,11 @@ impl Gate {
     }
 
     fn decide(&mut self) -> Option<Serving> {
-        let now = if !self.cfg.enabled || self.e_value() >= 1.0 / self.cfg.alpha {
+        let needed = match self.serving {
+            Serving::Adapted => self.cfg.fallback / self.cfg.alpha,
+            Serving::Pretrained => 1.0 / self.cfg.alpha,
+        };
+        let now = if !self.cfg.enabled || self.e_value() >= needed {
             Serving::Adapted
         } else {
             Serving::Pretrained
