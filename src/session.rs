@@ -801,7 +801,7 @@ impl Session {
             kept = raw;
         }
         self.set_mounting(r);
-        self.learner.reset();
+        self.learner.new_frame();
         if !labels.is_empty() {
             let x = mount_batch(self.mounting.as_ref(), &kept, &mut self.mounted).to_vec();
             let mut emb = Array2::zeros((0, 0));

@@ -32,7 +32,7 @@ fn device(prefix: &'static str, extra: &str) -> Rig {
         prefix,
         "operator",
         &format!(
-            "[control]\nallow = [\"pause\", \"resume\", \"accept_labels\"]\n[requests]\nenabled = false\n{extra}"
+            "[control]\nallow = [\"pause\", \"resume\", \"accept_labels\", \"reset\"]\n[requests]\nenabled = false\n{extra}"
         ),
         &["metrics"],
     )
@@ -105,6 +105,15 @@ fn swap_is_disputed_and_the_pretrained_model_stays_served(prefix: &'static str, 
     assert!(
         dispute.contains(&format!("came from: {door} ")),
         "{dispute}"
+    );
+    // A reset goes back to the pretrained model but lowers nothing: the dispute stands and
+    // the totals do not count down.
+    d.peer.publish(&d.topic("cmd"), "reset");
+    let after = d.metrics_where(WAIT, |v| num(v, "resets_total") >= 1.0);
+    assert_eq!(num(&after, "labels_disputed"), 1.0, "{after}");
+    assert!(
+        num(&after, "labels_held_total") >= num(&m, "labels_held_total"),
+        "{after}"
     );
     // The operator says the classes really changed their meaning: the held labels are
     // released and the dispute lowered.

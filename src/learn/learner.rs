@@ -726,8 +726,17 @@ impl Learner {
 
     /// Back to the pretrained model with empty buffers, as if just started with the same
     /// seed; the teacher version keeps counting up so a reset teacher is told from an old one.
+    ///
+    /// Label trust is kept: what it knows is about the labels and the pretrained model, which
+    /// a reset does not change, and a reset must not lower a dispute or forget an operator's
+    /// word (nor count its totals down). A new mounting starts its memory over instead
+    /// ([`Learner::new_frame`]).
     pub fn reset(&mut self) {
         let version = self.counters.teacher_version + 1;
+        let trust = std::mem::replace(
+            &mut self.trust,
+            LabelTrust::new(TrustConfig::default(), 0, 0),
+        );
         *self = Learner::new(
             self.pretrained.clone(),
             self.layout,
@@ -739,6 +748,15 @@ impl Learner {
             self.seed,
         );
         self.counters.teacher_version = version;
+        self.trust = trust;
+    }
+
+    /// [`Learner::reset`] for a new mounting: the embeddings and the pretrained model's answers
+    /// label trust remembers belong to the old one, so its memory starts over (the pairs an
+    /// operator accepted stay).
+    pub fn new_frame(&mut self) {
+        self.reset();
+        self.trust.new_frame();
     }
 
     /// A copy of what the learner has learned.

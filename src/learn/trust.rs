@@ -428,6 +428,22 @@ impl LabelTrust {
         out
     }
 
+    /// Forgets the memory, the held labels (counted as dropped) and a dispute, keeping the
+    /// accepted pairs and the totals: the inputs are now seen through another mounting.
+    pub fn new_frame(&mut self) {
+        self.counts.dropped += self.held.len() as u64;
+        self.held.clear();
+        self.labels.clear();
+        self.seqs.clear();
+        self.pretrained.clear();
+        self.next_seq = 0;
+        if self.disputed.take().is_some() {
+            tracing::info!(
+                "labels no longer disputed: a new mounting starts label trust's memory over"
+            );
+        }
+    }
+
     /// The memory and the accepted pairs, for a checkpoint.
     pub fn memory(&self) -> TrustMemory {
         let mut order: Vec<usize> = (0..self.labels.len()).collect();
