@@ -656,13 +656,17 @@ mod tests {
     }
 
     fn judge(t: &mut LabelTrust, e: [f32; 2], label: usize, pretrained: usize) -> Judged {
-        t.judge(
-            &[],
-            arr1(&e).view(),
-            label,
-            LabelSource::ById,
-            (pretrained, 0.99),
-        )
+        judge_sure(t, e, label, (pretrained, 0.99))
+    }
+
+    /// A label on `e` where the pretrained model says `pretrained` (class, confidence).
+    fn judge_sure(
+        t: &mut LabelTrust,
+        e: [f32; 2],
+        label: usize,
+        pretrained: (usize, f32),
+    ) -> Judged {
+        t.judge(&[], arr1(&e).view(), label, LabelSource::ById, pretrained)
     }
 
     #[test]
@@ -724,22 +728,10 @@ mod tests {
         swap(&mut t, [0.99, 0.85]);
         assert_eq!(t.disputed(), Some((0, 1)));
         // Held while disputed, though below `confidence`.
-        let j = t.judge(
-            &[],
-            arr1(&[9.0, 1.0]).view(),
-            0,
-            LabelSource::ById,
-            (1, 0.85),
-        );
+        let j = judge_sure(&mut t, [9.0, 1.0], 0, (1, 0.85));
         assert_eq!(j.verdict, Verdict::Held);
         // Below `dispute_confidence` the model is not defended, disputed or not.
-        let j = t.judge(
-            &[],
-            arr1(&[9.0, 1.0]).view(),
-            0,
-            LabelSource::ById,
-            (1, 0.7),
-        );
+        let j = judge_sure(&mut t, [9.0, 1.0], 0, (1, 0.7));
         assert_eq!(j.verdict, Verdict::Believed);
     }
 
@@ -767,13 +759,7 @@ mod tests {
         for i in 0..5 {
             judge(&mut t, [0.0, i as f32], 0, 0);
         }
-        let j = t.judge(
-            &[],
-            arr1(&[0.0, 0.0]).view(),
-            1,
-            LabelSource::ById,
-            (0, 0.6),
-        );
+        let j = judge_sure(&mut t, [0.0, 0.0], 1, (0, 0.6));
         assert_eq!(j.verdict, Verdict::Believed);
     }
 
