@@ -4,6 +4,7 @@
 //! per topic per minute in the log and as the systemd STATUS line, and does not stall the
 //! daemon's other outputs.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use edgemt::daemon::ingest::Topics;
@@ -110,28 +111,40 @@ fn broker_with_acl(dir: &std::path::Path, acl: &str) -> Broker {
 
 const DAEMON_LOGIN: &str = "username = \"edgemt\"\npassword = \"daemon-pw\"\nqos = 1\n";
 
-#[test]
-fn under_the_shipped_acl_at_qos_1_the_broker_refuses_nothing_and_the_state_topic_gets_through() {
-    let dir = tempdir();
-    let acl = std::fs::read_to_string(util::path("packaging/mosquitto/edgemt.acl")).unwrap();
-    let broker = broker_with_acl(dir.path(), &acl);
-    let prefix = "edgemt/shipped-acl";
-    let t = |s: &str| format!("{prefix}/{s}");
+/// A broker under `acl` and the config of a daemon logged in as `edgemt` at QoS 1 under
+/// `prefix`, publishing its state every 0.2 s.
+fn under_acl(dir: &Path, acl: &str, prefix: &str) -> (Broker, PathBuf) {
+    let broker = broker_with_acl(dir, acl);
     let cfg = daemon_config_mqtt(
-        dir.path(),
+        dir,
         &broker,
         prefix,
         DAEMON_LOGIN,
         "state_interval_s = 0.2\n",
     );
+    (broker, cfg)
+}
+
+/// The operator (reading `topics` under `prefix`) and the sensor, logged in.
+fn operator_and_sensor(port: u16, topics: &[&str]) -> (MqttPeer, MqttPeer) {
+    let operator =
+        MqttPeer::connect_with(port, "operator", topics, login("operator", "operator-pw"));
+    let sensor = MqttPeer::connect_with(port, "sensor", &[], login("sensor", "sensor-pw"));
+    (operator, sensor)
+}
+
+#[test]
+fn under_the_shipped_acl_at_qos_1_the_broker_refuses_nothing_and_the_state_topic_gets_through() {
+    let dir = tempdir();
+    let acl = std::fs::read_to_string(util::path("packaging/mosquitto/edgemt.acl")).unwrap();
+    let prefix = "edgemt/shipped-acl";
+    let t = |s: &str| format!("{prefix}/{s}");
+    let (broker, cfg) = under_acl(dir.path(), &acl, prefix);
     let mut daemon = Daemon::start(&cfg, &[]);
-    let operator = MqttPeer::connect_with(
+    let (operator, sensor) = operator_and_sensor(
         broker.port,
-        "operator",
         &[&t("metrics"), &t("state"), &t("label_request")],
-        login("operator", "operator-pw"),
     );
-    let sensor = MqttPeer::connect_with(broker.port, "sensor", &[], login("sensor", "sensor-pw"));
     let _ = operator.collect_until(Duration::from_secs(15), |m| {
         on(m, &t("metrics")).count() > 0
     });
@@ -178,25 +191,15 @@ fn an_acl_that_denies_predictions_at_qos_1_is_counted_told_once_a_minute_and_in_
         .filter(|l| !denied.contains(l))
         .map(|l| format!("{l}\n"))
         .collect();
-    let broker = broker_with_acl(dir.path(), &acl);
     let prefix = "edgemt/denied";
     let t = |s: &str| format!("{prefix}/{s}");
-    let cfg = daemon_config_mqtt(
-        dir.path(),
-        &broker,
-        prefix,
-        DAEMON_LOGIN,
-        "state_interval_s = 0.2\n",
-    );
+    let (broker, cfg) = under_acl(dir.path(), &acl, prefix);
     let mut notes = Notifications::bind(dir.path());
     let mut daemon = Daemon::start(&cfg, &[notes.env()]);
-    let operator = MqttPeer::connect_with(
+    let (operator, sensor) = operator_and_sensor(
         broker.port,
-        "operator",
         &[&t("metrics"), &t("state"), &t("predictions")],
-        login("operator", "operator-pw"),
     );
-    let sensor = MqttPeer::connect_with(broker.port, "sensor", &[], login("sensor", "sensor-pw"));
     let _ = operator.collect_until(Duration::from_secs(15), |m| {
         on(m, &t("metrics")).count() > 0
     });
