@@ -8,12 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgemt::checkpoint::{CheckpointStore, Identity};
 use edgemt::config::Config;
-use edgemt::learn::{Learner, Serving};
+use edgemt::learn::Serving;
 use edgemt::model::export::{write_adapted, Adapted};
 use edgemt::model::{Classifier, HeadSelection};
 use edgemt::replay::{replay, LabelBudget, Progress, ReplayOptions};
 use edgemt::session::PredictionMessage;
-use edgemt::stream::Layout;
 
 #[derive(Parser)]
 #[command(
@@ -347,16 +346,7 @@ fn export_cmd(
     )?;
     // A learner restored from the checkpoint, so the gate decides here as it does on the
     // device (its evidence is saved; the wealth is recomputed from it).
-    let mut learner = Learner::new(
-        classifier.pretrained(),
-        Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis),
-        &cfg.learn,
-        &cfg.augment,
-        &cfg.guard,
-        &cfg.gate,
-        &cfg.trust,
-        0,
-    );
+    let mut learner = edgemt::session::learner_for(&classifier, &cfg, 0);
     let restored = store.restore_latest(&mut learner).with_context(|| {
         format!(
             "no valid checkpoint for this model in {}",
@@ -365,21 +355,20 @@ fn export_cmd(
     })?;
     let manifest = &restored.manifest;
     let version = manifest.counters.teacher_version;
-    let mounting = manifest.mounting.as_ref().map(|m| m.name.clone());
+    let mounting = manifest.mounting.as_ref().map(|m| m.name.as_str());
     let serving = learner.serving();
     let (head, what) = if teacher {
         let served = match serving {
             Serving::Adapted => "it is also the served model".to_string(),
-            Serving::Pretrained => format!(
-                "the device serves {} instead",
-                serving.describe(mounting.as_deref())
-            ),
+            Serving::Pretrained => {
+                format!("the device serves {} instead", serving.describe(mounting))
+            }
         };
         (
             learner.teacher(),
             format!(
                 "{} (--teacher; {served})",
-                Serving::Adapted.describe(mounting.as_deref())
+                Serving::Adapted.describe(mounting)
             ),
         )
     } else {
@@ -387,7 +376,7 @@ fn export_cmd(
             learner.served(),
             format!(
                 "the served model, {}, because {}{}",
-                serving.describe(mounting.as_deref()),
+                serving.describe(mounting),
                 learner.serving_reason(),
                 match serving {
                     Serving::Pretrained => "; --teacher writes the adapted teacher",
@@ -549,11 +538,7 @@ fn print_summary(r: &edgemt::replay::Report) {
         "samples {} (labeled {}, scored {}, rejected {})",
         r.samples, r.labeled, r.scored, r.rejected
     );
-    let adopted = r
-        .calibration
-        .as_ref()
-        .map(|c| c.adopted.as_str())
-        .filter(|m| *m != "x,y,z");
+    let adopted = r.adopted_mounting();
     if let Some(c) = &r.calibration {
         match c.adoptions.as_slice() {
             [] => println!(
@@ -599,12 +584,13 @@ fn print_summary(r: &edgemt::replay::Report) {
     let g = &r.gate;
     let switches = match g.switches.as_slice() {
         [] => "no switches".to_string(),
-        s => s
-            .iter()
-            .map(|s| format!("to {} at sample {}", s.serving.describe(adopted), s.sample))
-            .collect::<Vec<_>>()
-            .join(", ")
-            .replacen("to ", "switched to ", 1),
+        s => {
+            let each: Vec<String> = s
+                .iter()
+                .map(|s| format!("to {} at sample {}", s.serving.describe(adopted), s.sample))
+                .collect();
+            format!("switched {}", each.join(", "))
+        }
     };
     println!(
         "served at the end: {}, because {}; {switches}",

@@ -116,7 +116,7 @@ fn draw_title<DB: DrawingBackend>(
     recording: &str,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let a = &r.prequential_accuracy;
-    let adopted = adopted(r);
+    let adopted = r.adopted_mounting();
     let baseline = match (adopted, first_adoption(r)) {
         (Some(m), Some(at)) => format!(
             "calibrated {} (the pretrained model, behind mounting {m} from sample {at})",
@@ -222,14 +222,6 @@ fn draw_legend<DB: DrawingBackend>(
     Ok(())
 }
 
-/// The mounting adopted at the end, unless it is the device's own axes.
-fn adopted(r: &Report) -> Option<&str> {
-    r.calibration
-        .as_ref()
-        .map(|c| c.adopted.as_str())
-        .filter(|&m| m != "x,y,z")
-}
-
 /// Changes of the adopted mounting: at which sample, to what.
 fn adoptions(r: &Report) -> &[(usize, String)] {
     r.calibration
@@ -244,7 +236,7 @@ fn first_adoption(r: &Report) -> Option<usize> {
 /// `value` of each timeline point averaged, with `weight`, over the points of the
 /// [`SMOOTHING_SAMPLES`] samples up to it; points of weight 0 (no truth in their window)
 /// are left out, as their own values are not measurements.
-pub fn smoothed(
+fn smoothed(
     r: &Report,
     value: impl Fn(&TimelinePoint) -> f64,
     weight: impl Fn(&TimelinePoint) -> f64,
@@ -378,7 +370,7 @@ fn draw_holdout<DB: DrawingBackend>(
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     // The served and adapted models see the holdout through the adopted mounting, the
     // pretrained baseline sees the device's own axes: say so when they differ.
-    let mounting = adopted(r);
+    let mounting = r.adopted_mounting();
     let served = match (r.gate.serving, mounting) {
         (Serving::Adapted, _) => format!("served: {TEACHER}"),
         (Serving::Pretrained, None) => format!("served: {PRETRAINED}"),

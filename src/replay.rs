@@ -170,6 +170,18 @@ pub struct CalibrationReport {
     pub stale: u64,
 }
 
+impl Report {
+    /// The mounting adopted at the end, unless it is the device's own axes (the summary and
+    /// the plot name the calibrated model by it).
+    pub fn adopted_mounting(&self) -> Option<&str> {
+        let identity = SignedPerm::IDENTITY.name();
+        self.calibration
+            .as_ref()
+            .map(|c| c.adopted.as_str())
+            .filter(|&m| m != identity)
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Switch {
     pub sample: usize,

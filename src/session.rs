@@ -455,6 +455,21 @@ pub struct Session {
     started: Instant,
 }
 
+/// A fresh learner on `classifier`'s pretrained trainable part with `cfg`'s sections: the
+/// session's, and the one `edgemt export` restores a checkpoint into.
+pub fn learner_for(classifier: &Classifier, cfg: &Config, seed: u64) -> Learner {
+    Learner::new(
+        classifier.pretrained(),
+        Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis),
+        &cfg.learn,
+        &cfg.augment,
+        &cfg.guard,
+        &cfg.gate,
+        &cfg.trust,
+        seed,
+    )
+}
+
 impl Session {
     /// A session on `classifier`'s pretrained trainable part, with `cfg`'s knobs and `seed`.
     /// Fails when `[calibration]` names channels the model's input does not have.
@@ -468,16 +483,7 @@ impl Session {
         } else {
             None
         };
-        let learner = Learner::new(
-            classifier.pretrained(),
-            layout,
-            &cfg.learn,
-            &cfg.augment,
-            &cfg.guard,
-            &cfg.gate,
-            &cfg.trust,
-            seed,
-        );
+        let learner = learner_for(classifier, cfg, seed);
         Ok(Session {
             learner,
             backbone: classifier.backbone.clone(),

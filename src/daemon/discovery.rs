@@ -22,16 +22,12 @@ use serde_json::{json, Value};
 
 use super::config::Command;
 use super::ingest::Topics;
-use super::telemetry::{Entity, HomeAssistant, Metric, METRICS};
+use super::telemetry::{Entity, HomeAssistant, Metric, Switch, METRICS};
 
 /// What the labelling selects always show: picking a class is an act, not a state, so the
 /// select never reads like the current activity, and picking the same class again (still
 /// walking) is a change HA's frontend sends.
 pub const NEUTRAL_OPTION: &str = "—";
-
-/// Entities earlier versions announced that this one never does (the pause and resume
-/// buttons, replaced by the "Training" switch): taken back like any other.
-const RETIRED: [(&str, &str); 2] = [("button", "pause"), ("button", "resume")];
 
 /// What discovery needs to know about this daemon.
 pub struct Announce<'a> {
@@ -91,6 +87,11 @@ impl Announce<'_> {
         self.commands.contains(&command)
     }
 
+    /// Whether a switch is obeyed both ways (else it is only shown, as a binary sensor).
+    fn switchable(&self, s: &Switch) -> bool {
+        self.allows(s.on) && self.allows(s.off)
+    }
+
     /// A metric's entity, read off the metrics message.
     fn metric(&self, m: &Metric, ha: &HomeAssistant) -> (String, Value) {
         let key = m.key;
@@ -106,11 +107,17 @@ impl Announce<'_> {
                 c["payload_off"] = json!("0");
                 return (self.topic("binary_sensor", key), c);
             }
-            Entity::Switch(s) if self.allows(s.on) && self.allows(s.off) => {
+            Entity::Switch(s) => {
                 c["value_template"] = json!(format!(
                     "{{{{ 'ON' if value_json.{key} == {} else 'OFF' }}}}",
                     s.on_value
                 ));
+                if !self.switchable(&s) {
+                    // Shown, not obeyed: a binary sensor.
+                    c["payload_on"] = json!("ON");
+                    c["payload_off"] = json!("OFF");
+                    return (self.topic("binary_sensor", key), c);
+                }
                 c["state_on"] = json!("ON");
                 c["state_off"] = json!("OFF");
                 c["command_topic"] = json!(self.topics.cmd);
@@ -121,15 +128,6 @@ impl Announce<'_> {
                 c["optimistic"] = json!(true);
                 c["entity_category"] = json!("config");
                 return (self.topic("switch", key), c);
-            }
-            Entity::Switch(s) => {
-                c["value_template"] = json!(format!(
-                    "{{{{ 'ON' if value_json.{key} == {} else 'OFF' }}}}",
-                    s.on_value
-                ));
-                c["payload_on"] = json!("ON");
-                c["payload_off"] = json!("OFF");
-                return (self.topic("binary_sensor", key), c);
             }
             Entity::Sensor(show) => show,
         };
@@ -228,7 +226,7 @@ impl Announce<'_> {
         let switched: Vec<Command> = METRICS
             .iter()
             .filter_map(|m| match m.home_assistant?.entity {
-                Entity::Switch(s) if self.allows(s.on) && self.allows(s.off) => Some([s.on, s.off]),
+                Entity::Switch(s) if self.switchable(&s) => Some([s.on, s.off]),
                 _ => None,
             })
             .flatten()
@@ -281,25 +279,33 @@ impl Announce<'_> {
     }
 
     /// Config topics of entities edgemt could announce but does not under this
-    /// configuration: those of any other `[control] allow` (all commands, or none), and
-    /// [`RETIRED`] ones. An empty retained payload on each removes the entity from HA.
-    pub fn removals(&self) -> Vec<String> {
-        let announced: BTreeSet<String> = self.messages().into_iter().map(|(t, _)| t).collect();
-        let mut possible: BTreeSet<String> = [&Command::ALL[..], &[]]
+    /// configuration, given the `announced` ones: those of any other `[control] allow`. All
+    /// commands, none, or any single one cover every entity a command adds (a switch needs
+    /// both of its commands; one alone is a button, as the pause and resume buttons of
+    /// earlier versions). An empty retained payload on each removes the entity from HA.
+    fn removals(&self, announced: &BTreeSet<String>) -> Vec<String> {
+        let singles = Command::ALL.iter().map(std::slice::from_ref);
+        let possible: BTreeSet<String> = [&Command::ALL[..], &[]]
             .into_iter()
+            .chain(singles)
             .flat_map(|commands| Announce { commands, ..*self }.messages())
             .map(|(t, _)| t)
             .collect();
-        possible.extend(RETIRED.iter().map(|(c, k)| self.topic(c, k)));
-        possible.difference(&announced).cloned().collect()
+        possible.difference(announced).cloned().collect()
     }
 
     /// What discovery publishes, retained, at every connection: each config, then an empty
-    /// payload for each [`Announce::removals`] topic.
+    /// payload for each topic of [`Announce::removals`].
     pub fn retained(&self) -> Vec<(String, Vec<u8>)> {
-        let configs = self.messages().into_iter();
-        let configs = configs.map(|(t, c)| (t, c.to_string().into_bytes()));
-        let removals = self.removals().into_iter().map(|t| (t, Vec::new()));
+        let configs = self.messages();
+        let announced = configs.iter().map(|(t, _)| t.clone()).collect();
+        let removals = self
+            .removals(&announced)
+            .into_iter()
+            .map(|t| (t, Vec::new()));
+        let configs = configs
+            .into_iter()
+            .map(|(t, c)| (t, c.to_string().into_bytes()));
         configs.chain(removals).collect()
     }
 }

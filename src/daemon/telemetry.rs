@@ -424,10 +424,11 @@ impl Metric {
         self
     }
 
-    const fn sensor(mut self, name: &'static str, show: Show) -> Self {
+    /// A Home Assistant entity named `name` (its other traits follow from the builders below).
+    const fn entity(mut self, name: &'static str, entity: Entity) -> Self {
         self.home_assistant = Some(HomeAssistant {
             name,
-            entity: Entity::Sensor(show),
+            entity,
             diagnostic: false,
             state_class: None,
             icon: None,
@@ -435,26 +436,16 @@ impl Metric {
         self
     }
 
-    const fn binary_sensor(mut self, name: &'static str) -> Self {
-        self.home_assistant = Some(HomeAssistant {
-            name,
-            entity: Entity::BinarySensor,
-            diagnostic: false,
-            state_class: None,
-            icon: None,
-        });
-        self
+    const fn sensor(self, name: &'static str, show: Show) -> Self {
+        self.entity(name, Entity::Sensor(show))
     }
 
-    const fn switch(mut self, name: &'static str, switch: Switch) -> Self {
-        self.home_assistant = Some(HomeAssistant {
-            name,
-            entity: Entity::Switch(switch),
-            diagnostic: false,
-            state_class: None,
-            icon: None,
-        });
-        self
+    const fn binary_sensor(self, name: &'static str) -> Self {
+        self.entity(name, Entity::BinarySensor)
+    }
+
+    const fn switch(self, name: &'static str, switch: Switch) -> Self {
+        self.entity(name, Entity::Switch(switch))
     }
 
     const fn icon(mut self, icon: &'static str) -> Self {
@@ -860,7 +851,8 @@ pub static METRICS: &[Metric] = &[
         |s| count(&s.counters.feedback_total),
     )
     .prometheus("feedback"),
-    // MQTT carries the share instead (feedback_accuracy).
+    // Prometheus only: with feedback_total it gives the share over matched labels, as replay
+    // reports it; feedback_accuracy (MQTT too) is over every label, inline ones included.
     Metric::counter(
         "feedback_correct",
         "Matched labels the served model had predicted",
