@@ -24,13 +24,16 @@ fn metrics_when(peer: &MqttPeer, topic: &str, done: impl Fn(&Value) -> bool) -> 
     m
 }
 
+/// How long a test waits for the daemon's metrics to get somewhere.
+const WAIT: Duration = Duration::from_secs(20);
+
 /// A daemon and a peer that sends it commands and reads its metrics, once the first metrics
-/// came (the daemon is up); with the metrics and command topics.
-fn commander(prefix: &'static str) -> (Rig, String, String) {
+/// came (the daemon is up); with the command topic.
+fn commander(prefix: &'static str) -> (Rig, String) {
     let rig = Rig::start(prefix, "commander", "", &["metrics"]);
-    let (metrics, cmd) = (rig.topic("metrics"), rig.topic("cmd"));
-    let _ = metrics_when(&rig.peer, &metrics, |_| true);
-    (rig, metrics, cmd)
+    let _ = rig.metrics_where(WAIT, |_| true);
+    let cmd = rig.topic("cmd");
+    (rig, cmd)
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -110,8 +113,8 @@ fn idle_connections_beyond_the_prometheus_cap_are_closed_at_once_and_a_scrape_st
 
 #[test]
 fn a_320_kb_command_is_refused_unread_and_the_log_keeps_only_bounded_lines() {
-    let (mut rig, metrics, cmd) = commander("edgemt-test/big-cmd");
-    let (peer, daemon) = (&rig.peer, &mut rig.daemon);
+    let (mut rig, cmd) = commander("edgemt-test/big-cmd");
+    let peer = &rig.peer;
 
     // Under mqtt.max_payload_bytes' packet limit, so the broker delivers them; 20 of them
     // used to put 6.4 MB into the log.
@@ -121,10 +124,10 @@ fn a_320_kb_command_is_refused_unread_and_the_log_keeps_only_bounded_lines() {
     }
     // An unknown command under the cap is named, but only its first characters.
     peer.publish(&cmd, format!("dance{}", "y".repeat(200)));
-    let m = metrics_when(peer, &metrics, |v| num(v, "rejected_total") >= 21.0);
+    let m = rig.metrics_where(WAIT, |v| num(v, "rejected_total") >= 21.0);
     assert_eq!(num(&m, "oversized_total"), 20.0, "{m}");
     assert_eq!(num(&m, "paused"), 0.0, "{m}");
-    let log = daemon.log_text();
+    let log = rig.daemon.log_text();
     assert!(log.len() < 16 * 1024, "{} bytes of log", log.len());
     assert!(
         log.lines().all(|l| l.len() < 700),
@@ -132,23 +135,23 @@ fn a_320_kb_command_is_refused_unread_and_the_log_keeps_only_bounded_lines() {
     );
     assert!(log.contains("commands are at most 256 bytes"), "{log}");
     assert!(!log.contains(&"y".repeat(41)), "{log}");
-    assert!(daemon.terminate().0.success());
+    assert!(rig.daemon.terminate().0.success());
 }
 
 #[test]
 fn a_burst_of_commands_is_obeyed_but_logged_a_few_lines_at_a_time() {
-    let (mut rig, metrics, cmd) = commander("edgemt-test/cmd-burst");
-    let (peer, daemon) = (&rig.peer, &mut rig.daemon);
+    let (mut rig, cmd) = commander("edgemt-test/cmd-burst");
+    let peer = &rig.peer;
     for i in 0..1000 {
         peer.publish(&cmd, if i % 2 == 0 { "pause" } else { "resume" });
     }
-    let m = metrics_when(peer, &metrics, |v| num(v, "commands_total") >= 1000.0);
+    let m = rig.metrics_where(WAIT, |v| num(v, "commands_total") >= 1000.0);
     assert_eq!(num(&m, "commands_total"), 1000.0, "{m}");
     assert_eq!(num(&m, "paused"), 0.0, "the last word was resume: {m}");
-    let log = daemon.log_text();
+    let log = rig.daemon.log_text();
     let lines = log.lines().filter(|l| l.contains("command: ")).count();
     assert!((1..=10).contains(&lines), "{lines} command lines:\n{log}");
-    assert!(daemon.terminate().0.success());
+    assert!(rig.daemon.terminate().0.success());
 }
 
 #[test]

@@ -438,12 +438,7 @@ fn a_dispute_and_the_label_memory_survive_a_restart() {
         let truth = o["truth"].as_u64().unwrap();
         o.remove("label");
         without += &format!("{line}\n");
-        if i % 5 == 0 {
-            let label = match truth {
-                3 => 4,
-                4 => 3,
-                t => t,
-            };
+        if let Some(label) = util::swapped_label(i, truth) {
             line.as_object_mut()
                 .unwrap()
                 .insert("label".into(), label.into());

@@ -143,10 +143,17 @@ fn check_sensor(topic: &str, c: &Value) {
             c["suggested_display_precision"].is_u64(),
             "{topic}: a number without a display precision shows raw floats"
         );
-        // A null (no data this interval) renders '', which HA ignores: the last value stays.
+        // A metric may be null (no data this interval): it renders '', which HA ignores, so
+        // the last value stays.
         let t = c["value_template"].as_str().unwrap();
-        if t.contains("is not none") {
-            assert!(t.ends_with("else '' }}"), "{topic}: {t}");
+        if c["state_topic"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("/metrics"))
+        {
+            assert!(
+                t.contains("is not none") && t.ends_with("else '' }}"),
+                "{topic}: {t}"
+            );
         }
     }
     if unit == Some("%") {
@@ -387,7 +394,8 @@ fn home_assistant_discovery_follows_its_schema_and_its_switch_buttons_and_select
     let m = ha.collect_until(Duration::from_secs(10), |m| {
         last_metrics(m, &metrics).is_some_and(|v| num(&v, "predictions_total") >= 60.0)
     });
-    assert!(last_metrics(&m, &metrics).is_some());
+    let m = last_metrics(&m, &metrics).expect("metrics");
+    assert!(num(&m, "predictions_total") >= 60.0, "{m}");
     let state: Value = serde_json::from_str(&mosquitto_sub_one(broker.port, state_topic)).unwrap();
     let raw = state["name"].as_str().unwrap().to_string();
     assert!(class_names.contains(&human_names(&[raw])[0]), "{state}");
@@ -430,7 +438,8 @@ fn home_assistant_discovery_follows_its_schema_and_its_switch_buttons_and_select
     let got = ha.collect_until(Duration::from_secs(10), |m| {
         last_metrics(m, &metrics).is_some_and(|v| num(&v, "commands_refused_total") == 1.0)
     });
-    assert!(last_metrics(&got, &metrics).is_some());
+    let m = last_metrics(&got, &metrics).expect("metrics");
+    assert_eq!(num(&m, "commands_refused_total"), 1.0, "{m}");
 
     // The label request's sensor says "none" or the served model's guess; its select
     // answers it with a class name.
@@ -591,6 +600,10 @@ fn accuracy_on_labels_counts_labels_inside_samples_and_survives_a_restart() {
         .filter(|&&i| Some(answered(&format!("a{i}"))) == samples[i]["label"].as_u64())
         .count();
     let m = last_metrics(&got, &metrics).unwrap();
+    assert!(
+        num(&m, "labels_total") >= 3.0,
+        "all three labels scored: {m}"
+    );
     assert_eq!(num(&m, "feedback_accuracy"), right as f64 / 3.0, "{m}");
     assert_eq!(
         num(&m, "feedback_total"),

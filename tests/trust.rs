@@ -9,20 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::util::broker::{num, Rig};
-use crate::util::{recording_lines, sample_with_id};
-
-const SITTING: u64 = 3;
-const STANDING: u64 = 4;
-
-/// The poisoner's label for line `i` of the control recording: every 5th line labeled,
-/// SITTING and STANDING swapped, the other classes honest.
-fn swapped_label(i: usize, truth: u64) -> Option<u64> {
-    (i % 5 == 0).then_some(match truth {
-        SITTING => STANDING,
-        STANDING => SITTING,
-        t => t,
-    })
-}
+use crate::util::{recording_lines, sample_with_id, swapped_label};
 
 /// How long a test waits for the daemon to get somewhere.
 const WAIT: Duration = Duration::from_secs(60);

@@ -317,3 +317,16 @@ pub fn python_json<T: serde::de::DeserializeOwned>(
     );
     serde_json::from_slice(&result.stdout).expect("python printed JSON")
 }
+
+/// The targeted poisoner's label for line `i` of the shipped control recording (issue 17's
+/// attack): every 5th line labeled, SITTING (3) and STANDING (4) swapped, the other classes
+/// honest.
+pub fn swapped_label(i: usize, truth: u64) -> Option<u64> {
+    const SITTING: u64 = 3;
+    const STANDING: u64 = 4;
+    (i % 5 == 0).then_some(match truth {
+        SITTING => STANDING,
+        STANDING => SITTING,
+        t => t,
+    })
+}
