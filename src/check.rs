@@ -38,7 +38,8 @@ pub enum CheckError {
 pub fn core(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, CheckError> {
     let checkpoints = match &cfg.checkpoint.dir {
         Some(dir) => {
-            // Read-only: a daemon may be writing a checkpoint here right now.
+            // Created if missing, as the daemon would; then read, not cleaned up: a daemon
+            // may be writing a checkpoint here right now.
             std::fs::create_dir_all(dir).map_err(|source| CheckError::Unwritable {
                 dir: dir.to_owned(),
                 source,
@@ -61,8 +62,8 @@ pub fn core(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, CheckE
     Ok(vec![checkpoints, inference])
 }
 
-/// `dir` takes a new file (the store only proved it exists): a file is created there and
-/// removed again.
+/// `dir` takes a new file (existing and readable does not say so): a file is created there
+/// and removed again.
 fn writable(dir: &Path) -> Result<String, CheckError> {
     tempfile::NamedTempFile::new_in(dir).map_err(|source| CheckError::Unwritable {
         dir: dir.to_owned(),

@@ -793,26 +793,26 @@ impl Session {
     /// sample is taken back to the device's axes, mounted the new way and embedded again, so
     /// what the user told the device is not lost with the frame it was told in.
     fn adopt(&mut self, r: SignedPerm) -> Result<(), SessionError> {
-        let (mut kept, labels) = self.learner.labeled_inputs();
-        if let (Some(old), false) = (&self.mounting, kept.is_empty()) {
-            let back = Mounting::new(
-                self.calibrator
-                    .as_ref()
-                    .expect("a mounting implies a calibrator")
-                    .config(),
-                self.layout,
-                old.r().inverse(),
-            );
-            let raw = mount_batch(Some(&back), &kept, &mut self.mounted).to_vec();
-            kept = raw;
-        }
+        let (kept, labels) = self.learner.labeled_inputs();
+        // The kept samples are seen through the old mounting: one signed permutation takes
+        // them back to the device's axes and on through `r`.
+        let old = self
+            .mounting
+            .as_ref()
+            .map_or(SignedPerm::IDENTITY, Mounting::r);
         self.set_mounting(r);
         self.learner.new_frame();
         if !labels.is_empty() {
-            let x = mount_batch(self.mounting.as_ref(), &kept, &mut self.mounted).to_vec();
+            let cfg = self
+                .calibrator
+                .as_ref()
+                .expect("a mounting implies a calibrator")
+                .config();
+            let change = Mounting::new(cfg, self.layout, old.inverse().then(&r));
+            let x = mount_batch(Some(&change), &kept, &mut self.mounted);
             let mut emb = Array2::zeros((0, 0));
-            self.backbone.embed_into(&x, labels.len(), &mut emb)?;
-            self.learner.refile_labels(&x, emb.view(), &labels);
+            self.backbone.embed_into(x, labels.len(), &mut emb)?;
+            self.learner.refile_labels(x, emb.view(), &labels);
             tracing::info!(
                 "calibration: {} kept labels re-embedded under mounting {}",
                 labels.len(),

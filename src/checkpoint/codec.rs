@@ -63,6 +63,7 @@ pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
         vec![state.running.len()],
         &state.running.to_vec(),
     )?);
+    let dim = state.student.shape(0).get(1).copied().unwrap_or(0);
     for class in 0..state.labeled.classes() {
         let ring = state.labeled.ring(class);
         let slots: Vec<usize> = ring.oldest_first().collect();
@@ -74,7 +75,6 @@ pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
             .iter()
             .flat_map(|&i| ring.embedding(i).to_vec())
             .collect();
-        let dim = state.student.shape(0).get(1).copied().unwrap_or(0);
         t.push(named(
             format!("labeled.{class}.inputs"),
             vec![slots.len(), ring.sample_len()],
@@ -87,7 +87,6 @@ pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
         )?);
     }
     let m = &state.trust;
-    let dim = state.student.shape(0).get(1).copied().unwrap_or(0);
     t.push(named(
         "trust.embeddings".into(),
         vec![m.labels.len(), dim],

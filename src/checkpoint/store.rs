@@ -49,10 +49,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 
 impl CheckpointStore {
     /// Opens (creating) `dir`, removing what a crash left behind: temporary files, and tensor
-    /// files whose manifest was never written.
+    /// files whose manifest was never written. Only the directory's writer (it holds the
+    /// [`super::lock`]) may: to a reader, those are what a writer is in the middle of.
     pub fn open(dir: &Path, keep: usize, identity: Identity) -> Result<Self, CheckpointError> {
         fs::create_dir_all(dir).map_err(io(dir))?;
-        let mut max_seq = 0;
         for entry in fs::read_dir(dir).map_err(io(dir))?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
@@ -67,17 +67,9 @@ impl CheckpointStore {
                     path.display()
                 );
                 let _ = fs::remove_file(&path);
-            } else if let Some(seq) = sequence_of(&name) {
-                max_seq = max_seq.max(seq);
             }
         }
-        let mut store = CheckpointStore {
-            dir: dir.to_owned(),
-            keep: keep.max(1),
-            identity,
-            next_sequence: max_seq + 1,
-            last_bytes: None,
-        };
+        let mut store = Self::open_read_only(dir, keep, identity)?;
         store.last_bytes = store.own_manifests().first().and_then(|p| {
             let manifest = fs::metadata(p).ok()?.len();
             let tensors = fs::metadata(p.with_extension("safetensors")).ok()?.len();

@@ -9,8 +9,9 @@
 //! needs only about 2·ln j nats more evidence instead of being outweighed by the early labels.
 //! While the teacher is no better, the wealth (plus the weight of bets not yet started) is a
 //! nonnegative supermartingale from 1, so by Ville's inequality it ever reaches 1/`alpha` with
-//! probability at most `alpha`, however long the stream. The adapted teacher is served while
-//! the wealth is at least 1/`alpha`; looking at every label does not raise that level. Each
+//! probability at most `alpha`, however long the stream. The adapted teacher is served once
+//! the wealth reaches 1/`alpha`, and while it stays at least `fallback`/`alpha` (the same
+//! level by default); looking at every label does not raise that level. Each
 //! bet's wealth is capped, so a teacher that turns worse loses the gate within a few losses.
 //! The guarantee is per run of evidence: [`Gate::clear`] (a rollback) and [`Gate::restore`] (a
 //! restart, replaying the saved window) each begin a new one.
@@ -147,6 +148,10 @@ impl Gate {
         );
         match (self.cfg.enabled, self.serving) {
             (false, _) => "the serving gate is off ([gate] enabled = false)".to_string(),
+            (true, Serving::Adapted) if self.cfg.fallback < 1.0 => format!(
+                "the serving gate confirmed that the adapted teacher is better, and it stays served while p <= {} (p = {p:.4}; {evidence})",
+                1.0 / self.threshold()
+            ),
             (true, Serving::Adapted) => format!(
                 "the serving gate confirmed that the adapted teacher is better (p = {p:.4} <= alpha {alpha}; {evidence})"
             ),
@@ -238,12 +243,16 @@ impl Gate {
         }
     }
 
-    fn decide(&mut self) -> Option<Serving> {
-        let needed = match self.serving {
+    /// The wealth the teacher needs now: 1/`alpha` to be served, `fallback`/`alpha` to stay.
+    fn threshold(&self) -> f64 {
+        match self.serving {
             Serving::Adapted => self.cfg.fallback / self.cfg.alpha,
             Serving::Pretrained => 1.0 / self.cfg.alpha,
-        };
-        let now = if !self.cfg.enabled || self.e_value() >= needed {
+        }
+    }
+
+    fn decide(&mut self) -> Option<Serving> {
+        let now = if !self.cfg.enabled || self.e_value() >= self.threshold() {
             Serving::Adapted
         } else {
             Serving::Pretrained

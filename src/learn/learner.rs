@@ -733,11 +733,7 @@ impl Learner {
     /// ([`Learner::new_frame`]).
     pub fn reset(&mut self) {
         let version = self.counters.teacher_version + 1;
-        let trust = std::mem::replace(
-            &mut self.trust,
-            LabelTrust::new(TrustConfig::default(), 0, 0),
-        );
-        *self = Learner::new(
+        let fresh = Learner::new(
             self.pretrained.clone(),
             self.layout,
             &self.cfg,
@@ -747,8 +743,9 @@ impl Learner {
             &self.trust_cfg,
             self.seed,
         );
+        let old = std::mem::replace(self, fresh);
+        self.trust = old.trust;
         self.counters.teacher_version = version;
-        self.trust = trust;
     }
 
     /// [`Learner::reset`] for a new mounting: the embeddings and the pretrained model's answers

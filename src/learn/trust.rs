@@ -118,8 +118,8 @@ impl TrustConfig {
     }
 }
 
-/// Where a label came from: kept with every held label, and counted, so that an operator
-/// who sees a dispute knows which door the labels came through.
+/// Where a label came from: counted for every judged and every held label, so that an
+/// operator who sees a dispute knows which door the labels came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LabelSource {
@@ -204,7 +204,6 @@ pub struct Held {
     pub label: usize,
     /// The pretrained model's class for the input (what the label contradicts).
     pub pretrained: usize,
-    pub source: LabelSource,
     /// Its entry in the memory (so it is not its own neighbour).
     seq: u64,
 }
@@ -379,7 +378,6 @@ impl LabelTrust {
             embedding: embedding.to_vec(),
             label,
             pretrained: class,
-            source,
             seq,
         });
         Judged {
@@ -432,11 +430,7 @@ impl LabelTrust {
     /// accepted pairs and the totals: the inputs are now seen through another mounting.
     pub fn new_frame(&mut self) {
         self.counts.dropped += self.held.len() as u64;
-        self.held.clear();
-        self.labels.clear();
-        self.seqs.clear();
-        self.pretrained.clear();
-        self.next_seq = 0;
+        self.forget();
         if self.disputed.take().is_some() {
             tracing::info!(
                 "labels no longer disputed: a new mounting starts label trust's memory over"
@@ -486,11 +480,7 @@ impl LabelTrust {
                 "label trust memory names a class outside 0..{classes} or holds an invalid value"
             ));
         }
-        self.labels.clear();
-        self.seqs.clear();
-        self.pretrained.clear();
-        self.held.clear();
-        self.next_seq = 0;
+        self.forget();
         for i in n.saturating_sub(self.cfg.memory)..n {
             let row = ArrayView1::from(&m.embeddings[i * dim..(i + 1) * dim]);
             self.remember(row, m.labels[i], m.pretrained[i]);
@@ -498,6 +488,15 @@ impl LabelTrust {
         self.accepted_pairs = m.accepted_pairs.clone();
         self.disputed = self.find_dispute();
         Ok(())
+    }
+
+    /// Empties the memory ring and the quarantine.
+    fn forget(&mut self) {
+        self.labels.clear();
+        self.seqs.clear();
+        self.pretrained.clear();
+        self.held.clear();
+        self.next_seq = 0;
     }
 
     /// Files a label in the memory ring; returns its sequence number.

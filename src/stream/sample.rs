@@ -308,33 +308,9 @@ fn closest_field(field: &str) -> Option<&'static str> {
         .iter()
         .copied()
         .filter(|f| *f != "x" && field.len() < 16)
-        .map(|f| (edits(&field, f), f))
+        .map(|f| (strsim::osa_distance(&field, f), f))
         // Two edits make any two short names alike ("y" and "ts"): one for short fields.
         .filter(|&(d, f)| d <= if f.len() <= 3 { 1 } else { 2 })
         .min_by_key(|&(d, _)| d)
         .map(|(_, f)| f)
-}
-
-/// Edit distance (insertions, deletions, substitutions and adjacent transpositions).
-fn edits(a: &str, b: &str) -> usize {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in d.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in d[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
-            }
-        }
-    }
-    d[a.len()][b.len()]
 }
