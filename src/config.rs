@@ -130,6 +130,10 @@ pub struct ModelConfig {
     /// How many learned layers, counted back from the output, are trained on the device.
     #[serde(default = "one")]
     pub trainable_layers: usize,
+    /// The model's embedding reference (made by `edgemt reference`; relative paths are
+    /// relative to the config file): lets label trust tell a swap from a shift.
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
 }
 
 fn one() -> usize {
@@ -168,6 +172,7 @@ impl Config {
                 embedding: None,
                 class_names: None,
                 trainable_layers: 1,
+                reference: None,
             },
             learn: Default::default(),
             augment: Default::default(),
@@ -200,9 +205,13 @@ impl Config {
             },
             other => other,
         })?;
-        for p in [Some(&mut cfg.model.path), cfg.checkpoint.dir.as_mut()]
-            .into_iter()
-            .flatten()
+        for p in [
+            Some(&mut cfg.model.path),
+            cfg.model.reference.as_mut(),
+            cfg.checkpoint.dir.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             *p = cfg_relative(path, p);
         }

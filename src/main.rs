@@ -68,6 +68,21 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Make a model's embedding reference from a recording of the inputs it was made for
+    /// (its training or validation data, never the device's stream): per class the
+    /// pretrained model gives, where the backbone's embeddings sit and how far they spread.
+    /// Name it in `[model] reference`: label trust then tells a swap of labels from a shifted
+    /// sensor (README, "Who may label").
+    Reference {
+        /// Config naming the model (`[model]`).
+        #[arg(long)]
+        config: PathBuf,
+        /// The recording (JSON Lines, as replay reads them; labels are not read).
+        recording: PathBuf,
+        /// Output JSON file.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
     /// Show a model's inputs, outputs, detected trainable layers and embedding.
     Inspect {
         /// The ONNX model file.
@@ -100,6 +115,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             teacher,
         } => export_cmd(&checkpoint, &output, config.as_deref(), teacher),
         Command::Check { config } => check_cmd(&config),
+        Command::Reference {
+            config,
+            recording,
+            output,
+        } => reference_cmd(&config, &recording, &output),
         Command::Inspect {
             model,
             output,
@@ -346,7 +366,7 @@ fn export_cmd(
     )?;
     // A learner restored from the checkpoint, so the gate decides here as it does on the
     // device (its evidence is saved; the wealth is recomputed from it).
-    let mut learner = edgemt::session::learner_for(&classifier, &cfg, 0);
+    let mut learner = edgemt::session::learner_for(&classifier, &cfg, 0)?;
     let restored = store.restore_latest(&mut learner).with_context(|| {
         format!(
             "no valid checkpoint for this model in {}",
@@ -483,6 +503,31 @@ fn inspect_cmd(
         t.layers.len()
     );
     println!("fingerprint  {:016x}", c.fingerprint);
+    Ok(())
+}
+
+fn reference_cmd(config: &Path, recording: &Path, output: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    let classifier = load_classifier(&cfg)?;
+    let r = edgemt::replay::make_reference(&classifier, recording, cfg.replay.batch, false)
+        .with_context(|| format!("making a reference from {}", recording.display()))?;
+    let text = serde_json::to_string(&r)?;
+    std::fs::write(output, text + "\n").with_context(|| format!("writing {}", output.display()))?;
+    println!("reference    {} ({})", output.display(), r.source);
+    for (c, s) in r.classes.iter().enumerate() {
+        let name = &classifier.class_names[c];
+        match s {
+            Some(s) => println!("  {name:<20} {} samples", s.samples),
+            None => println!(
+                "  {name:<20} fewer than {} samples: not described",
+                edgemt::learn::reference::MIN_CLASS_SAMPLES
+            ),
+        }
+    }
+    println!(
+        "atypical     nearest-class score above {:.3} (95 % of these inputs stay within)",
+        r.atypical
+    );
     Ok(())
 }
 

@@ -23,10 +23,10 @@ use crate::checkpoint::{CheckpointError, CheckpointStore, CheckpointWriter, Iden
 use crate::config::Config;
 use crate::learn::requests::{RequestConfig, RequestCounts};
 use crate::learn::trust::TrustCounts;
-use crate::learn::Serving;
+use crate::learn::{EmbeddingReference, Serving};
 use crate::metrics::peak_rss_bytes;
 use crate::model::{Classifier, ModelError};
-use crate::nn::{Mlp, Workspace};
+use crate::nn::{argmax, Mlp, Workspace};
 use crate::scores::{Accuracy, StepTotals};
 use crate::session::{
     predict_rows, Answer, Item, LabelSource, Observation, Predictor, Session, SessionError, Taken,
@@ -715,6 +715,73 @@ pub fn replay(
         },
     };
     Ok(Outcome { report, session })
+}
+
+/// The model's embedding reference ([`EmbeddingReference`]) from a recording of the inputs
+/// it was made for: every sample embedded by the frozen backbone and grouped by the class the
+/// pretrained model gives it (labels and truth are not read: the reference describes what the
+/// model sees, not what anybody says).
+pub fn make_reference(
+    classifier: &Classifier,
+    path: &Path,
+    batch: usize,
+    allow_unknown_fields: bool,
+) -> Result<EmbeddingReference, ReplayError> {
+    let mut decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
+    decoder.allow_unknown_fields = allow_unknown_fields;
+    let mut reader = RecordingReader::open(path, &decoder)?;
+    let pretrained = classifier.pretrained();
+    let mut backbone = classifier.backbone.clone();
+    let dim = classifier.embedding_dim;
+    let (mut all, mut predicted) = (Vec::new(), Vec::new());
+    let mut inputs = Vec::new();
+    let (mut done, mut rejected) = (false, 0);
+    while !done {
+        inputs.clear();
+        let mut n = 0;
+        while n < batch.max(1) {
+            match reader.next_line() {
+                None => {
+                    done = true;
+                    break;
+                }
+                Some(line) => match line? {
+                    Ok(Line::Sample(s)) => {
+                        inputs.extend_from_slice(&s.x);
+                        n += 1;
+                    }
+                    Ok(Line::Feedback { .. }) => {}
+                    Err(_) => rejected += 1,
+                },
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        let emb = backbone.embed(&inputs, n)?;
+        let probs = pretrained.probs(emb.view());
+        predicted.extend(probs.rows().into_iter().map(|r| argmax(r).0));
+        all.extend(emb.iter().copied());
+    }
+    if predicted.is_empty() {
+        return Err(ReplayError::Empty {
+            path: path.display().to_string(),
+            rejected,
+        });
+    }
+    let embeddings =
+        Array2::from_shape_vec((predicted.len(), dim), all).expect("one embedding row per sample");
+    Ok(EmbeddingReference::build(
+        embeddings.view(),
+        &predicted,
+        classifier.classes(),
+        classifier.fingerprint,
+        format!(
+            "{} samples of {}",
+            predicted.len(),
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ),
+    ))
 }
 
 /// Accuracy of the final teacher, student and pretrained models on a labeled holdout,

@@ -19,6 +19,7 @@ use ndarray::{Array2, ArrayView1, ArrayView2};
 use crate::calibration::{CalibrationEvent, Calibrator, Mounting, SignedPerm};
 use crate::checkpoint::{CheckpointStore, MountingRecord, Restored, Saved};
 use crate::config::{duration_s, Config};
+use crate::learn::reference::{EmbeddingReference, ReferenceError};
 use crate::learn::requests::{Candidate, Reason, Request, Requests};
 pub use crate::learn::trust::LabelSource;
 use crate::learn::{Embed, EmbedError, LearnError, Learner, Serving, StepReport};
@@ -35,6 +36,8 @@ pub enum SessionError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Learn(#[from] LearnError),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
 }
 
 impl Embed for Backbone {
@@ -455,10 +458,25 @@ pub struct Session {
     started: Instant,
 }
 
-/// A fresh learner on `classifier`'s pretrained trainable part with `cfg`'s sections: the
-/// session's, and the one `edgemt export` restores a checkpoint into.
-pub fn learner_for(classifier: &Classifier, cfg: &Config, seed: u64) -> Learner {
-    Learner::new(
+/// A fresh learner on `classifier`'s pretrained trainable part with `cfg`'s sections and
+/// the model's embedding reference (`[model] reference`): the session's, and the one
+/// `edgemt export` restores a checkpoint into. Fails when the reference cannot be read or
+/// was made for another model.
+pub fn learner_for(
+    classifier: &Classifier,
+    cfg: &Config,
+    seed: u64,
+) -> Result<Learner, SessionError> {
+    let reference = match &cfg.model.reference {
+        Some(path) => Some(Arc::new(EmbeddingReference::read(
+            path,
+            classifier.fingerprint,
+            classifier.embedding_dim,
+            classifier.classes(),
+        )?)),
+        None => None,
+    };
+    Ok(Learner::new(
         classifier.pretrained(),
         Layout::for_shape(&classifier.input_shape, cfg.augment.time_axis),
         &cfg.learn,
@@ -468,6 +486,7 @@ pub fn learner_for(classifier: &Classifier, cfg: &Config, seed: u64) -> Learner 
         &cfg.trust,
         seed,
     )
+    .with_reference(reference))
 }
 
 impl Session {
@@ -483,7 +502,7 @@ impl Session {
         } else {
             None
         };
-        let learner = learner_for(classifier, cfg, seed);
+        let learner = learner_for(classifier, cfg, seed)?;
         Ok(Session {
             learner,
             backbone: classifier.backbone.clone(),

@@ -202,6 +202,7 @@ fn packaging_refuses_a_cargo_deb_older_than_3_3_and_says_how_to_get_a_newer_one(
 /// Where tools/package/package.sh writes the config that the package installs in /etc/edgemt.
 const PACKAGED_CONFIG: &str = "target/packaging/edgemt.toml";
 const INSTALLED_MODEL: &str = "/usr/share/edgemt/hapt_mlp.onnx";
+const INSTALLED_REFERENCE: &str = "/usr/share/edgemt/hapt_mlp.embeddings.json";
 
 /// The config the Debian package installs, as tools/package/package.sh derives it from
 /// config/edgemt.toml.
@@ -220,9 +221,9 @@ fn packaged_config() -> String {
 }
 
 #[test]
-fn packaged_config_differs_from_config_edgemt_toml_only_in_the_model_path_and_a_broker_comment() {
+fn packaged_config_differs_from_config_edgemt_toml_only_in_the_model_paths_and_a_broker_comment() {
     // config/edgemt.toml documents every key; the package must ship exactly that, so the
-    // only changes allowed are the model path and added comment lines.
+    // only changes allowed are the model's paths and added comment lines.
     let original = repo_file("config/edgemt.toml");
     let packaged = packaged_config();
     let (orig, pack): (Vec<&str>, Vec<&str>) =
@@ -251,11 +252,17 @@ fn packaged_config_differs_from_config_edgemt_toml_only_in_the_model_path_and_a_
     }
     assert_eq!(
         changed,
-        [(
-            "path = \"../models/hapt_mlp.onnx\"",
-            format!("path = \"{INSTALLED_MODEL}\"").as_str()
-        )],
-        "only [model] path may change"
+        [
+            (
+                "path = \"../models/hapt_mlp.onnx\"",
+                format!("path = \"{INSTALLED_MODEL}\"").as_str()
+            ),
+            (
+                "reference = \"../models/hapt_mlp.embeddings.json\"",
+                format!("reference = \"{INSTALLED_REFERENCE}\"").as_str()
+            )
+        ],
+        "only [model] path and reference may change"
     );
     assert!(
         !added.is_empty(),
@@ -282,6 +289,14 @@ fn packaged_config_is_valid_and_points_at_the_model_the_package_installs() {
     assert_eq!(
         asset_destination(&deb_assets(), "models/hapt_mlp.onnx"),
         INSTALLED_MODEL
+    );
+    assert_eq!(
+        config.model.reference.as_deref(),
+        Some(Path::new(INSTALLED_REFERENCE))
+    );
+    assert_eq!(
+        asset_destination(&deb_assets(), "models/hapt_mlp.embeddings.json"),
+        INSTALLED_REFERENCE
     );
 }
 

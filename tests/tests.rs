@@ -26,6 +26,7 @@ mod packaging;
 mod plot;
 mod queues;
 mod recordings;
+mod reference;
 mod refusals;
 mod replay_cli;
 mod requests;

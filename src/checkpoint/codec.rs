@@ -4,8 +4,10 @@
 //! `optim.<role>.<param>` for the optimizer's moments, `pseudo.running`, per class
 //! `labeled.<k>.inputs` / `labeled.<k>.embeddings` (oldest first), and label trust's memory:
 //! `trust.embeddings` `[n, dim]`, `trust.labels` `[n, 3]` (label, pretrained class, its
-//! confidence) and `trust.accepted` `[k, 2]` (a checkpoint written before label trust kept
-//! its memory has none of the three and restores an empty one). Every tensor goes through
+//! confidence), `trust.accepted` `[k, 2]` (a checkpoint written before label trust kept
+//! its memory has none of the three and restores an empty one) and `trust.inputs` `[2]` (the
+//! share of recent inputs the embedding reference calls atypical, and over how many; older
+//! checkpoints start it over). Every tensor goes through
 //! the same two functions, whatever the number of layers. Non-finite values are refused both
 //! ways: a poisoned state is never written, and never restored.
 
@@ -112,6 +114,12 @@ pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
         "trust.accepted".into(),
         vec![m.accepted_pairs.len(), 2],
         &accepted,
+    )?);
+    // A count up to SHIFT_WINDOW is exact in f32.
+    t.push(named(
+        "trust.inputs".into(),
+        vec![2],
+        &[m.inputs.0, m.inputs.1 as f32],
     )?);
     let views = t
         .iter()
@@ -252,6 +260,15 @@ pub fn decode(bytes: &[u8], want: &Expected) -> Result<LearnerState, String> {
                 class(pair[0]).ok_or_else(bad)?,
                 class(pair[1]).ok_or_else(bad)?,
             ));
+        }
+        // Written since the embedding reference; older checkpoints start the share over.
+        if file.tensor("trust.inputs").is_ok() {
+            let (si, inputs) = read("trust.inputs")?;
+            let n = class(inputs.get(1).copied().unwrap_or(-1.0));
+            match (si.as_slice(), n) {
+                ([2], Some(n)) => m.inputs = (inputs[0], n as u64),
+                _ => return Err(format!("label trust input share has shape {si:?}")),
+            }
         }
         m
     };

@@ -7,6 +7,8 @@
 //! the student and refreshes the teacher by EMA every k steps. A step whose loss or gradient
 //! is not finite is skipped and counted, so nothing non-finite ever reaches the weights.
 
+use std::sync::Arc;
+
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
 
 use super::augment::{AugmentConfig, Augmenter};
@@ -18,6 +20,7 @@ use super::optim::{
     ema_update, rampup, warmed_up_decay, Optimizer, OptimizerKind, OptimizerSettings,
 };
 use super::pseudo::{Balance, PseudoLabeler};
+use super::reference::EmbeddingReference;
 use super::requests::Opinion;
 use super::rng::Rng;
 use super::trust::{
@@ -419,6 +422,7 @@ impl Learner {
         }
         self.counters.samples_seen += 1;
         self.since_step += 1;
+        self.trust.observe_input(embedding);
         match label {
             Some(y) => {
                 let row = embedding.insert_axis(ndarray::Axis(0));
@@ -754,6 +758,12 @@ impl Learner {
     pub fn new_frame(&mut self) {
         self.reset();
         self.trust.new_frame();
+    }
+
+    /// Label trust judges with the model's embedding reference (see [`LabelTrust`]).
+    pub fn with_reference(mut self, reference: Option<Arc<EmbeddingReference>>) -> Self {
+        self.trust = self.trust.with_reference(reference);
+        self
     }
 
     /// A copy of what the learner has learned.

@@ -11,6 +11,7 @@ pub mod learner;
 pub mod loss;
 pub mod optim;
 pub mod pseudo;
+pub mod reference;
 pub mod requests;
 pub mod rng;
 pub mod trust;
@@ -22,5 +23,6 @@ pub use learner::{
     Counters, Embed, EmbedError, LearnConfig, LearnError, Learner, LearnerState, StepReport,
 };
 pub use loss::{ConsistencyMode, LossParts};
+pub use reference::EmbeddingReference;
 pub use requests::{RequestConfig, Requests};
 pub use trust::TrustConfig;

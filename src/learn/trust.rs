@@ -29,19 +29,39 @@
 //! them (`accept`), which releases the held labels and stops checking their pairs.
 //!
 //! The default `dispute_confidence` is `confidence` (0.9). That names the swap only where the
-//! model is sure of both classes of the pair. 0.8 names it on models sure of one class and
-//! only fairly sure of the other too, but on the shipped rotated stream without calibration,
-//! with answers asked for at disagreements (5 % of the samples and more), the rotation makes the
-//! pretrained model swap SITTING and STANDING in earnest, and honest answers are disputed:
-//! label statistics alone cannot tell that from a swap, and neither could the model's
-//! agreement outside the pair (README, known limitations).
+//! model is sure of both classes of the pair; many models are only fairly sure of one of two
+//! similar classes. Counting from a lower confidence names those swaps too, but a sensor
+//! rotated so far that the pretrained model swaps two classes in earnest is then disputed as
+//! well: label statistics alone cannot tell the two apart, and neither can the model's
+//! agreement outside the pair. The inputs can. With an embedding reference of the model
+//! ([`EmbeddingReference`], `[model] reference`), every input (labeled or not) is scored
+//! against it, and while the share of recent inputs that sit farther from every class than
+//! 95 % of the model's own inputs stays at most `shift_share` (0.10: twice what the model's
+//! own inputs show), the inputs show no sign of shift and contradictions count from
+//! `unshifted_dispute_confidence` (0.8). A rotated sensor moves many inputs away from where
+//! any training input sat (a quarter of them on the shipped rotated stream); a poisoner
+//! relabels inputs the model knows. Without a reference, or on shifted inputs, only
+//! contradictions at `dispute_confidence` count. The share is over all inputs, not the
+//! labeled ones: requested labels are chosen where the models disagree, which on a rotated
+//! sensor is where its inputs happen to look like a training class.
 //!
 //! Everything here is bounded: the neighbours come from the last `memory` labels, at most
 //! `quarantine` labels are held (the oldest is dropped, and counted, first).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use ndarray::{Array2, ArrayView1};
+
+use super::reference::EmbeddingReference;
+
+/// Inputs the atypical share averages over (a plain mean until there are this many, then
+/// exponentially weighted): about a quarter of an hour of windows at 1 Hz, so a single
+/// activity segment does not decide it.
+pub const SHIFT_WINDOW: u64 = 1024;
+
+/// Inputs scored before the reference may say the inputs show no sign of shift.
+pub const MIN_INPUTS: u64 = 128;
 
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -65,6 +85,12 @@ pub struct TrustConfig {
     /// ... and the share of the labels the pretrained model gives each class of the pair (at
     /// `dispute_confidence`) that they must make up.
     pub dispute_share: f32,
+    /// With an embedding reference showing no sign of shift, contradictions count toward a
+    /// dispute from this pretrained confidence (the lower of it and `dispute_confidence`).
+    pub unshifted_dispute_confidence: f32,
+    /// The inputs show a sign of shift when more than this share of the recent ones sit
+    /// farther from every class than 95 % of the model's own inputs (embedding reference).
+    pub shift_share: f32,
 }
 
 impl Default for TrustConfig {
@@ -78,6 +104,8 @@ impl Default for TrustConfig {
             dispute_confidence: 0.9,
             dispute_after: 4,
             dispute_share: 0.25,
+            unshifted_dispute_confidence: 0.8,
+            shift_share: 0.1,
         }
     }
 }
@@ -87,6 +115,11 @@ impl TrustConfig {
         for (name, v) in [
             ("confidence", self.confidence),
             ("dispute_confidence", self.dispute_confidence),
+            (
+                "unshifted_dispute_confidence",
+                self.unshifted_dispute_confidence,
+            ),
+            ("shift_share", self.shift_share),
         ] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(format!("trust.{name} must be within [0, 1], not {v}"));
@@ -261,6 +294,9 @@ pub struct TrustMemory {
     /// The pretrained model's class and confidence on each.
     pub pretrained: Vec<(usize, f32)>,
     pub accepted_pairs: Vec<(usize, usize)>,
+    /// The share of recent inputs the embedding reference called atypical, and how many
+    /// inputs it was over (0 without a reference).
+    pub inputs: (f32, u64),
 }
 
 /// See the module docs.
@@ -286,6 +322,14 @@ pub struct LabelTrust {
     against: Vec<usize>,
     // Reused per label: (squared distance, label) of the nearest neighbours so far.
     nearest: Vec<(f32, usize)>,
+    /// What the model's inputs look like (see the module docs), if the model has one.
+    reference: Option<Arc<EmbeddingReference>>,
+    /// The share of recent inputs the reference calls atypical, and inputs scored (capped at
+    /// [`SHIFT_WINDOW`]).
+    atypical_share: f32,
+    inputs_scored: u64,
+    /// Whether the reference says the inputs show no sign of shift.
+    unshifted: bool,
 }
 
 fn pair(a: usize, b: usize) -> (usize, usize) {
@@ -308,7 +352,77 @@ impl LabelTrust {
             given: vec![0; classes],
             against: vec![0; classes * classes],
             nearest: Vec::with_capacity(cfg.neighbours + 1),
+            reference: None,
+            atypical_share: 0.0,
+            inputs_scored: 0,
+            unshifted: false,
             cfg,
+        }
+    }
+
+    /// Judges with `reference`'s view of the inputs (see the module docs).
+    pub fn with_reference(mut self, reference: Option<Arc<EmbeddingReference>>) -> Self {
+        self.reference = reference;
+        self
+    }
+
+    /// Whether an embedding reference says the inputs show no sign of shift (false without a
+    /// reference).
+    pub fn unshifted(&self) -> bool {
+        self.unshifted
+    }
+
+    /// The share of recent inputs the reference calls atypical (0 without a reference).
+    pub fn atypical_share(&self) -> f32 {
+        self.atypical_share
+    }
+
+    /// Scores one input (every sample the device sees, labeled or not) against the embedding
+    /// reference, if there is one.
+    pub fn observe_input(&mut self, embedding: ArrayView1<f32>) {
+        if !self.cfg.enabled {
+            return;
+        }
+        let Some(r) = &self.reference else {
+            return;
+        };
+        let atypical = if r.is_atypical(embedding) { 1.0 } else { 0.0 };
+        self.inputs_scored = (self.inputs_scored + 1).min(SHIFT_WINDOW);
+        self.atypical_share += (atypical - self.atypical_share) / self.inputs_scored as f32;
+        let was = self.unshifted;
+        self.unshifted = self.shows_no_shift();
+        if self.unshifted != was {
+            tracing::info!(
+                "label trust: the inputs {} ({:.0} % of the last {} beyond the embedding \
+                 reference's 95th percentile, a sign of shift above {:.0} %); contradictions \
+                 count toward a dispute from pretrained confidence {}",
+                if self.unshifted {
+                    "show no sign of shift"
+                } else {
+                    "show a sign of shift"
+                },
+                100.0 * self.atypical_share,
+                self.inputs_scored,
+                100.0 * self.cfg.shift_share,
+                self.counting_confidence()
+            );
+        }
+    }
+
+    fn shows_no_shift(&self) -> bool {
+        self.reference.is_some()
+            && self.inputs_scored >= MIN_INPUTS
+            && self.atypical_share <= self.cfg.shift_share
+    }
+
+    /// The pretrained confidence from which a contradicting label counts toward a dispute now.
+    fn counting_confidence(&self) -> f32 {
+        if self.unshifted {
+            self.cfg
+                .dispute_confidence
+                .min(self.cfg.unshifted_dispute_confidence)
+        } else {
+            self.cfg.dispute_confidence
         }
     }
 
@@ -349,9 +463,9 @@ impl LabelTrust {
             source = source.name(),
             "label judged"
         );
-        let counted = confidence >= self.cfg.dispute_confidence;
         let seq = self.remember(embedding, label, pretrained);
         let raised = self.update_dispute();
+        let counted = confidence >= self.counting_confidence();
         let p = pair(class, label);
         // While its pair is disputed, a contradiction the dispute counts is held too.
         let confident = confidence >= self.cfg.confidence || (counted && self.disputed == Some(p));
@@ -450,6 +564,7 @@ impl LabelTrust {
             labels: order.iter().map(|&i| self.labels[i]).collect(),
             pretrained: order.iter().map(|&i| self.pretrained[i]).collect(),
             accepted_pairs: self.accepted_pairs.clone(),
+            inputs: (self.atypical_share, self.inputs_scored),
         }
     }
 
@@ -475,6 +590,7 @@ impl LabelTrust {
                 .all(|&(c, p)| class_ok(c) && (0.0..=1.0).contains(&p))
             || !m.accepted_pairs.iter().all(|&(a, b)| a < b && class_ok(b))
             || !m.embeddings.iter().all(|v| v.is_finite())
+            || !(0.0..=1.0).contains(&m.inputs.0)
         {
             return Err(format!(
                 "label trust memory names a class outside 0..{classes} or holds an invalid value"
@@ -486,6 +602,9 @@ impl LabelTrust {
             self.remember(row, m.labels[i], m.pretrained[i]);
         }
         self.accepted_pairs = m.accepted_pairs.clone();
+        self.atypical_share = m.inputs.0;
+        self.inputs_scored = m.inputs.1.min(SHIFT_WINDOW);
+        self.unshifted = self.shows_no_shift();
         self.disputed = self.find_dispute();
         Ok(())
     }
@@ -497,6 +616,9 @@ impl LabelTrust {
         self.pretrained.clear();
         self.held.clear();
         self.next_seq = 0;
+        self.atypical_share = 0.0;
+        self.inputs_scored = 0;
+        self.unshifted = false;
     }
 
     /// Files a label in the memory ring; returns its sequence number.
@@ -589,11 +711,12 @@ impl LabelTrust {
     /// The pair the memory shows the swap signature on (the most contradicted, if several).
     fn find_dispute(&mut self) -> Option<(usize, usize)> {
         let n = self.classes;
+        let counting = self.counting_confidence();
         let (given, against) = (&mut self.given, &mut self.against);
         given.fill(0);
         against.fill(0);
         for (&label, &(a, confidence)) in self.labels.iter().zip(&self.pretrained) {
-            if confidence >= self.cfg.dispute_confidence {
+            if confidence >= counting {
                 given[a] += 1;
                 if a != label {
                     against[a * n + label] += 1;
@@ -732,6 +855,69 @@ mod tests {
         // Below `dispute_confidence` the model is not defended, disputed or not.
         let j = judge_sure(&mut t, [9.0, 1.0], 0, (1, 0.7));
         assert_eq!(j.verdict, Verdict::Believed);
+    }
+
+    /// A reference of inputs around (0, 0) for class 0 and (0, 1) for class 1.
+    fn reference() -> Arc<EmbeddingReference> {
+        let e = Array2::from_shape_fn((200, 2), |(i, d)| {
+            let wobble = ((i * 7 + d * 3) % 11) as f32 / 10.0 - 0.5;
+            if d == 1 {
+                (i % 2) as f32 + 0.3 * wobble
+            } else {
+                0.3 * wobble
+            }
+        });
+        let y: Vec<usize> = (0..200).map(|i| i % 2).collect();
+        Arc::new(EmbeddingReference::build(e.view(), &y, 2, 1, "test".into()))
+    }
+
+    #[test]
+    fn a_fairly_sure_model_is_defended_only_while_its_inputs_show_no_sign_of_shift() {
+        // Sure of class 0, only fairly sure (0.85) of class 1: below `dispute_confidence`.
+        let mut plain = trust();
+        swap(&mut plain, [0.99, 0.85]);
+        assert_eq!(
+            plain.disputed(),
+            None,
+            "without a reference only 0.9 counts"
+        );
+
+        let mut known = trust().with_reference(Some(reference()));
+        for i in 0..MIN_INPUTS {
+            known.observe_input(arr1(&[0.0, (i % 2) as f32]).view());
+        }
+        assert!(known.unshifted());
+        assert_eq!(swap(&mut known, [0.99, 0.85]), 1);
+        assert_eq!(known.disputed(), Some((0, 1)));
+
+        // The same labels on a stream a quarter of whose inputs sit far from every class.
+        let mut moved = trust().with_reference(Some(reference()));
+        for i in 0..MIN_INPUTS {
+            let far = if i % 4 == 0 { 6.0 } else { 0.0 };
+            moved.observe_input(arr1(&[far, (i % 2) as f32]).view());
+        }
+        assert!(!moved.unshifted());
+        assert!((moved.atypical_share() - 0.25).abs() < 0.01);
+        swap(&mut moved, [0.99, 0.85]);
+        assert_eq!(moved.disputed(), None);
+    }
+
+    #[test]
+    fn too_few_inputs_show_nothing_and_the_share_survives_a_checkpoint() {
+        let mut t = trust().with_reference(Some(reference()));
+        for _ in 0..MIN_INPUTS - 1 {
+            t.observe_input(arr1(&[0.0, 0.0]).view());
+        }
+        assert!(!t.unshifted(), "{} inputs are not enough", MIN_INPUTS - 1);
+        t.observe_input(arr1(&[0.0, 1.0]).view());
+        assert!(t.unshifted());
+        let mut back = trust().with_reference(Some(reference()));
+        back.restore_memory(&t.memory()).unwrap();
+        assert!(back.unshifted());
+        assert_eq!(back.memory().inputs, (0.0, MIN_INPUTS));
+        // A new mounting starts the share over with the memory.
+        back.new_frame();
+        assert!(!back.unshifted());
     }
 
     #[test]

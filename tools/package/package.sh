@@ -36,18 +36,25 @@ set -euo pipefail
 
 cd "$(dirname "$0")/../.."
 
-# The installed model; Cargo.toml's asset list puts models/hapt_mlp.onnx there.
+# The installed model and its embedding reference; Cargo.toml's asset list puts
+# models/hapt_mlp.onnx and models/hapt_mlp.embeddings.json there.
 installed_model=/usr/share/edgemt/hapt_mlp.onnx
+installed_reference=/usr/share/edgemt/hapt_mlp.embeddings.json
 packaged_config=target/packaging/edgemt.toml
 
 # config/edgemt.toml -> the packaged config on stdout. Fails unless it found exactly one
-# `path = ` line in [model] and one `host = ` line in [mqtt].
+# `path = ` and one `reference = ` line in [model] and one `host = ` line in [mqtt].
 print_config() {
-    awk -v model="$installed_model" '
+    awk -v model="$installed_model" -v reference="$installed_reference" '
         /^\[[^]]*\][ \t]*$/ { section = $1 }
         section == "[model]" && /^path = / {
             print "path = \"" model "\""
             paths++
+            next
+        }
+        section == "[model]" && /^reference = / {
+            print "reference = \"" reference "\""
+            references++
             next
         }
         section == "[mqtt]" && /^host = / {
@@ -57,8 +64,8 @@ print_config() {
         }
         { print }
         END {
-            if (paths != 1 || hosts != 1) {
-                printf "package.sh: config/edgemt.toml: expected one [model] path line and one [mqtt] host line, found %d and %d\n", paths, hosts > "/dev/stderr"
+            if (paths != 1 || references != 1 || hosts != 1) {
+                printf "package.sh: config/edgemt.toml: expected one [model] path line, one [model] reference line and one [mqtt] host line, found %d, %d and %d\n", paths, references, hosts > "/dev/stderr"
                 exit 1
             }
         }' config/edgemt.toml
