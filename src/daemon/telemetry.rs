@@ -116,6 +116,8 @@ pub struct TrainStats {
     pub trust: crate::learn::trust::TrustCounts,
     pub labels_holding: usize,
     pub labels_disputed: bool,
+    /// Share of the recent inputs the embedding reference calls atypical (none without one).
+    pub inputs_atypical: Option<f64>,
     pub calibration_changes: u64,
     /// What the label requests came to, and how many are open.
     pub requests: crate::learn::requests::RequestCounts,
@@ -639,6 +641,16 @@ pub static METRICS: &[Metric] = &[
         s.train.labels_holding.into()
     })
     .prometheus("labels_holding"),
+    Metric::gauge(
+        "inputs_atypical",
+        "Share of the last 1,024 inputs farther from every class than 95 % of the model's own inputs (with [model] reference; above [trust] shift_share the inputs show a sign of shift)",
+        |s| s.train.inputs_atypical.into(),
+    )
+    .unit(Unit::Ratio)
+    .prometheus("inputs_atypical")
+    .sensor("Atypical inputs", Show::PERCENT)
+    .icon("mdi:chart-bell-curve")
+    .diagnostic(),
     Metric::gauge(
         "gate_wins",
         "Labels in the serving gate's window only the teacher got right",

@@ -372,6 +372,11 @@ impl LabelTrust {
         self.unshifted
     }
 
+    /// Whether label trust judges with an embedding reference.
+    pub fn has_reference(&self) -> bool {
+        self.reference.is_some()
+    }
+
     /// The share of recent inputs the reference calls atypical (0 without a reference).
     pub fn atypical_share(&self) -> f32 {
         self.atypical_share

@@ -330,7 +330,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Writes a daemon config for `broker` under `prefix` into `dir`; `extra` is appended.
+/// Writes a daemon config for `broker` under `prefix` into `dir` (the shipped model and its
+/// embedding reference, as the shipped config has them); `extra` is appended.
 pub fn daemon_config(dir: &Path, broker: &Broker, prefix: &str, extra: &str) -> PathBuf {
     daemon_config_mqtt(dir, broker, prefix, "", extra)
 }
@@ -345,8 +346,9 @@ pub fn daemon_config_mqtt(
 ) -> PathBuf {
     let p = dir.join(format!("{}.toml", prefix.replace('/', "_")));
     let text = format!(
-        "[model]\npath = {:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\nprefix = \"{prefix}\"\nclient_id = \"edgemt-{}\"\nreconnect_max_ms = 1000\n{mqtt_extra}\n[metrics]\ninterval_s = 0.5\n{extra}",
+        "[model]\npath = {:?}\nreference = {:?}\n[mqtt]\nhost = \"127.0.0.1\"\nport = {}\nprefix = \"{prefix}\"\nclient_id = \"edgemt-{}\"\nreconnect_max_ms = 1000\n{mqtt_extra}\n[metrics]\ninterval_s = 0.5\n{extra}",
         crate::util::path("models/hapt_mlp.onnx").display().to_string(),
+        crate::util::path("models/hapt_mlp.embeddings.json").display().to_string(),
         broker.port,
         prefix.replace('/', "-"),
     );
