@@ -22,14 +22,21 @@ fn paused_daemon(
     extra: &str,
 ) -> (Daemon, MqttPeer) {
     let cfg = daemon_config(dir, broker, prefix, extra);
-    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
-        &format!(
-            "{:?}",
-            util::path("models/hapt_mlp.onnx").display().to_string()
-        ),
-        &format!("{:?}", model.display().to_string()),
-        1,
-    );
+    // Another model: the shipped model's embedding reference does not fit it.
+    let text: String = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replacen(
+            &format!(
+                "{:?}",
+                util::path("models/hapt_mlp.onnx").display().to_string()
+            ),
+            &format!("{:?}", model.display().to_string()),
+            1,
+        )
+        .lines()
+        .filter(|l| !l.starts_with("reference = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(&cfg, text).unwrap();
     let metrics = format!("{prefix}/metrics");
     let peer = MqttPeer::connect(

@@ -337,8 +337,12 @@ fn replay_predictions(stream: &Path, extra: &str) -> (Value, Vec<Value>) {
         let table = cfg[&section].as_table_mut().unwrap();
         table.extend(keys.as_table().unwrap().clone());
     }
-    let model = util::path("models/hapt_mlp.onnx").display().to_string();
-    cfg["model"]["path"] = toml::Value::String(model);
+    for (key, file) in [
+        ("path", "models/hapt_mlp.onnx"),
+        ("reference", "models/hapt_mlp.embeddings.json"),
+    ] {
+        cfg["model"][key] = toml::Value::String(util::path(file).display().to_string());
+    }
     let config = dir.path().join("edgemt.toml");
     std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
     let (report, out) = (dir.path().join("r.json"), dir.path().join("p.jsonl"));
