@@ -1,5 +1,6 @@
 //! What `edgemt check` verifies on any build, daemon or not: the checkpoint directory, the
-//! session (calibration channels against the model's input) and one inference. A build with
+//! session (calibration channels against the model's input, the embedding reference against
+//! the model) and one inference. A build with
 //! the daemon then builds the daemon, which checks the broker options (password source, TLS
 //! files), and prints what it would contact.
 //!
@@ -55,11 +56,21 @@ pub fn core(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, CheckE
                  systemd, replay its --checkpoint DIR)"
             .into(),
     };
-    // The seed does not matter here: building the session is what checks it.
+    // The seed does not matter here: building the session is what checks it (the embedding
+    // reference included).
     Session::new(classifier, cfg, cfg.replay.seed)?;
+    let reference = match &cfg.model.reference {
+        Some(path) => format!(
+            "embedding reference {}: made for this model (label trust tells a swap from a shift)",
+            path.display()
+        ),
+        None => "embedding reference: none ([model] reference unset: label trust counts \
+                 contradictions from [trust] dispute_confidence only)"
+            .into(),
+    };
     let mut predictor = Predictor::new(classifier.backbone.clone());
     let inference = one_inference(&mut predictor, &classifier.pretrained(), classifier)?;
-    Ok(vec![checkpoints, inference])
+    Ok(vec![checkpoints, reference, inference])
 }
 
 /// `dir` takes a new file (existing and readable does not say so): a file is created there

@@ -511,6 +511,20 @@ fn reference_cmd(config: &Path, recording: &Path, output: &Path) -> anyhow::Resu
     let classifier = load_classifier(&cfg)?;
     let r = edgemt::replay::make_reference(&classifier, recording, cfg.replay.batch, false)
         .with_context(|| format!("making a reference from {}", recording.display()))?;
+    // What a daemon would refuse to read is not written.
+    r.check(
+        classifier.fingerprint,
+        classifier.embedding_dim,
+        classifier.classes(),
+    )
+    .map_err(|reason| {
+        anyhow::anyhow!(
+            "{} does not make a usable reference: {reason} (a class needs {} samples the \
+             pretrained model gives it)",
+            recording.display(),
+            edgemt::learn::reference::MIN_CLASS_SAMPLES
+        )
+    })?;
     let text = serde_json::to_string(&r)?;
     std::fs::write(output, text + "\n").with_context(|| format!("writing {}", output.display()))?;
     println!("reference    {} ({})", output.display(), r.source);

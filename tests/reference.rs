@@ -89,7 +89,31 @@ fn a_reference_is_made_from_a_recording_checked_with_the_config_and_refused_for_
             .replace("[model]\n", &format!("[model]\nreference = {made:?}\n")),
     )
     .unwrap();
-    run_ok(edgemt().args(["check", "--config"]).arg(&ok));
+    let checked = run_ok(edgemt().args(["check", "--config"]).arg(&ok));
+    let said = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        said.contains("embedding reference") && said.contains("made.json"),
+        "{said}"
+    );
+
+    // Five samples describe no class: nothing is written, and the reason is given.
+    let few = dir.path().join("few.jsonl");
+    let lines = std::fs::read_to_string(path("data/control_holdout.jsonl")).unwrap();
+    std::fs::write(&few, lines.lines().take(5).collect::<Vec<_>>().join("\n")).unwrap();
+    let out = edgemt()
+        .args(["reference", "--config"])
+        .arg(&cfg)
+        .arg(&few)
+        .arg("-o")
+        .arg(dir.path().join("few.json"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("does not make a usable reference"),
+        "{err}"
+    );
+    assert!(!dir.path().join("few.json").exists());
 
     // The skl model's reference with the shipped model: refused, naming why.
     let wrong = config(dir.path(), "models/hapt_mlp.onnx", Some(SKL_REFERENCE), "");
