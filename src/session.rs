@@ -764,6 +764,9 @@ impl Session {
         if fresh {
             cal.observe(raw);
         }
+        // A confirmed adapted teacher is not thrown away for a mounting that only the
+        // pretrained model has been tested behind (see `Calibrator::hold_adoption`).
+        cal.hold_adoption(learner.serving() == Serving::Adapted);
         let pretrained = learner.pretrained();
         let mut score = |x: &[f32], n: usize, out: &mut Array2<f32>| -> Result<(), ModelError> {
             backbone.embed_into(x, n, cal_emb)?;

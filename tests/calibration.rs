@@ -427,6 +427,44 @@ fn on_the_rotated_target_stream_the_calibrator_proposes_and_labels_adopt_the_inv
     assert_eq!(cal.candidate(), None);
 }
 
+/// While the session serves a confirmed adapted teacher it holds adoptions: the rotation is
+/// proposed and confirmed but not adopted, and the first label after the hold adopts it.
+#[test]
+fn a_held_adoption_waits_for_the_hold_to_end_and_then_needs_only_one_label() {
+    let mut model = Frozen::new();
+    let mut cal = Calibrator::new(hapt_config(), time_major());
+    cal.hold_adoption(true);
+    let events = run_stream("target_stream", &mut cal, &mut model);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.1, CalibrationEvent::Proposed { .. })),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e.1, CalibrationEvent::Adopted { .. })),
+        "{events:?}"
+    );
+    assert_eq!(cal.adopted(), SignedPerm::IDENTITY);
+    let want = ROT_X90.inverse();
+    assert_eq!(cal.candidate(), Some(want));
+
+    cal.hold_adoption(false);
+    let (x, y) = stream("target_stream", usize::MAX)
+        .into_iter()
+        .find_map(|(x, y)| y.map(|y| (x, y)))
+        .unwrap();
+    let e = cal
+        .label(&x, y, |x, n, out| model.score(x, n, out))
+        .unwrap();
+    assert!(
+        matches!(e, Some(CalibrationEvent::Adopted { r, .. }) if r == want),
+        "{e:?}"
+    );
+}
+
 #[test]
 fn on_the_unrotated_control_stream_the_calibrator_proposes_no_other_mounting_and_adopts_nothing() {
     let mut model = Frozen::new();

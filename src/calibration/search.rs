@@ -111,6 +111,9 @@ pub struct Calibrator {
     candidate: Option<Pending>,
     /// Σ log p_adopted(y|x) − log p_identity(y|x), from the labels that adopted it on.
     adopted_vs_identity: f64,
+    /// While set, a candidate the labels confirm is not adopted yet (its evidence is kept):
+    /// see [`Calibrator::hold_adoption`].
+    hold: bool,
 }
 
 impl Calibrator {
@@ -140,6 +143,7 @@ impl Calibrator {
             adopted: SignedPerm::IDENTITY,
             candidate: None,
             adopted_vs_identity: 0.0,
+            hold: false,
             cfg,
         }
     }
@@ -362,7 +366,7 @@ impl Calibrator {
         if let (Some(p), Some(cand)) = (self.candidate.as_mut(), cand) {
             p.vs_adopted += cap(cand - adopted);
             p.vs_identity += cap(cand - ident);
-            if p.vs_adopted >= threshold {
+            if p.vs_adopted >= threshold && !self.hold {
                 let p = *p;
                 self.adopted = p.r;
                 self.candidate = None;
@@ -389,6 +393,15 @@ impl Calibrator {
             }
         }
         Ok(None)
+    }
+
+    /// Holds adoptions back (`hold`) or lets them through again. The session holds them while
+    /// the serving gate serves the adapted teacher: the labels have shown that teacher better
+    /// than the pretrained model, and a candidate mounting only the pretrained model behind
+    /// it, while adopting starts the learner and the gate's evidence over. Reverting is never
+    /// held. A candidate confirmed meanwhile is adopted at the first label after the hold.
+    pub fn hold_adoption(&mut self, hold: bool) {
+        self.hold = hold;
     }
 
     /// Restore an adopted R (from a checkpoint).
