@@ -48,7 +48,8 @@ pub fn core(cfg: &Config, classifier: &Classifier) -> Result<Vec<String>, CheckE
             CheckpointStore::open_read_only(
                 dir,
                 cfg.checkpoint.keep,
-                Identity::new(classifier, &cfg.learn),
+                Identity::new(classifier, &cfg.learn)
+                    .with_reference(cfg.model.reference.as_deref()),
             )?;
             writable(dir)?
         }

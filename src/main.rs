@@ -345,8 +345,8 @@ fn export_cmd(
     let cfg = match config {
         Some(path) => Config::load(path)?,
         None => {
-            let (model, layers) =
-                CheckpointStore::recorded_model(checkpoint).with_context(|| {
+            let (model, layers, reference) = CheckpointStore::recorded_model(checkpoint)
+                .with_context(|| {
                     format!(
                         "no readable checkpoint manifest in {}",
                         checkpoint.display()
@@ -354,6 +354,8 @@ fn export_cmd(
                 })?;
             let mut cfg = Config::for_model(&model);
             cfg.model.trainable_layers = layers;
+            // The reference the device judged labels with, so a dispute comes back here too.
+            cfg.model.reference = reference;
             cfg
         }
     };
@@ -362,7 +364,7 @@ fn export_cmd(
     let store = CheckpointStore::open_read_only(
         checkpoint,
         cfg.checkpoint.keep,
-        Identity::new(&classifier, &cfg.learn),
+        Identity::new(&classifier, &cfg.learn).with_reference(cfg.model.reference.as_deref()),
     )?;
     // A learner restored from the checkpoint, so the gate decides here as it does on the
     // device (its evidence is saved; the wealth is recomputed from it).

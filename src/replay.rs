@@ -419,7 +419,8 @@ pub fn replay(
             CheckpointStore::open(
                 dir,
                 cfg.checkpoint.keep,
-                Identity::new(classifier, &cfg.learn),
+                Identity::new(classifier, &cfg.learn)
+                    .with_reference(cfg.model.reference.as_deref()),
             )?,
             cfg.checkpoint.max_mib_per_day,
             Instant::now(),

@@ -156,6 +156,45 @@ fn a_swap_on_a_model_only_fairly_sure_of_one_class_is_disputed_with_its_referenc
     );
 }
 
+/// A dispute raised from 0.8 (only the reference allows that) comes back in `edgemt export`
+/// without a config: the checkpoint records the reference, and the export judges with it.
+#[test]
+fn export_without_a_config_finds_the_dispute_the_reference_raised() {
+    let dir = tempdir();
+    let stream = swapped_control(dir.path());
+    let ck = dir.path().join("ck");
+    let cfg = config(dir.path(), SKL, Some(SKL_REFERENCE), "");
+    let r = replay(&cfg, &stream, &["--checkpoint", ck.to_str().unwrap()]);
+    assert_eq!(
+        r["trust"]["disputed"],
+        serde_json::json!([3, 4]),
+        "{}",
+        r["trust"]
+    );
+    let manifest = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    assert!(
+        m["reference_path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("skl_mlp_softmax.embeddings.json")),
+        "{m}"
+    );
+    let out = run_ok(
+        edgemt()
+            .args(["export", "--checkpoint"])
+            .arg(&ck)
+            .arg("-o")
+            .arg(dir.path().join("served.onnx")),
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("disputed"), "{said}");
+}
+
 /// The shipped rotated stream (twice, so the answers keep coming), answers asked for at 20 %
 /// of the samples: the rotation makes the pretrained model swap SITTING and STANDING in
 /// earnest, and a reference that ignored the shift (`shift_share = 1`) disputes those honest

@@ -36,6 +36,9 @@ pub struct Manifest {
     /// Every label scored against the device's answer (older checkpoints: none yet).
     #[serde(default)]
     pub label_accuracy: crate::scores::Accuracy,
+    /// The embedding reference label trust judged with (none, or an older checkpoint).
+    #[serde(default)]
+    pub reference_path: Option<PathBuf>,
 }
 
 /// The optimizer's scalars (its tensors are in the tensor file).

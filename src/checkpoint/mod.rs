@@ -111,6 +111,9 @@ pub struct Identity {
     pub sample_len: usize,
     /// The trainable part's names and shapes (its values are the pretrained weights).
     pub params: Params,
+    /// The embedding reference label trust judged with (recorded, not matched: `export`
+    /// without a config judges with it too).
+    pub reference_path: Option<PathBuf>,
 }
 
 impl Identity {
@@ -124,6 +127,14 @@ impl Identity {
             embedding_dim: classifier.embedding_dim,
             sample_len: classifier.sample_len(),
             params: classifier.pretrained().params().clone(),
+            reference_path: None,
         }
+    }
+
+    /// Records the embedding reference (`[model] reference`) in every manifest written.
+    pub fn with_reference(mut self, reference: Option<&std::path::Path>) -> Self {
+        self.reference_path =
+            reference.map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned()));
+        self
     }
 }

@@ -138,6 +138,7 @@ impl CheckpointStore {
                 .map_or(0.0, |d| d.as_secs_f64()),
             model_fingerprint: format!("{:016x}", id.model_fingerprint),
             model_path: id.model_path.clone(),
+            reference_path: id.reference_path.clone(),
             config_hash: id.config_hash.clone(),
             tensors: tensors_name,
             tensors_bytes: bytes.len() as u64,
@@ -369,12 +370,12 @@ impl CheckpointStore {
         })
     }
 
-    /// The model file and trainable layer count recorded by the newest manifest that parses
-    /// (for `export` without a config).
-    pub fn recorded_model(dir: &Path) -> Option<(PathBuf, usize)> {
+    /// The model file, trainable layer count and embedding reference recorded by the newest
+    /// manifest that parses (for `export` without a config).
+    pub fn recorded_model(dir: &Path) -> Option<(PathBuf, usize, Option<PathBuf>)> {
         manifests_in(dir).iter().find_map(|p| {
             let m: Manifest = serde_json::from_slice(&fs::read(p).ok()?).ok()?;
-            Some((m.model_path, m.layers))
+            Some((m.model_path, m.layers, m.reference_path))
         })
     }
 

@@ -141,7 +141,8 @@ impl Daemon {
         let state_dir = state_dir(cfg);
         let checkpoints = match &state_dir {
             Some(dir) => {
-                let identity = Identity::new(classifier, &cfg.learn);
+                let identity = Identity::new(classifier, &cfg.learn)
+                    .with_reference(cfg.model.reference.as_deref());
                 let keep = cfg.checkpoint.keep;
                 let store = if writer {
                     CheckpointStore::open(dir, keep, identity)
