@@ -173,7 +173,9 @@ impl EmbeddingReference {
             let Some(s) = s else { continue };
             if s.mean.len() != dim || s.sd.len() != dim {
                 return Err(format!(
-                    "class {c} has {} means and {} deviations, the embedding has {dim} values",
+                    "class {c} has {} means and {} deviations, the embedding has {dim} values \
+                     (made at another embedding, e.g. another [model] trainable_layers: make it \
+                     again with `edgemt reference`)",
                     s.mean.len(),
                     s.sd.len()
                 ));
