@@ -112,6 +112,9 @@ pub struct TrustReport {
     /// Labels still held at the end.
     pub holding: usize,
     pub disputed: Option<(usize, usize)>,
+    /// Share of the last inputs (up to 1,024) the embedding reference calls atypical, at the
+    /// end; none without a reference.
+    pub inputs_atypical: Option<f64>,
 }
 
 /// Accuracy of each model's answers on the samples with a `truth`, each made before the
@@ -712,6 +715,7 @@ pub fn replay(
                 counts: t.counts(),
                 holding: t.held_len(),
                 disputed: t.disputed(),
+                inputs_atypical: t.has_reference().then(|| f64::from(t.atypical_share())),
             }
         },
     };

@@ -463,6 +463,7 @@ fn synthetic_report(switches: &[(usize, Serving)], rollbacks_at: Vec<usize>) -> 
             counts: Default::default(),
             holding: 0,
             disputed: None,
+            inputs_atypical: None,
         },
     }
 }

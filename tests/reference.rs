@@ -220,6 +220,17 @@ fn honest_answers_on_a_rotated_sensor_are_not_disputed_when_the_reference_sees_t
             .collect()
     };
     assert_eq!(disputes(""), [0, 0, 0]);
+    // What the reference saw: far more of the rotated inputs atypical than the 10 % that
+    // still reads as no shift, and the shipped control under it.
+    let atypical = |stream: &Path| {
+        let cfg = config(dir.path(), "models/hapt_mlp.onnx", Some(REFERENCE), "");
+        replay(&cfg, stream, &[])["trust"]["inputs_atypical"]
+            .as_f64()
+            .unwrap()
+    };
+    let rotated = atypical(&stream);
+    let control = atypical(&path("data/control_stream.jsonl"));
+    assert!(rotated > 0.15 && control < 0.1, "{rotated} {control}");
     let blind = disputes("[trust]\nshift_share = 1.0\n");
     assert!(blind.iter().any(|&d| d > 0), "{blind:?}");
 }
