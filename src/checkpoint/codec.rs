@@ -5,9 +5,9 @@
 //! `labeled.<k>.inputs` / `labeled.<k>.embeddings` (oldest first), and label trust's memory:
 //! `trust.embeddings` `[n, dim]`, `trust.labels` `[n, 3]` (label, pretrained class, its
 //! confidence), `trust.accepted` `[k, 2]` (a checkpoint written before label trust kept
-//! its memory has none of the three and restores an empty one) and `trust.inputs` `[2]` (the
-//! share of recent inputs the embedding reference calls atypical, and over how many; older
-//! checkpoints start it over). Every tensor goes through
+//! its memory has none of the three and restores an empty one) and `trust.inputs` `[3]` (the
+//! share of recent inputs the embedding reference calls atypical, over how many, and whether
+//! they showed no sign of shift; older checkpoints start it over). Every tensor goes through
 //! the same two functions, whatever the number of layers. Non-finite values are refused both
 //! ways: a poisoned state is never written, and never restored.
 
@@ -116,10 +116,11 @@ pub fn encode(state: &LearnerState) -> Result<Vec<u8>, String> {
         &accepted,
     )?);
     // A count up to SHIFT_WINDOW is exact in f32.
+    let (share, count, unshifted) = m.inputs;
     t.push(named(
         "trust.inputs".into(),
-        vec![2],
-        &[m.inputs.0, m.inputs.1 as f32],
+        vec![3],
+        &[share, count as f32, f32::from(u8::from(unshifted))],
     )?);
     let views = t
         .iter()
@@ -265,8 +266,10 @@ pub fn decode(bytes: &[u8], want: &Expected) -> Result<LearnerState, String> {
         if file.tensor("trust.inputs").is_ok() {
             let (si, inputs) = read("trust.inputs")?;
             let n = class(inputs.get(1).copied().unwrap_or(-1.0));
+            // [2]: written before the flag; it is then judged by the stricter line.
             match (si.as_slice(), n) {
-                ([2], Some(n)) => m.inputs = (inputs[0], n as u64),
+                ([2], Some(n)) => m.inputs = (inputs[0], n as u64, false),
+                ([3], Some(n)) => m.inputs = (inputs[0], n as u64, inputs[2] == 1.0),
                 _ => return Err(format!("label trust input share has shape {si:?}")),
             }
         }

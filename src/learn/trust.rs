@@ -63,6 +63,10 @@ pub const SHIFT_WINDOW: u64 = 1024;
 /// Inputs scored before the reference may say the inputs show no sign of shift.
 pub const MIN_INPUTS: u64 = 128;
 
+/// A sign of shift is cleared only once the atypical share is back under this fraction of
+/// `shift_share`.
+pub const SHIFT_HYSTERESIS: f32 = 0.8;
+
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrustConfig {
@@ -294,9 +298,9 @@ pub struct TrustMemory {
     /// The pretrained model's class and confidence on each.
     pub pretrained: Vec<(usize, f32)>,
     pub accepted_pairs: Vec<(usize, usize)>,
-    /// The share of recent inputs the embedding reference called atypical, and how many
-    /// inputs it was over (0 without a reference).
-    pub inputs: (f32, u64),
+    /// The share of recent inputs the embedding reference called atypical, how many inputs it
+    /// was over (0 without a reference), and whether they showed no sign of shift.
+    pub inputs: (f32, u64, bool),
 }
 
 /// See the module docs.
@@ -395,7 +399,7 @@ impl LabelTrust {
         self.inputs_scored = (self.inputs_scored + 1).min(SHIFT_WINDOW);
         self.atypical_share += (atypical - self.atypical_share) / self.inputs_scored as f32;
         let was = self.unshifted;
-        self.unshifted = self.shows_no_shift();
+        self.unshifted = self.shows_no_shift(was);
         if self.unshifted != was {
             tracing::info!(
                 "label trust: the inputs {} ({:.0} % of the last {} beyond the embedding \
@@ -414,10 +418,17 @@ impl LabelTrust {
         }
     }
 
-    fn shows_no_shift(&self) -> bool {
-        self.reference.is_some()
-            && self.inputs_scored >= MIN_INPUTS
-            && self.atypical_share <= self.cfg.shift_share
+    /// Whether the inputs show no sign of shift, given whether they did until now: a share
+    /// above `shift_share` is a sign of shift, and only one back under
+    /// [`SHIFT_HYSTERESIS`]·`shift_share` clears it, so a share hovering at the line does not
+    /// flip the counting confidence (and raise and lower a dispute) from one input to the next.
+    fn shows_no_shift(&self, until_now: bool) -> bool {
+        let line = if until_now {
+            self.cfg.shift_share
+        } else {
+            SHIFT_HYSTERESIS * self.cfg.shift_share
+        };
+        self.reference.is_some() && self.inputs_scored >= MIN_INPUTS && self.atypical_share <= line
     }
 
     /// The pretrained confidence from which a contradicting label counts toward a dispute now.
@@ -569,7 +580,7 @@ impl LabelTrust {
             labels: order.iter().map(|&i| self.labels[i]).collect(),
             pretrained: order.iter().map(|&i| self.pretrained[i]).collect(),
             accepted_pairs: self.accepted_pairs.clone(),
-            inputs: (self.atypical_share, self.inputs_scored),
+            inputs: (self.atypical_share, self.inputs_scored, self.unshifted),
         }
     }
 
@@ -609,7 +620,7 @@ impl LabelTrust {
         self.accepted_pairs = m.accepted_pairs.clone();
         self.atypical_share = m.inputs.0;
         self.inputs_scored = m.inputs.1.min(SHIFT_WINDOW);
-        self.unshifted = self.shows_no_shift();
+        self.unshifted = self.shows_no_shift(m.inputs.2);
         self.disputed = self.find_dispute();
         Ok(())
     }
@@ -908,6 +919,37 @@ mod tests {
     }
 
     #[test]
+    fn a_share_hovering_at_the_line_does_not_flip_the_judgement_back_and_forth() {
+        let mut t = trust().with_reference(Some(reference()));
+        let typical = arr1(&[0.0, 0.0]);
+        let far = arr1(&[6.0, 0.0]);
+        // One input in twenty atypical: what the model's own inputs show.
+        for i in 0..200 {
+            t.observe_input(if i % 20 == 0 {
+                far.view()
+            } else {
+                typical.view()
+            });
+        }
+        assert!(t.unshifted(), "{}", t.atypical_share());
+        // Atypical inputs push it over the line: a sign of shift.
+        while t.unshifted() {
+            t.observe_input(far.view());
+        }
+        // Typical inputs bring it back under the line, but not yet under 0.8 of it.
+        let mut flips = 0;
+        while t.atypical_share() > 0.09 {
+            t.observe_input(typical.view());
+            flips += t.unshifted() as usize;
+        }
+        assert_eq!(flips, 0, "cleared at {}", t.atypical_share());
+        while !t.unshifted() {
+            t.observe_input(typical.view());
+        }
+        assert!(t.atypical_share() <= SHIFT_HYSTERESIS * 0.1 + 1e-6);
+    }
+
+    #[test]
     fn too_few_inputs_show_nothing_and_the_share_survives_a_checkpoint() {
         let mut t = trust().with_reference(Some(reference()));
         for _ in 0..MIN_INPUTS - 1 {
@@ -919,7 +961,7 @@ mod tests {
         let mut back = trust().with_reference(Some(reference()));
         back.restore_memory(&t.memory()).unwrap();
         assert!(back.unshifted());
-        assert_eq!(back.memory().inputs, (0.0, MIN_INPUTS));
+        assert_eq!(back.memory().inputs, (0.0, MIN_INPUTS, true));
         // A new mounting starts the share over with the memory.
         back.new_frame();
         assert!(!back.unshifted());
