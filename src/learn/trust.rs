@@ -37,8 +37,8 @@
 //! ([`EmbeddingReference`], `[model] reference`), every input (labeled or not) is scored
 //! against it, and while the share of recent inputs that sit farther from every class than
 //! 95 % of the model's own inputs stays at most `shift_share` (0.10: twice what the model's
-//! own inputs show), the inputs show no sign of shift and contradictions count from
-//! `unshifted_dispute_confidence` (0.8). A rotated sensor moves many inputs away from where
+//! own inputs show; a sign of shift clears only under [`SHIFT_HYSTERESIS`] of it), the inputs
+//! show no sign of shift and contradictions count from `unshifted_dispute_confidence` (0.8). A rotated sensor moves many inputs away from where
 //! any training input sat (a quarter of them on the shipped rotated stream); a poisoner
 //! relabels inputs the model knows. Without a reference, or on shifted inputs, only
 //! contradictions at `dispute_confidence` count. The share is over all inputs, not the
