@@ -26,12 +26,12 @@ use crate::learn::trust::TrustCounts;
 use crate::learn::{EmbeddingReference, Serving};
 use crate::metrics::peak_rss_bytes;
 use crate::model::{Classifier, ModelError};
-use crate::nn::{argmax, Mlp, Workspace};
+use crate::nn::{Mlp, Workspace};
 use crate::scores::{Accuracy, StepTotals};
 use crate::session::{
     predict_rows, Answer, Item, LabelSource, Observation, Predictor, Session, SessionError, Taken,
 };
-use crate::stream::{Line, RecordingError, RecordingReader, Rejected, SampleDecoder};
+use crate::stream::{Line, RecordingError, RecordingReader, Rejected, Sample, SampleDecoder};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -732,50 +732,32 @@ pub fn make_reference(
     batch: usize,
     allow_unknown_fields: bool,
 ) -> Result<EmbeddingReference, ReplayError> {
-    let mut decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
-    decoder.allow_unknown_fields = allow_unknown_fields;
-    let mut reader = RecordingReader::open(path, &decoder)?;
+    let mut batches = Batches::open(classifier, path, batch, allow_unknown_fields)?;
     let pretrained = classifier.pretrained();
-    let mut backbone = classifier.backbone.clone();
-    let dim = classifier.embedding_dim;
+    // The device's own prediction path, so the reference sees what the device will.
+    let mut predictor = Predictor::new(classifier.backbone.clone());
+    let (mut ws, mut probs, mut preds) = (Workspace::default(), Array2::zeros((0, 0)), Vec::new());
     let (mut all, mut predicted) = (Vec::new(), Vec::new());
-    let mut inputs = Vec::new();
-    let (mut done, mut rejected) = (false, 0);
-    while !done {
-        inputs.clear();
-        let mut n = 0;
-        while n < batch.max(1) {
-            match reader.next_line() {
-                None => {
-                    done = true;
-                    break;
-                }
-                Some(line) => match line? {
-                    Ok(Line::Sample(s)) => {
-                        inputs.extend_from_slice(&s.x);
-                        n += 1;
-                    }
-                    Ok(Line::Feedback { .. }) => {}
-                    Err(_) => rejected += 1,
-                },
-            }
-        }
-        if n == 0 {
-            break;
-        }
-        let emb = backbone.embed(&inputs, n)?;
-        let probs = pretrained.probs(emb.view());
-        predicted.extend(probs.rows().into_iter().map(|r| argmax(r).0));
-        all.extend(emb.iter().copied());
+    while let Some(n) = batches.next(|_| true)? {
+        predictor.embed(&batches.inputs, n, None)?;
+        predict_rows(
+            &pretrained,
+            predictor.embeddings(),
+            &mut ws,
+            &mut probs,
+            &mut preds,
+        );
+        predicted.extend(preds.iter().map(|p| p.class));
+        all.extend(predictor.embeddings().iter().copied());
     }
     if predicted.is_empty() {
         return Err(ReplayError::Empty {
             path: path.display().to_string(),
-            rejected,
+            rejected: batches.rejected,
         });
     }
-    let embeddings =
-        Array2::from_shape_vec((predicted.len(), dim), all).expect("one embedding row per sample");
+    let embeddings = Array2::from_shape_vec((predicted.len(), classifier.embedding_dim), all)
+        .expect("one embedding row per sample");
     Ok(EmbeddingReference::build(
         embeddings.view(),
         &predicted,
@@ -789,6 +771,57 @@ pub fn make_reference(
     ))
 }
 
+/// A recording read in batches of samples (their inputs back to back in `inputs`), for the
+/// passes over a whole file that `evaluate` and `make_reference` make; rejected lines are
+/// counted and skipped.
+struct Batches {
+    reader: RecordingReader<std::io::BufReader<std::fs::File>>,
+    batch: usize,
+    inputs: Vec<f32>,
+    rejected: usize,
+}
+
+impl Batches {
+    fn open(
+        classifier: &Classifier,
+        path: &Path,
+        batch: usize,
+        allow_unknown_fields: bool,
+    ) -> Result<Self, ReplayError> {
+        let mut decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
+        decoder.allow_unknown_fields = allow_unknown_fields;
+        Ok(Batches {
+            reader: RecordingReader::open(path, &decoder)?,
+            batch: batch.max(1),
+            inputs: Vec::new(),
+            rejected: 0,
+        })
+    }
+
+    /// The next batch of samples `keep` takes (up to `batch` of them), or `None` at the end.
+    fn next(
+        &mut self,
+        mut keep: impl FnMut(&Sample) -> bool,
+    ) -> Result<Option<usize>, ReplayError> {
+        self.inputs.clear();
+        let mut n = 0;
+        while n < self.batch {
+            match self.reader.next_line() {
+                None => break,
+                Some(line) => match line? {
+                    Ok(Line::Sample(s)) if keep(&s) => {
+                        self.inputs.extend_from_slice(&s.x);
+                        n += 1;
+                    }
+                    Ok(_) => {}
+                    Err(_) => self.rejected += 1,
+                },
+            }
+        }
+        Ok((n > 0).then_some(n))
+    }
+}
+
 /// Accuracy of the final teacher, student and pretrained models on a labeled holdout,
 /// streamed in batches.
 pub fn evaluate(
@@ -798,9 +831,7 @@ pub fn evaluate(
     batch: usize,
     allow_unknown_fields: bool,
 ) -> Result<Eval, ReplayError> {
-    let mut decoder = SampleDecoder::new(&classifier.input_shape, classifier.classes());
-    decoder.allow_unknown_fields = allow_unknown_fields;
-    let mut reader = RecordingReader::open(path, &decoder)?;
+    let mut batches = Batches::open(classifier, path, batch, allow_unknown_fields)?;
     let l = session.learner();
     // The pretrained baseline sees the raw holdout; the adapted and served models see it
     // through the adopted mounting, as on the device. Grouped by what they see, so each
@@ -815,32 +846,19 @@ pub fn evaluate(
     let mut predictor = Predictor::new(classifier.backbone.clone());
     let mut correct = [0usize; 5];
     let mut total = 0usize;
-    let (mut inputs, mut truths) = (Vec::new(), Vec::new());
+    let mut truths = Vec::new();
     let (mut ws, mut probs, mut preds) = (Workspace::default(), Array2::zeros((0, 0)), Vec::new());
     loop {
-        inputs.clear();
         truths.clear();
-        while truths.len() < batch {
-            match reader.next_line() {
-                None => break,
-                Some(line) => {
-                    if let Ok(Line::Sample(s)) = line? {
-                        if let Some(t) = s.truth {
-                            inputs.extend_from_slice(&s.x);
-                            truths.push(t);
-                        }
-                    }
-                }
-            }
-        }
-        if truths.is_empty() {
+        let scored = |s: &Sample| s.truth.map(|t| truths.push(t)).is_some();
+        if batches.next(scored)?.is_none() {
             break;
         }
         let mut embedded = None;
         for (h, (head, mounting)) in heads.iter().enumerate() {
             let r = mounting.map(|m| m.r());
             if embedded != Some(r) {
-                predictor.embed(&inputs, truths.len(), *mounting)?;
+                predictor.embed(&batches.inputs, truths.len(), *mounting)?;
                 embedded = Some(r);
             }
             predict_rows(
