@@ -715,7 +715,7 @@ pub fn replay(
                 counts: t.counts(),
                 holding: t.held_len(),
                 disputed: t.disputed(),
-                inputs_atypical: t.has_reference().then(|| f64::from(t.atypical_share())),
+                inputs_atypical: t.inputs_atypical(),
             }
         },
     };

@@ -596,9 +596,7 @@ impl TrainerWorker {
         t.trust = trust.counts();
         t.labels_holding = trust.held_len();
         t.labels_disputed = trust.disputed().is_some();
-        t.inputs_atypical = trust
-            .has_reference()
-            .then(|| f64::from(trust.atypical_share()));
+        t.inputs_atypical = trust.inputs_atypical();
         t.calibration_changes = s.calibration_changes;
         if let Some(r) = self.session.requests() {
             t.requests = r.counts();

@@ -376,14 +376,12 @@ impl LabelTrust {
         self.unshifted
     }
 
-    /// Whether label trust judges with an embedding reference.
-    pub fn has_reference(&self) -> bool {
-        self.reference.is_some()
-    }
-
-    /// The share of recent inputs the reference calls atypical (0 without a reference).
-    pub fn atypical_share(&self) -> f32 {
-        self.atypical_share
+    /// The share of recent inputs the embedding reference calls atypical, if there is one
+    /// (what the metric and the replay report show).
+    pub fn inputs_atypical(&self) -> Option<f64> {
+        self.reference
+            .is_some()
+            .then_some(f64::from(self.atypical_share))
     }
 
     /// Scores one input (every sample the device sees, labeled or not) against the embedding
@@ -913,7 +911,7 @@ mod tests {
             moved.observe_input(arr1(&[far, (i % 2) as f32]).view());
         }
         assert!(!moved.unshifted());
-        assert!((moved.atypical_share() - 0.25).abs() < 0.01);
+        assert!((moved.atypical_share - 0.25).abs() < 0.01);
         swap(&mut moved, [0.99, 0.85]);
         assert_eq!(moved.disputed(), None);
     }
@@ -931,22 +929,22 @@ mod tests {
                 typical.view()
             });
         }
-        assert!(t.unshifted(), "{}", t.atypical_share());
+        assert!(t.unshifted(), "{}", t.atypical_share);
         // Atypical inputs push it over the line: a sign of shift.
         while t.unshifted() {
             t.observe_input(far.view());
         }
         // Typical inputs bring it back under the line, but not yet under 0.8 of it.
         let mut flips = 0;
-        while t.atypical_share() > 0.09 {
+        while t.atypical_share > 0.09 {
             t.observe_input(typical.view());
             flips += t.unshifted() as usize;
         }
-        assert_eq!(flips, 0, "cleared at {}", t.atypical_share());
+        assert_eq!(flips, 0, "cleared at {}", t.atypical_share);
         while !t.unshifted() {
             t.observe_input(typical.view());
         }
-        assert!(t.atypical_share() <= SHIFT_HYSTERESIS * 0.1 + 1e-6);
+        assert!(t.atypical_share <= SHIFT_HYSTERESIS * 0.1 + 1e-6);
     }
 
     #[test]
