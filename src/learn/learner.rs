@@ -673,7 +673,7 @@ impl Learner {
     fn check_guard(&mut self) -> Option<Verdict> {
         if self.good.is_none() {
             // Until a check passes, the pretrained model is the last good state.
-            let mut first = self.state();
+            let mut first = self.snapshot();
             first.student = self.pretrained.params().clone();
             first.teacher = self.pretrained.params().clone();
             first.optimizer =
@@ -697,7 +697,7 @@ impl Learner {
                 self.guard.promote();
                 // NaN (no trusted labels yet) counts as "at least as good".
                 if teacher.is_nan() || good.is_nan() || teacher >= good {
-                    self.good = Some(self.state());
+                    self.good = Some(self.snapshot());
                 }
                 None
             }
@@ -769,6 +769,17 @@ impl Learner {
     /// A copy of what the learner has learned.
     pub fn state(&self) -> LearnerState {
         LearnerState {
+            gate: self.gate.outcomes().collect(),
+            trust: self.trust.memory(),
+            ..self.snapshot()
+        }
+    }
+
+    /// What a rollback puts back (weights, optimizer, labeled buffer, running averages): the
+    /// state without the gate's window and label trust's memory, which a rollback never reads
+    /// and the guard would otherwise copy at every passing check.
+    fn snapshot(&self) -> LearnerState {
+        LearnerState {
             student: self.student.params().clone(),
             teacher: self.teacher.params().clone(),
             pretrained: self.pretrained.params().clone(),
@@ -776,8 +787,8 @@ impl Learner {
             counters: self.counters,
             labeled: self.labeled.clone(),
             running: self.pseudo.running.clone(),
-            gate: self.gate.outcomes().collect(),
-            trust: self.trust.memory(),
+            gate: Vec::new(),
+            trust: TrustMemory::default(),
         }
     }
 
