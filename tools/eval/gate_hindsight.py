@@ -27,6 +27,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scenarios import parse_seeds  # noqa: E402  (the matrix's own seed syntax: 0-9, 0,3,5)
 
 
 def gate_outcomes(ckdir):
@@ -55,13 +57,6 @@ def hindsight_best(outcomes):
         if wealth > best[0]:
             best = (wealth, start, stake, w, l)
     return best
-
-
-def parse_seeds(text):
-    if "-" in text:
-        a, b = text.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(s) for s in text.split(",")]
 
 
 def main():
