@@ -7,22 +7,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-use crate::util::broker::{
-    daemon_config, free_port, last_metrics, num, on, predicted_ids, Broker, Daemon, MqttPeer, Rig,
-};
+use crate::util::broker::{daemon_config, free_port, num, on, predicted_ids, Broker, Daemon, Rig};
 use crate::util::{self, sample_with_id, stream, tempdir};
-
-/// Receives until the newest metrics message satisfies `done`; returns it.
-fn metrics_when(peer: &MqttPeer, topic: &str, done: impl Fn(&Value) -> bool) -> Value {
-    let got = peer.collect_until(Duration::from_secs(20), |m| {
-        last_metrics(m, topic).is_some_and(|v| done(&v))
-    });
-    let m = last_metrics(&got, topic).expect("metrics arrive");
-    assert!(done(&m), "condition not reached: {m}");
-    m
-}
 
 /// How long a test waits for the daemon's metrics to get somewhere.
 const WAIT: Duration = Duration::from_secs(20);
@@ -156,16 +142,14 @@ fn a_burst_of_commands_is_obeyed_but_logged_a_few_lines_at_a_time() {
 
 #[test]
 fn a_label_for_a_clients_sample_1_never_lands_on_a_sample_the_daemon_numbered() {
-    let dir = tempdir();
-    let broker = Broker::start();
-    let prefix = "edgemt-test/ids";
-    let cfg = daemon_config(dir.path(), &broker, prefix, "");
-    let mut daemon = Daemon::start(&cfg, &[]);
-    let metrics = format!("{prefix}/metrics");
-    let predictions = format!("{prefix}/predictions");
-    let samples = format!("{prefix}/samples");
-    let peer = MqttPeer::connect(broker.port, "sensors", &[&metrics, &predictions]);
-    let _ = metrics_when(&peer, &metrics, |_| true);
+    let mut rig = Rig::start(
+        "edgemt-test/ids",
+        "sensors",
+        "",
+        &["metrics", "predictions"],
+    );
+    let _ = rig.metrics_where(WAIT, |_| true);
+    let (peer, predictions, samples) = (&rig.peer, rig.topic("predictions"), rig.topic("samples"));
 
     // Two samples the pretrained model (served at first) tells apart.
     let model = util::path("models/hapt_mlp.onnx");
@@ -197,10 +181,10 @@ fn a_label_for_a_clients_sample_1_never_lands_on_a_sample_the_daemon_numbered() 
 
     // A's label for "1", the class the model gave A's sample: correct only on A's sample.
     peer.publish(
-        &format!("{prefix}/labels"),
+        &rig.topic("labels"),
         format!("{{\"id\": \"1\", \"label\": {}}}", predicted[a].0),
     );
-    let m = metrics_when(&peer, &metrics, |v| num(v, "feedback_total") >= 1.0);
+    let m = rig.metrics_where(WAIT, |v| num(v, "feedback_total") >= 1.0);
     assert_eq!(num(&m, "feedback_total"), 1.0, "{m}");
     assert_eq!(
         num(&m, "feedback_accuracy"),
@@ -212,44 +196,34 @@ fn a_label_for_a_clients_sample_1_never_lands_on_a_sample_the_daemon_numbered() 
         1.0,
         "the sample claiming #7: {m}"
     );
-    assert!(daemon.log_text().contains("are the daemon's own"));
-    assert!(daemon.terminate().0.success());
+    assert!(rig.daemon.log_text().contains("are the daemon's own"));
+    assert!(rig.daemon.terminate().0.success());
 }
 
 #[test]
 fn one_label_by_class_name_labels_at_most_its_cap_of_recent_samples_and_counts_the_rest() {
-    let dir = tempdir();
-    let broker = Broker::start();
-    let prefix = "edgemt-test/class-cap";
-    let cfg = daemon_config(
-        dir.path(),
-        &broker,
-        prefix,
+    let mut rig = Rig::start(
+        "edgemt-test/class-cap",
+        "labeler",
         "[input]\nclass_label_max_samples = 10\n",
+        &["metrics"],
     );
-    let mut daemon = Daemon::start(&cfg, &[]);
-    let metrics = format!("{prefix}/metrics");
-    let peer = MqttPeer::connect(broker.port, "labeler", &[&metrics]);
-    let _ = metrics_when(&peer, &metrics, |_| true);
+    let _ = rig.metrics_where(WAIT, |_| true);
     for (i, s) in stream(50).iter().enumerate() {
-        peer.publish(
-            &format!("{prefix}/samples"),
-            sample_with_id(s, &format!("c{i}")),
-        );
+        rig.peer
+            .publish(&rig.topic("samples"), sample_with_id(s, &format!("c{i}")));
     }
-    let _ = metrics_when(&peer, &metrics, |v| num(v, "predictions_total") >= 50.0);
-    peer.publish(
-        &format!("{prefix}/labels"),
+    let _ = rig.metrics_where(WAIT, |v| num(v, "predictions_total") >= 50.0);
+    rig.peer.publish(
+        &rig.topic("labels"),
         r#"{"class": "SITTING", "seconds": 3600}"#,
     );
-    let m = metrics_when(&peer, &metrics, |v| {
+    let m = rig.metrics_where(WAIT, |v| {
         num(v, "class_label_excess_total") >= 40.0 && num(v, "feedback_total") >= 10.0
     });
     // One more metrics message, so a late label would show.
-    let m = metrics_when(&peer, &metrics, |v| {
-        num(v, "uptime_s") > num(&m, "uptime_s")
-    });
+    let m = rig.metrics_where(WAIT, |v| num(v, "uptime_s") > num(&m, "uptime_s"));
     assert_eq!(num(&m, "feedback_total"), 10.0, "{m}");
     assert_eq!(num(&m, "class_label_excess_total"), 40.0, "{m}");
-    assert!(daemon.terminate().0.success());
+    assert!(rig.daemon.terminate().0.success());
 }
