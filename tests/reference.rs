@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::util::{edgemt, path, recording_lines, run_ok, swapped_label, tempdir};
+use crate::util::{edgemt, path, recording_lines, run_fails, run_ok, swapped_label, tempdir};
 
 const SKL: &str = "tests/data/models/skl_mlp_softmax.onnx";
 const SKL_REFERENCE: &str = "tests/data/models/skl_mlp_softmax.embeddings.json";
@@ -100,31 +100,25 @@ fn a_reference_is_made_from_a_recording_checked_with_the_config_and_refused_for_
     let few = dir.path().join("few.jsonl");
     let lines = std::fs::read_to_string(path("data/control_holdout.jsonl")).unwrap();
     std::fs::write(&few, lines.lines().take(5).collect::<Vec<_>>().join("\n")).unwrap();
-    let out = edgemt()
-        .args(["reference", "--config"])
-        .arg(&cfg)
-        .arg(&few)
-        .arg("-o")
-        .arg(dir.path().join("few.json"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("does not make a usable reference"),
-        "{err}"
+    let err = run_fails(
+        edgemt()
+            .args(["reference", "--config"])
+            .arg(&cfg)
+            .arg(&few)
+            .arg("-o")
+            .arg(dir.path().join("few.json")),
     );
+    assert!(err.contains("does not make a usable reference"), "{err}");
     assert!(!dir.path().join("few.json").exists());
 
     // The skl model's reference with the shipped model: refused, naming why.
     let wrong = config(dir.path(), "models/hapt_mlp.onnx", Some(SKL_REFERENCE), "");
-    let out = edgemt()
-        .args(["replay", "--config"])
-        .arg(&wrong)
-        .arg(path("data/control_stream.jsonl"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = run_fails(
+        edgemt()
+            .args(["replay", "--config"])
+            .arg(&wrong)
+            .arg(path("data/control_stream.jsonl")),
+    );
     assert!(
         err.contains("skl_mlp_softmax.embeddings.json") && err.contains("fingerprint"),
         "{err}"

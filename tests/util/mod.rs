@@ -32,6 +32,14 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Runs `cmd`, which must fail; returns what it said on stderr.
+pub fn run_fails(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("edgemt runs");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "edgemt succeeded; stderr:\n{err}");
+    err
+}
+
 /// One model's entry in tests/data/models/reference.json (outputs computed by onnxruntime).
 #[derive(serde::Deserialize)]
 pub struct Reference {
